@@ -1,0 +1,44 @@
+# Two commands matter: `make demo` and `make test`. Both build .venv from the
+# pinned requirements.lock first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: all venv demo test test-unit proto proto-check lint bench clean
+
+all: test
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Regenerates the checked-in wire code; tests/unit/test_proto_drift.py fails when it is stale.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto \
+	  --python_out=runtime --grpc_python_out=runtime --pyi_out=runtime \
+	  proto/intertie/v1/*.proto
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check runtime gateways tests examples bench
+	$(VENV)/bin/mypy runtime/intertie gateways/intertie_gateway
+
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

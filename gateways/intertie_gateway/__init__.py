@@ -1,0 +1,1 @@
+"""The Intertie site gateway."""

@@ -1,0 +1,66 @@
+"""``intertie-gateway``: run a site gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from intertie_gateway.config import ConfigError, GatewayConfig, load_toml, parse_labels, parse_resources
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="intertie-gateway", description="Run an Intertie site gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one site gateway in front of a Ray cluster")
+    run.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
+    run.add_argument("--listen", metavar="HOST:PORT", help="address to serve on; port 0 picks a free one")
+    run.add_argument("--state-dir", metavar="DIR", help="journal and address file (default ./intertie-state)")
+    run.add_argument("--site-id", metavar="NAME")
+    run.add_argument("--region", metavar="NAME")
+    run.add_argument("--ray", metavar="local|ADDRESS", help="'local' (embedded Ray, default) or a cluster address")
+    run.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the embedded Ray")
+    run.add_argument("--num-gpus", type=int, metavar="N", help="GPUs of the embedded Ray")
+    run.add_argument("--resources", metavar="JSON", help='custom Ray resources, e.g. \'{"bigmem": 2}\'')
+    run.add_argument("--object-store-memory", type=int, metavar="BYTES")
+    run.add_argument("--max-payload-bytes", type=int, metavar="BYTES")
+    run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
+    run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
+    run.add_argument("--log-level", metavar="LEVEL")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    file_values = load_toml(args.config) if args.config else {}
+    overrides = {
+        "listen": args.listen, "state_dir": args.state_dir, "site_id": args.site_id, "region": args.region,
+        "ray": args.ray, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+        "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
+        "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
+        "log_level": args.log_level,
+    }
+    return GatewayConfig.build(file_values, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"intertie-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from intertie_gateway.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"intertie-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Gateway configuration: a frozen dataclass, validated when built; TOML and flags at the edge."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # Where clients reach the gateway; port 0 picks a free one (written to <state_dir>/address).
+    listen: str = "127.0.0.1:7070"
+    # Journal, function store and the address file live here.
+    state_dir: str = "intertie-state"
+    site_id: str = "local"
+    region: str = "local"
+    # "local": an embedded Ray started by the gateway; otherwise the address of an existing cluster.
+    ray: str = "local"
+    # Only for the embedded Ray; None lets Ray detect the machine.
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+    # An embedded Ray would otherwise claim ~30% of memory for its object store.
+    object_store_memory: int = 256 * 1024 * 1024
+    # Largest function, argument blob or result accepted (bytes).
+    max_payload_bytes: int = 100 * 1024 * 1024
+    # fsync every journal commit (power-loss safe). Off, a commit still survives a killed
+    # gateway process (SQLite WAL with synchronous=NORMAL), at a fraction of the cost.
+    fsync: bool = False
+    # Tasks inside Ray at once, as a multiple of the site's capacity. A little above 1 keeps
+    # workers busy between a result and the next dispatch; the rest wait in the gateway's
+    # queue, where they can still be cancelled cheaply or moved to another site.
+    admission_overcommit: float = 2.0
+    # Finished tasks (and their results) are kept this long, fetched or not.
+    result_ttl_s: float = 7 * 24 * 3600.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # Forward task stdout/stderr from Ray workers into the gateway's log.
+    log_to_driver: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        if not _SITE_ID.match(self.site_id):
+            raise ConfigError(f"site_id: letters, digits, '.', '_' and '-' only (1-63), got {self.site_id!r}")
+        if not _SITE_ID.match(self.region):
+            raise ConfigError(f"region: letters, digits, '.', '_' and '-' only, got {self.region!r}")
+        for key in ("num_cpus", "num_gpus"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"{key}: expected a whole number >= 0, got {value!r}")
+        if not isinstance(self.resources, Mapping):
+            raise ConfigError("resources: expected a table of resource name -> amount")
+        for name, amount in self.resources.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0 \
+                    or math.isnan(amount):
+                raise ConfigError(f"resources.{name}: expected a number >= 0, got {amount!r}")
+        for key in ("object_store_memory", "max_payload_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key}: expected a whole number of bytes > 0, got {value!r}")
+        if self.max_payload_bytes > 1024 * 1024 * 1024:
+            raise ConfigError("max_payload_bytes: at most 1 GiB (a gRPC message limit)")
+        if not isinstance(self.admission_overcommit, (int, float)) or self.admission_overcommit < 1:
+            raise ConfigError(f"admission_overcommit: expected a number >= 1, got {self.admission_overcommit!r}")
+        if not isinstance(self.result_ttl_s, (int, float)) or self.result_ttl_s <= 0:
+            raise ConfigError(f"result_ttl_s: expected seconds > 0, got {self.result_ttl_s!r}")
+        if not isinstance(self.fsync, bool):
+            raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
+        if not isinstance(self.labels, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()):
+            raise ConfigError("labels: expected a table of string -> string")
+        object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    @property
+    def compute_id(self) -> str:
+        return f"urn:intertie:site:{self.region}:{self.site_id}"
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @classmethod
+    def build(cls, file_values: Mapping[str, Any] | None = None,
+              overrides: Mapping[str, Any] | None = None) -> GatewayConfig:
+        """Config file values, then flag overrides (None means "not given")."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in (file_values or {}).items():
+            if key not in known:
+                raise ConfigError(f"unknown configuration key {key!r}")
+            values[key] = value
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Reads a gateway TOML file: top-level keys, or the same keys under ``[gateway]``."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    gateway = data.pop("gateway", {})
+    if not isinstance(gateway, dict):
+        raise ConfigError("[gateway] must be a table")
+    return {**data, **gateway}
+
+
+def parse_resources(text: str | None) -> dict[str, float] | None:
+    """``--resources '{"bigmem": 2}'``."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--resources: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--resources: expected a JSON object of resource name -> amount")
+    return value
+
+
+def parse_labels(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label: expected KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels

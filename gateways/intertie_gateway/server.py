@@ -1,0 +1,110 @@
+"""Assembles and runs one site gateway: journal, Ray, scheduler, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from intertie._rpc import channel_options
+from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+from intertie_gateway.config import GatewayConfig
+from intertie_gateway.journal import Journal
+from intertie_gateway.runner import RayRunner
+from intertie_gateway.scheduler import Scheduler
+from intertie_gateway.service import SiteService, TaskService
+from intertie_gateway.sessions import SessionHub
+
+logger = logging.getLogger(__name__)
+
+# Finished tasks past their TTL are deleted this often.
+EXPIRE_INTERVAL_S = 300.0
+# Ray's view of capacity is re-read this often (nodes of an attached cluster come and go).
+RESOURCE_REFRESH_S = 10.0
+# A clean stop lets in-flight RPCs finish for this long.
+STOP_GRACE_S = 3.0
+
+
+async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+    state = config.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "address").unlink(missing_ok=True)
+    journal = Journal(state / "journal.sqlite", fsync=config.fsync)
+    runner = RayRunner(config)
+    hub = SessionHub()
+    scheduler = Scheduler(config, journal, runner, hub)
+
+    server = grpc.aio.server(options=channel_options(config.max_payload_bytes))
+    tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(scheduler, hub), server)
+    site_pb2_grpc.add_SiteServiceServicer_to_server(SiteService(scheduler), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((
+        tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+        site_pb2.DESCRIPTOR.services_by_name["SiteService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    host = config.listen.rpartition(":")[0]
+    address = f"{host}:{port}"
+    scheduler.address = address
+
+    requeued, failed = scheduler.recover()
+    if requeued or failed:
+        logger.info("recovered from journal: %d tasks requeued, %d failed (no retries left)", requeued, failed)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    tmp = state / "address.tmp"
+    tmp.write_text(address + "\n")
+    os.replace(tmp, state / "address")  # readers never see half an address
+    print(f"intertie-gateway listening on {address}", flush=True)
+    logger.info("site %s (%s) serving at %s", config.site_id, config.compute_id, address)
+    if ready is not None:
+        ready.set()
+
+    async def housekeeping() -> None:
+        since_expire = 0.0
+        while True:
+            await asyncio.sleep(RESOURCE_REFRESH_S)
+            try:
+                scheduler.capacity.update_total(runner.total_resources())
+                scheduler.pump()
+                since_expire += RESOURCE_REFRESH_S
+                if since_expire >= EXPIRE_INTERVAL_S:
+                    since_expire = 0.0
+                    expired = scheduler.expire_results()
+                    if expired:
+                        logger.info("expired %d finished tasks past their TTL", expired)
+            except Exception:
+                logger.exception("housekeeping failed")
+
+    keeper = asyncio.create_task(housekeeping())
+    try:
+        await stop.wait()
+        logger.info("stopping: draining site %s", config.site_id)
+        await health_servicer.enter_graceful_shutdown()
+        scheduler.drain()
+        await server.stop(STOP_GRACE_S)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        (state / "address").unlink(missing_ok=True)
+        runner.shutdown()
+        journal.close()
+        logger.info("site %s stopped", config.site_id)

@@ -1,0 +1,96 @@
+"""gRPC servicers: the wire edge of the gateway. Bad input becomes a typed status, never a crash."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from intertie._rpc import ERROR_KIND_KEY
+from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+from intertie_gateway.scheduler import Scheduler
+from intertie_gateway.sessions import SessionHub
+
+logger = logging.getLogger(__name__)
+
+# The stream splits a burst of events into messages of about this size, so that many
+# results never exceed the message limit together.
+EVENT_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_IDS_PER_CALL = 100_000
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
+    await context.abort(code, message, trailing_metadata=((ERROR_KIND_KEY, kind),))
+
+
+class TaskService(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(self, scheduler: Scheduler, hub: SessionHub) -> None:
+        self._scheduler = scheduler
+        self._hub = hub
+
+    async def Submit(self, request: tasks_pb2.SubmitRequest,
+                     context: grpc.aio.ServicerContext) -> tasks_pb2.SubmitResponse:
+        if self._scheduler.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
+        acks = await self._scheduler.submit(request)
+        return tasks_pb2.SubmitResponse(acks=acks)
+
+    async def Watch(self, request: tasks_pb2.WatchRequest,
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[tasks_pb2.TaskEvents]:
+        if not request.session_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                         "Watch needs a session_id")
+        session = self._hub.open(request.session_id, request.progress)
+        try:
+            yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
+            while not session.closed:
+                await session.wakeup.wait()
+                events = session.take()
+                batch: list[tasks_pb2.TaskEvent] = []
+                size = 0
+                for event in events:
+                    n = len(event.result) + 256
+                    if batch and size + n > EVENT_MESSAGE_BYTES:
+                        yield tasks_pb2.TaskEvents(events=batch)
+                        batch, size = [], 0
+                    batch.append(event)
+                    size += n
+                if batch:
+                    yield tasks_pb2.TaskEvents(events=batch)
+        finally:
+            self._hub.close(session)
+
+    async def Subscribe(self, request: tasks_pb2.SubscribeRequest,
+                        context: grpc.aio.ServicerContext) -> tasks_pb2.SubscribeResponse:
+        if len(request.task_ids) > MAX_IDS_PER_CALL:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                         f"at most {MAX_IDS_PER_CALL} task ids per call")
+        unknown = self._scheduler.subscribe(request.session_id, list(request.task_ids))
+        return tasks_pb2.SubscribeResponse(unknown_task_ids=unknown)
+
+    async def GetTask(self, request: tasks_pb2.GetTaskRequest,
+                      context: grpc.aio.ServicerContext) -> tasks_pb2.TaskInfo:
+        info = self._scheduler.info(request.task_id)
+        if info is None:
+            await _abort(context, grpc.StatusCode.NOT_FOUND, "ERROR_KIND_NOT_FOUND",
+                         f"site {self._scheduler.site_id!r} knows no task {request.task_id!r}")
+        assert info is not None
+        return info
+
+    async def Cancel(self, request: tasks_pb2.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> tasks_pb2.CancelResponse:
+        if len(request.task_ids) > MAX_IDS_PER_CALL:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                         f"at most {MAX_IDS_PER_CALL} task ids per call")
+        return tasks_pb2.CancelResponse(cancelled=self._scheduler.cancel(list(request.task_ids)))
+
+
+class SiteService(site_pb2_grpc.SiteServiceServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    async def GetStatus(self, request: site_pb2.GetStatusRequest,
+                        context: grpc.aio.ServicerContext) -> site_pb2.SiteStatus:
+        return self._scheduler.status()

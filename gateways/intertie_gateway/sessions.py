@@ -1,0 +1,63 @@
+"""Client sessions: where a task's events go. One server stream per session."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from intertie.v1 import tasks_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class Session:
+    __slots__ = ("session_id", "progress", "events", "wakeup", "closed")
+
+    def __init__(self, session_id: str, progress: bool) -> None:
+        self.session_id = session_id
+        self.progress = progress
+        self.events: list[tasks_pb2.TaskEvent] = []
+        self.wakeup = asyncio.Event()
+        self.closed = False
+
+    def push(self, event: tasks_pb2.TaskEvent) -> None:
+        self.events.append(event)
+        self.wakeup.set()
+
+    def take(self) -> list[tasks_pb2.TaskEvent]:
+        self.wakeup.clear()
+        events, self.events = self.events, []
+        return events
+
+
+class SessionHub:
+    """Sessions with an open stream. Events for a session without one are not buffered:
+    the client resubscribes when it reconnects and gets the journaled state then."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Session] = {}
+
+    def open(self, session_id: str, progress: bool) -> Session:
+        old = self._sessions.get(session_id)
+        if old is not None:
+            old.closed = True
+            old.wakeup.set()
+        session = Session(session_id, progress)
+        self._sessions[session_id] = session
+        return session
+
+    def close(self, session: Session) -> None:
+        session.closed = True
+        if self._sessions.get(session.session_id) is session:
+            del self._sessions[session.session_id]
+
+    def push(self, session_ids: set[str] | None, event: tasks_pb2.TaskEvent, *, progress: bool = False) -> None:
+        if not session_ids:
+            return
+        for sid in session_ids:
+            session = self._sessions.get(sid)
+            if session is not None and (not progress or session.progress):
+                session.push(event)
+
+    def __len__(self) -> int:
+        return len(self._sessions)

@@ -1,0 +1,61 @@
+"""Checks on incoming task specs, before anything is journaled. Pure: no I/O, no Ray."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from intertie.v1 import common_pb2, tasks_pb2
+
+K = common_pb2.ErrorKind
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_RETRIES_LIMIT = 100
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
+
+def _bad_number(value: float) -> bool:
+    return math.isnan(value) or math.isinf(value) or value < 0
+
+
+def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_version: str,
+               site_id: str) -> common_pb2.Error | None:
+    """The first thing wrong with ``spec``, as a wire Error, or None."""
+    def err(kind: int, message: str) -> common_pb2.Error:
+        return common_pb2.Error(kind=kind, message=f"task {spec.task_id or '?'}: {message}")
+
+    if not _TASK_ID.match(spec.task_id):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT,
+                   "task_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    if not _DIGEST.match(spec.function_digest):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, "function_digest must be a lowercase hex sha256")
+    if len(spec.args) > max_payload_bytes:
+        return err(K.ERROR_KIND_PAYLOAD_TOO_LARGE,
+                   f"arguments are {len(spec.args)} bytes, over this site's limit of {max_payload_bytes} bytes")
+    res = spec.resources
+    for name, value in (("cpus", res.cpus), ("gpus", res.gpus)):
+        if _bad_number(value):
+            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources.{name} must be a finite number >= 0, got {value}")
+    if res.memory_bytes < 0:
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources.memory must be >= 0, got {res.memory_bytes}")
+    for name, value in res.custom.items():
+        if not name or _bad_number(value):
+            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources[{name!r}] must be a finite number >= 0")
+    if not 0 <= spec.max_retries <= MAX_RETRIES_LIMIT:
+        return err(K.ERROR_KIND_INVALID_ARGUMENT,
+                   f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}, got {spec.max_retries}")
+    if _bad_number(spec.timeout_s) or spec.timeout_s > MAX_TIMEOUT_S:
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"timeout must be between 0 and one year, got {spec.timeout_s}")
+    if spec.python_version and spec.python_version != python_version:
+        return err(K.ERROR_KIND_PLACEMENT,
+                   f"needs Python {spec.python_version} but site {site_id!r} runs Python {python_version} "
+                   "(pickled functions do not cross Python minor versions)")
+    return None
+
+
+def ray_request(res: common_pb2.ResourceRequest) -> dict[str, float]:
+    """A wire resource request in Ray's resource names; zero entries dropped."""
+    out = {"CPU": res.cpus, "GPU": res.gpus, "memory": float(res.memory_bytes)}
+    out.update(res.custom)
+    return {k: float(v) for k, v in out.items() if v}

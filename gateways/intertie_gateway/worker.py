@@ -1,0 +1,81 @@
+"""Runs inside Ray workers: the only place where user payloads are unpickled.
+
+The gateway process imports this module only to hand :func:`execute` to Ray; it
+never calls it itself.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+import cloudpickle
+
+# Values of intertie.v1.ErrorKind, repeated here so workers need no protobuf import.
+KIND_REMOTE = 1
+KIND_SERIALIZATION = 8
+
+# Unpickled functions per worker process; a worker serves many tasks of few functions.
+_FUNCTION_CACHE_SIZE = 256
+_functions: OrderedDict[str, Any] = OrderedDict()
+
+# What execute returns: (ok, result bytes, error kind, exception type, message, traceback,
+# pickled exception). Ray carries the tuple; the gateway reads only the plain fields.
+Outcome = tuple[bool, bytes, int, str, str, str, bytes]
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _failure(kind: int, exc: BaseException, message: str) -> Outcome:
+    try:
+        pickled = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        pickled = b""
+    return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled)
+
+
+def _function(digest: str, holder: list[Any], name: str) -> Any:
+    fn = _functions.get(digest)
+    if fn is not None:
+        _functions.move_to_end(digest)
+        return fn
+    import ray
+
+    # The function's bytes were put into Ray once per site; the ref is wrapped in a
+    # list so Ray does not fetch it for every task, only on a cache miss here.
+    fn = cloudpickle.loads(ray.get(holder[0]))
+    _functions[digest] = fn
+    if len(_functions) > _FUNCTION_CACHE_SIZE:
+        _functions.popitem(last=False)
+    return fn
+
+
+def execute(digest: str, holder: list[Any], name: str, args: bytes, batch: bool) -> Outcome:
+    try:
+        fn = _function(digest, holder, name)
+    except Exception as exc:
+        return _failure(KIND_SERIALIZATION, exc,
+                        f"function {name} could not be unpickled on this site: {type(exc).__name__}: {exc}")
+    try:
+        call = cloudpickle.loads(args)
+    except Exception as exc:
+        return _failure(KIND_SERIALIZATION, exc,
+                        f"arguments of {name} could not be unpickled on this site: {type(exc).__name__}: {exc}")
+    try:
+        if batch:
+            value: Any = [fn(*a, **k) for a, k in call]
+        else:
+            value = fn(*call[0], **call[1])
+    except KeyboardInterrupt:
+        raise  # Ray's way of cancelling a task
+    except BaseException as exc:  # SystemExit from user code is an error of the task too
+        return _failure(KIND_REMOTE, exc, f"{type(exc).__name__}: {exc}")
+    try:
+        return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"")
+    except Exception as exc:
+        return _failure(KIND_SERIALIZATION, exc,
+                        f"the result of {name} could not be pickled: {type(exc).__name__}: {exc}")

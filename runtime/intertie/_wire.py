@@ -1,0 +1,56 @@
+"""Conversions between wire messages and the exceptions users see.
+
+Only modules that talk gRPC import this one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import cloudpickle
+
+from intertie import errors
+from intertie.v1 import common_pb2
+
+logger = logging.getLogger(__name__)
+
+ErrorKind = common_pb2.ErrorKind
+
+_KIND_TO_CLASS: dict[int, type[errors.IntertieError]] = {
+    ErrorKind.ERROR_KIND_CANCELLED: errors.TaskCancelledError,
+    ErrorKind.ERROR_KIND_TIMEOUT: errors.TaskTimeoutError,
+    ErrorKind.ERROR_KIND_PLACEMENT: errors.PlacementError,
+    ErrorKind.ERROR_KIND_PAYLOAD_TOO_LARGE: errors.PayloadTooLargeError,
+    ErrorKind.ERROR_KIND_NOT_FOUND: errors.TaskNotFoundError,
+    ErrorKind.ERROR_KIND_INVALID_ARGUMENT: errors.InvalidRequestError,
+    ErrorKind.ERROR_KIND_SERIALIZATION: errors.SerializationError,
+    ErrorKind.ERROR_KIND_SITE_FAILURE: errors.SiteFailureError,
+}
+
+
+def error_from_wire(err: common_pb2.Error) -> errors.IntertieError:
+    """Turns a wire Error into the exception a future raises."""
+    if err.kind == ErrorKind.ERROR_KIND_REMOTE:
+        cause: BaseException | None = None
+        if err.exception:
+            try:
+                # The client is the one party that may unpickle what a worker produced.
+                loaded = cloudpickle.loads(err.exception)
+                if isinstance(loaded, BaseException):
+                    cause = loaded
+            except Exception as exc:  # the class may not exist on the client
+                logger.debug("could not unpickle remote %s: %s", err.exception_type, exc)
+        if cause is None:
+            cls = errors.resolve_class(err.exception_type)
+            if cls is not None and issubclass(cls, BaseException):
+                try:
+                    cause = cls(err.message)
+                except Exception:
+                    cause = None
+        return errors.make_remote_error(err.message, err.exception_type, err.traceback, cause)
+    cls = _KIND_TO_CLASS.get(err.kind, errors.IntertieError)
+    return cls(err.message or ErrorKind.Name(err.kind))
+
+
+def error_to_wire(kind: int, message: str) -> common_pb2.Error:
+    return common_pb2.Error(kind=kind, message=message)

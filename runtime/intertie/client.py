@@ -1,0 +1,380 @@
+"""The client's connection to its home gateway: submit, watch, cancel, inspect."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+
+from intertie import _rpc, errors, serialization
+from intertie._wire import error_from_wire
+from intertie.futures import TaskFuture
+from intertie.spec import SiteStatus, TaskInfo, TaskOptions, python_version
+from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# A batch is sent as soon as the previous Submit returns; these bound one batch so a
+# burst of tiny tasks costs few RPCs while one RPC never grows past a few MiB.
+MAX_BATCH_TASKS = 2000
+MAX_BATCH_BYTES = 8 * 1024 * 1024
+# How long the client keeps trying to reach a gateway that went away (a restart
+# takes Ray's ~6 s start plus journal recovery) before futures fail.
+RECONNECT_TIMEOUT_S = 120.0
+# Time a new connection waits for the gateway to answer at all.
+CONNECT_TIMEOUT_S = 30.0
+# The largest message the client accepts; the gateway's own payload limit is lower.
+MAX_MESSAGE_BYTES = 1 << 30
+
+_SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
+_TERMINAL = (tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED)
+
+_current: Federation | None = None
+_current_lock = threading.Lock()
+
+
+def current() -> Federation:
+    """The federation that ``f.submit()`` uses: the one most recently connected."""
+    fed = _current
+    if fed is None or fed.closed:
+        raise errors.IntertieError("not connected: call intertie.connect() first")
+    return fed
+
+
+class _Pending:
+    __slots__ = ("future", "spec", "function")
+
+    def __init__(self, future: TaskFuture, spec: tasks_pb2.TaskSpec,
+                 function: serialization.PickledFunction) -> None:
+        self.future = future
+        self.spec = spec
+        self.function = function
+
+
+class Federation:
+    """A connection to the federation through one home gateway.
+
+    Use :func:`intertie.connect` rather than building this directly.
+    """
+
+    def __init__(self, address: str, *, on_close: Callable[[], None] | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self.address = address
+        self.session_id = uuid.uuid4().hex
+        self.closed = False
+        self._on_close = on_close
+        # The payload limit is learnt from the gateway; until then allow the default.
+        self._channel = grpc.insecure_channel(address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
+        self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self._site = site_pb2_grpc.SiteServiceStub(self._channel)
+        try:
+            status = self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=connect_timeout,
+                                          wait_for_ready=True)
+        except grpc.RpcError as exc:
+            self._channel.close()
+            raise _rpc.translate(exc, address) from None
+        self.site_id = status.site_id
+        self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
+
+        self._lock = threading.Lock()
+        self._futures: dict[str, TaskFuture] = {}
+        self._queue: deque[_Pending] = deque()
+        self._sending = False
+        self._shipped: set[str] = set()  # function digests this gateway has from us
+        self._py = python_version()
+
+        self._watch_ready = threading.Event()
+        self._watch_call: Any = None
+        self._watcher = threading.Thread(target=self._watch_loop, name="intertie-watch", daemon=True)
+        self._watcher.start()
+        if not self._watch_ready.wait(connect_timeout):
+            self.close()
+            raise errors.SiteUnavailableError(f"gateway {address} did not open the result stream")
+        global _current
+        with _current_lock:
+            _current = self
+
+    # ------------------------------------------------------------------ submit
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Runs ``fn(*args, **kwargs)`` somewhere in the federation; returns its future."""
+        from intertie.remote import RemoteFunction
+
+        if isinstance(fn, RemoteFunction):
+            return fn.submit_to(self, args, kwargs)
+        return self._submit(serialization.pickle_function(fn), TaskOptions(),
+                            serialization.dumps_call(args, kwargs), batch=False)
+
+    def _submit(self, function: serialization.PickledFunction, options: TaskOptions, args: bytes,
+                *, batch: bool, resources: common_pb2.ResourceRequest | None = None) -> TaskFuture:
+        if self.closed:
+            raise errors.IntertieError("this connection is closed")
+        task_id = uuid.uuid4().hex
+        future = TaskFuture(task_id, self)
+        if len(args) > self.max_payload_bytes or len(function.payload) > self.max_payload_bytes:
+            what = "arguments" if len(args) > self.max_payload_bytes else "function"
+            size = max(len(args), len(function.payload))
+            future._resolve(exc=errors.PayloadTooLargeError(
+                f"task {task_id}: {what} are {size} bytes, over the gateway's limit of "
+                f"{self.max_payload_bytes} bytes"))
+            return future
+        spec = tasks_pb2.TaskSpec(
+            task_id=task_id, function_digest=function.digest, args=args,
+            resources=resources if resources is not None else options.resources.to_proto(),
+            max_retries=options.max_retries, timeout_s=options.timeout or 0.0, batch=batch,
+            python_version=self._py, name=options.name or function.name)
+        pending = _Pending(future, spec, function)
+        with self._lock:
+            self._futures[task_id] = future
+            self._queue.append(pending)
+            if self._sending:
+                return future  # the Submit in flight sends this one when it returns
+            self._sending = True
+            batch_items = self._take_batch()
+        self._send(batch_items, attempt=0, first_try=time.monotonic())
+        return future
+
+    def _take_batch(self) -> list[_Pending]:
+        items: list[_Pending] = []
+        size = 0
+        while self._queue and len(items) < MAX_BATCH_TASKS:
+            nxt = self._queue[0]
+            n = len(nxt.spec.args)
+            if items and size + n > MAX_BATCH_BYTES:
+                break
+            items.append(self._queue.popleft())
+            size += n
+        return items
+
+    def _send(self, items: list[_Pending], attempt: int, first_try: float) -> None:
+        functions = []
+        shipped_now = set()
+        for item in items:
+            digest = item.function.digest
+            if digest not in self._shipped and digest not in shipped_now:
+                shipped_now.add(digest)
+                functions.append(tasks_pb2.Function(digest=digest, payload=item.function.payload,
+                                                    name=item.function.name))
+        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[i.spec for i in items],
+                                          session_id=self.session_id)
+        try:
+            call = self._tasks.Submit.future(request)
+        except Exception as exc:  # channel closed underneath us
+            self._submit_done(items, shipped_now, None, exc, attempt, first_try)
+            return
+        call.add_done_callback(
+            lambda c: self._submit_done(items, shipped_now, c, None, attempt, first_try))
+
+    def _submit_done(self, items: list[_Pending], shipped_now: set[str], call: Any,
+                     failure: BaseException | None, attempt: int, first_try: float) -> None:
+        try:
+            response = call.result() if call is not None else None
+        except grpc.RpcError as exc:
+            failure = exc
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            retry = (isinstance(failure, grpc.RpcError) and _rpc.is_retryable(failure)
+                     and not self.closed and time.monotonic() - first_try < RECONNECT_TIMEOUT_S)
+            if retry:
+                # Submissions are idempotent by task id, so resending is safe.
+                self._shipped.clear()
+                delay = min(2.0, 0.05 * 2 ** attempt)
+                timer = threading.Timer(delay, self._send, (items, attempt + 1, first_try))
+                timer.daemon = True
+                timer.start()
+                return
+            if isinstance(failure, grpc.RpcError):
+                exc = _rpc.translate(failure, self.address)
+            elif isinstance(failure, errors.IntertieError):
+                exc = failure
+            else:
+                exc = errors.SiteUnavailableError(f"gateway {self.address}: {failure}")
+            for item in items:
+                self._forget(item.spec.task_id)
+                item.future._resolve(exc=exc)
+        else:
+            self._shipped.update(shipped_now)
+            for ack in response.acks:
+                if not ack.accepted:
+                    self._forget(ack.task_id)
+                    fut = next((i.future for i in items if i.spec.task_id == ack.task_id), None)
+                    if fut is not None:
+                        fut._resolve(exc=error_from_wire(ack.error))
+        with self._lock:
+            if self._queue and not self.closed:
+                nxt = self._take_batch()
+            else:
+                self._sending = False
+                return
+        self._send(nxt, 0, time.monotonic())
+
+    def _forget(self, task_id: str) -> None:
+        with self._lock:
+            self._futures.pop(task_id, None)
+
+    # ------------------------------------------------------------------ results
+    def _watch_loop(self) -> None:
+        backoff = 0.05
+        reconnect_deadline: float | None = None
+        while not self.closed:
+            try:
+                call = self._tasks.Watch(tasks_pb2.WatchRequest(session_id=self.session_id))
+                self._watch_call = call
+                first = True
+                for message in call:
+                    if first:
+                        first = False
+                        backoff = 0.05
+                        if reconnect_deadline is not None:
+                            reconnect_deadline = None
+                            self._resubscribe()
+                        self._watch_ready.set()
+                    self._on_events(message.events)
+            except grpc.RpcError as exc:
+                if self.closed:
+                    return
+                logger.info("result stream from %s broke (%s); reconnecting", self.address,
+                            exc.code() if hasattr(exc, "code") else exc)
+            except Exception:  # never let the reader die silently
+                logger.exception("result stream from %s failed", self.address)
+            if self.closed:
+                return
+            if reconnect_deadline is None:
+                reconnect_deadline = time.monotonic() + RECONNECT_TIMEOUT_S
+                self._shipped.clear()
+            elif time.monotonic() > reconnect_deadline:
+                self._fail_all(errors.SiteUnavailableError(
+                    f"gateway {self.address} unreachable for {RECONNECT_TIMEOUT_S:.0f} s"))
+                reconnect_deadline = time.monotonic() + RECONNECT_TIMEOUT_S
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _on_events(self, events: Iterable[tasks_pb2.TaskEvent]) -> None:
+        for event in events:
+            if event.state not in _TERMINAL:
+                continue
+            with self._lock:
+                future = self._futures.pop(event.task_id, None)
+            if future is None:
+                continue
+            future.site = event.site or None
+            future.attempts = event.attempt
+            if event.state == _SUCCEEDED:
+                try:
+                    value = serialization.loads_result(event.result)
+                except errors.SerializationError as exc:
+                    future._resolve(exc=exc)
+                else:
+                    future._resolve(value)
+            else:
+                future._resolve(exc=error_from_wire(event.error))
+
+    def _resubscribe(self) -> None:
+        with self._lock:
+            ids = list(self._futures)
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start:start + 10_000]
+            try:
+                resp = self._tasks.Subscribe(tasks_pb2.SubscribeRequest(
+                    session_id=self.session_id, task_ids=chunk), timeout=30)
+            except grpc.RpcError as exc:
+                logger.warning("resubscribing to %d tasks at %s failed: %s", len(chunk), self.address, exc)
+                return
+            for task_id in resp.unknown_task_ids:
+                # Not journaled before the restart: its Submit was never acknowledged and
+                # is retried by _submit_done, which registers it again.
+                logger.debug("task %s unknown at %s after reconnect", task_id, self.address)
+
+    def _fail_all(self, exc: errors.IntertieError) -> None:
+        with self._lock:
+            futures = list(self._futures.values())
+            self._futures.clear()
+        for future in futures:
+            future._resolve(exc=exc)
+
+    # ------------------------------------------------------------------ other calls
+    @_rpc.translated
+    def future(self, task_id: str) -> TaskFuture:
+        """A future for a task submitted earlier, possibly by another client or before a restart."""
+        if not isinstance(task_id, str) or not task_id:
+            raise errors.InvalidRequestError("task_id must be a non-empty string")
+        with self._lock:
+            existing = self._futures.get(task_id)
+            if existing is not None:
+                return existing
+            future = TaskFuture(task_id, self)
+            self._futures[task_id] = future
+        try:
+            resp = self._tasks.Subscribe(tasks_pb2.SubscribeRequest(
+                session_id=self.session_id, task_ids=[task_id]), timeout=30)
+        except BaseException:
+            self._forget(task_id)
+            raise
+        if task_id in resp.unknown_task_ids:
+            self._forget(task_id)
+            raise errors.TaskNotFoundError(f"gateway {self.address} knows no task {task_id!r}")
+        return future
+
+    def _cancel_task(self, task_id: str) -> bool:
+        try:
+            resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=[task_id]), timeout=30)
+        except grpc.RpcError as exc:
+            raise _rpc.translate(exc, self.address) from None
+        return task_id in resp.cancelled
+
+    @_rpc.translated
+    def cancel(self, task_ids: Sequence[str]) -> list[str]:
+        """Cancels tasks by id; returns the ids that were still queued or running."""
+        resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=list(task_ids)), timeout=30)
+        return list(resp.cancelled)
+
+    @_rpc.translated
+    def task(self, task_id: str) -> TaskInfo:
+        """What the gateway knows of one task: state, site, attempts, error."""
+        return TaskInfo.from_proto(self._tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id),
+                                                       timeout=30))
+
+    @_rpc.translated
+    def sites(self) -> list[SiteStatus]:
+        """The sites as seen from the home gateway."""
+        status = self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=30)
+        return [SiteStatus.from_proto(status)]
+
+    def executor(self, max_workers: int | None = None) -> Any:
+        """A ``concurrent.futures.Executor`` whose ``map`` batches fine-grained work."""
+        from intertie.executor import FederationExecutor
+
+        return FederationExecutor(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self) -> None:
+        """Closes the connection (and stops an embedded gateway). Pending futures fail."""
+        if self.closed:
+            return
+        self.closed = True
+        global _current
+        with _current_lock:
+            if _current is self:
+                _current = None
+        if self._watch_call is not None:
+            self._watch_call.cancel()
+        self._channel.close()
+        self._fail_all(errors.IntertieError("the connection was closed before the task finished"))
+        if self._on_close is not None:
+            self._on_close()
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Federation {self.site_id}@{self.address}{' closed' if self.closed else ''}>"
+

@@ -1,0 +1,53 @@
+"""Futures for tasks: standard ``concurrent.futures.Future`` objects with task metadata."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from intertie.client import Federation
+
+
+class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """The result of one task. ``wait``/``as_completed`` work as for any future.
+
+    ``task_id`` identifies the task at its home gateway (``fed.future(task_id)``
+    gets a new future for it later, also from another client); ``site`` and
+    ``attempts`` are filled in when the task finishes.
+    """
+
+    def __init__(self, task_id: str, federation: Federation | None = None) -> None:
+        super().__init__()
+        self.task_id = task_id
+        self.site: str | None = None
+        self.attempts = 0
+        self._federation = federation
+
+    def cancel(self) -> bool:
+        """Cancels the task at its gateway, whether it is queued or running.
+
+        Returns False when the task had already finished.
+        """
+        if self.done():
+            return self.cancelled()
+        if self._federation is None:
+            return super().cancel()
+        if not self._federation._cancel_task(self.task_id):
+            return self.cancelled()
+        return super().cancel() or self.cancelled()
+
+    # Resolution from the event stream; a future the user cancelled stays cancelled.
+    def _resolve(self, value: Any = None, exc: BaseException | None = None) -> None:
+        if self.done():
+            return
+        try:
+            if exc is not None:
+                self.set_exception(exc)
+            else:
+                self.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<TaskFuture {self.task_id} {self._state.lower()}{' at ' + self.site if self.site else ''}>"

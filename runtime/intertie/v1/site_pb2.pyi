@@ -1,0 +1,64 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiteStatus(_message.Message):
+    __slots__ = ("site_id", "compute_id", "address", "state", "arch", "python_version", "resources_total", "resources_free", "queued", "running", "throughput", "labels", "max_payload_bytes", "version")
+    class ResourcesTotalEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class ResourcesFreeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FREE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    compute_id: str
+    address: str
+    state: str
+    arch: str
+    python_version: str
+    resources_total: _containers.ScalarMap[str, float]
+    resources_free: _containers.ScalarMap[str, float]
+    queued: int
+    running: int
+    throughput: float
+    labels: _containers.ScalarMap[str, str]
+    max_payload_bytes: int
+    version: str
+    def __init__(self, site_id: _Optional[str] = ..., compute_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., arch: _Optional[str] = ..., python_version: _Optional[str] = ..., resources_total: _Optional[_Mapping[str, float]] = ..., resources_free: _Optional[_Mapping[str, float]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., throughput: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_payload_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
