@@ -30,11 +30,20 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _pickle_exception(exc: BaseException) -> bytes:
+    """(class, args, attributes) rather than the exception itself: many exception classes
+    with their own __init__ cannot be unpickled, but can be rebuilt from these three."""
+    for state in ((type(exc), exc.args, dict(getattr(exc, "__dict__", {}))),
+                  (type(exc), tuple(repr(a) for a in exc.args), {})):
+        try:
+            return cloudpickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            continue
+    return b""
+
+
 def _failure(kind: int, exc: BaseException, message: str) -> Outcome:
-    try:
-        pickled = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        pickled = b""
+    pickled = _pickle_exception(exc)
     return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled)
 
 
@@ -73,7 +82,7 @@ def execute(digest: str, holder: list[Any], name: str, args: bytes, batch: bool)
     except KeyboardInterrupt:
         raise  # Ray's way of cancelling a task
     except BaseException as exc:  # SystemExit from user code is an error of the task too
-        return _failure(KIND_REMOTE, exc, f"{type(exc).__name__}: {exc}")
+        return _failure(KIND_REMOTE, exc, str(exc))
     try:
         return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"")
     except Exception as exc:

@@ -35,9 +35,7 @@ def error_from_wire(err: common_pb2.Error) -> errors.IntertieError:
         if err.exception:
             try:
                 # The client is the one party that may unpickle what a worker produced.
-                loaded = cloudpickle.loads(err.exception)
-                if isinstance(loaded, BaseException):
-                    cause = loaded
+                cause = _rebuild_exception(*cloudpickle.loads(err.exception))
             except Exception as exc:  # the class may not exist on the client
                 logger.debug("could not unpickle remote %s: %s", err.exception_type, exc)
         if cause is None:
@@ -50,6 +48,17 @@ def error_from_wire(err: common_pb2.Error) -> errors.IntertieError:
         return errors.make_remote_error(err.message, err.exception_type, err.traceback, cause)
     cls = _KIND_TO_CLASS.get(err.kind, errors.IntertieError)
     return cls(err.message or ErrorKind.Name(err.kind))
+
+
+def _rebuild_exception(cls: type, args: tuple[object, ...], attrs: dict[str, object]) -> BaseException | None:
+    """An instance of ``cls`` with the remote args and attributes, without running its __init__."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        return None
+    exc = cls.__new__(cls, *args)
+    BaseException.__init__(exc, *args)
+    if attrs and hasattr(exc, "__dict__"):
+        exc.__dict__.update(attrs)
+    return exc
 
 
 def error_to_wire(kind: int, message: str) -> common_pb2.Error:

@@ -71,6 +71,7 @@ class RemoteTaskError(IntertieError):
     around ``fut.result()`` works as it would locally.
     """
 
+    message: str
     remote_type: str
     remote_traceback: str
     cause: BaseException | None
@@ -78,19 +79,19 @@ class RemoteTaskError(IntertieError):
     def __init__(self, message: str, remote_type: str = "", remote_traceback: str = "",
                  cause: BaseException | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.remote_type = remote_type
         self.remote_traceback = remote_traceback
         self.cause = cause
 
     def __str__(self) -> str:
-        text = self.args[0] if self.args else ""
+        text = self.message if self.cause is None else str(self.cause)
         if self.remote_traceback:
             return f"{text}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
         return str(text)
 
     def __reduce__(self) -> Any:
-        return (_rebuild_remote_error, (self.args[0] if self.args else "", self.remote_type,
-                                        self.remote_traceback, self.cause))
+        return (_rebuild_remote_error, (self.message, self.remote_type, self.remote_traceback, self.cause))
 
 
 def _rebuild_remote_error(message: str, remote_type: str, remote_traceback: str,
@@ -107,14 +108,17 @@ def make_remote_error(message: str, remote_type: str, remote_traceback: str,
     cls: type = RemoteTaskError
     if cause is not None and not isinstance(cause, RemoteTaskError):
         cls = _dual_class(type(cause))
+    # The original's args, so that e.g. KeyError("k").args survives the trip.
+    args = cause.args if cause is not None else (message,)
     try:
         # Bypass the base class's __init__: its signature is the user's, not ours.
-        err = cls.__new__(cls, message)
-        BaseException.__init__(err, message)
+        err = cls.__new__(cls, *args)
+        BaseException.__init__(err, *args)
     except Exception:
         cls = RemoteTaskError
-        err = RemoteTaskError.__new__(RemoteTaskError, message)
-        BaseException.__init__(err, message)
+        err = RemoteTaskError.__new__(RemoteTaskError, *args)
+        BaseException.__init__(err, *args)
+    err.message = message
     err.remote_type = remote_type
     err.remote_traceback = remote_traceback
     err.cause = cause

@@ -1,0 +1,5 @@
+import sys
+
+from intertie.cli import main
+
+sys.exit(main())
