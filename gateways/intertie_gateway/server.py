@@ -13,13 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from intertie._rpc import channel_options
-from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie.v1 import site_pb2, tasks_pb2
 
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
 from intertie_gateway.runner import RayRunner
 from intertie_gateway.scheduler import Scheduler
-from intertie_gateway.service import SiteService, TaskService
+from intertie_gateway.service import SiteService, TaskService, register
 from intertie_gateway.sessions import SessionHub
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     scheduler = Scheduler(config, journal, runner, hub)
 
     server = grpc.aio.server(options=channel_options(config.max_payload_bytes))
-    tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(scheduler, hub), server)
-    site_pb2_grpc.add_SiteServiceServicer_to_server(SiteService(scheduler), server)
+    register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
+    register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf import symbol_database
 
 from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -19,6 +21,68 @@ logger = logging.getLogger(__name__)
 # results never exceed the message limit together.
 EVENT_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_IDS_PER_CALL = 100_000
+
+
+class Malformed:
+    """Stands in for a request whose bytes did not parse, so the handler can answer with
+    INVALID_ARGUMENT (gRPC itself would answer UNKNOWN)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:
+            return Malformed(str(exc))
+
+    return deserialize
+
+
+def register(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+    """Adds ``servicer``'s methods for the proto ``service`` descriptor, with requests that
+    fail to parse answered by a typed INVALID_ARGUMENT instead of reaching the method."""
+    db = symbol_database.Default()
+    handlers = {}
+    for method in service.methods:
+        request_cls = db.GetSymbol(method.input_type.full_name)
+        impl = getattr(servicer, method.name)
+        deserialize = _lenient(request_cls.FromString)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _checked_stream(impl), request_deserializer=deserialize,
+                response_serializer=lambda m: m.SerializeToString())
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _checked_unary(impl), request_deserializer=deserialize,
+                response_serializer=lambda m: m.SerializeToString())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+async def _reject(request: Malformed, context: grpc.aio.ServicerContext) -> None:
+    await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                 f"malformed request: {request.reason}")
+
+
+def _checked_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await _reject(request, context)
+        return await impl(request, context)
+
+    return behavior
+
+
+def _checked_stream(impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if isinstance(request, Malformed):
+            await _reject(request, context)
+        async for item in impl(request, context):
+            yield item
+
+    return behavior
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
