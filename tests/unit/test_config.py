@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from intertie_gateway.cli import _parser, config_from_args
+from intertie_gateway.config import ConfigError, GatewayConfig, load_toml, parse_labels, parse_resources
+
+
+def test_defaults_work_on_a_laptop() -> None:
+    config = GatewayConfig()
+    assert config.ray == "local"
+    assert config.max_payload_bytes == 100 * 1024 * 1024
+    assert config.fsync is False
+    assert config.object_store_memory < 1024 ** 3
+    assert config.compute_id == "urn:intertie:site:local:local"
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("listen", "nohost", "listen"),
+    ("listen", "h:99999", "listen"),
+    ("site_id", "bad id!", "site_id"),
+    ("num_cpus", -1, "num_cpus"),
+    ("num_cpus", "many", "num_cpus"),
+    ("resources", {"x": -2}, "resources.x"),
+    ("max_payload_bytes", 0, "max_payload_bytes"),
+    ("max_payload_bytes", 2 * 1024 ** 3, "max_payload_bytes"),
+    ("admission_overcommit", 0.5, "admission_overcommit"),
+    ("fsync", "yes", "fsync"),
+    ("labels", {"a": 1}, "labels"),
+])
+def test_bad_values_name_the_key(key: str, value: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        GatewayConfig.build({key: value})
+
+
+def test_unknown_key_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown configuration key 'colour'"):
+        GatewayConfig.build({"colour": "blue"})
+
+
+def test_toml_then_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text('site_id = "from-file"\nnum_cpus = 4\nfsync = true\n[gateway]\nregion = "eu-west"\n'
+                    '[labels]\nprice = "0.02"\n')
+    args = _parser().parse_args(["run", "--config", str(path), "--num-cpus", "2", "--label", "carbon=low",
+                                 "--resources", '{"bigmem": 2}'])
+    config = config_from_args(args)
+    assert config.site_id == "from-file"
+    assert config.num_cpus == 2  # flag beats file
+    assert config.fsync is True
+    assert config.region == "eu-west"
+    assert config.labels == {"carbon": "low"}  # --label replaces the file's labels
+    assert config.resources == {"bigmem": 2.0}
+    assert config.compute_id == "urn:intertie:site:eu-west:from-file"
+
+
+def test_toml_errors_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("site_id = \n")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        load_toml(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_flag_parsers() -> None:
+    assert parse_resources('{"a": 1}') == {"a": 1}
+    with pytest.raises(ConfigError, match="JSON"):
+        parse_resources("{a")
+    with pytest.raises(ConfigError, match="object"):
+        parse_resources("[1]")
+    assert parse_labels(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_labels(["novalue"])

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from intertie_gateway import journal as jr
+from intertie_gateway.journal import Journal
+
+
+def make(tmp_path: Path, fsync: bool = False) -> Journal:
+    return Journal(tmp_path / "j.sqlite", fsync=fsync)
+
+
+def test_accept_is_idempotent_and_reports_known_ids(tmp_path: Path) -> None:
+    j = make(tmp_path)
+    assert j.accept([("d" * 64, "f", b"fn")], [("a", b"spec-a"), ("b", b"spec-b")], now=1.0) == set()
+    assert j.accept([("d" * 64, "f", b"other")], [("a", b"changed"), ("c", b"spec-c")], now=2.0) == {"a"}
+    assert j.get("a").spec == b"spec-a"  # type: ignore[union-attr]
+    assert j.function_payload("d" * 64) == b"fn"
+    assert j.function_digests() == {"d" * 64}
+    assert [r.task_id for r in j.unfinished()] == ["a", "b", "c"]
+
+
+def test_completion_is_recorded_once(tmp_path: Path) -> None:
+    j = make(tmp_path)
+    j.accept([], [("a", b"s")], now=1.0)
+    j.write([Journal.started("a", 1, "site", 2.0)])
+    j.write([Journal.finished("a", jr.SUCCEEDED, 1, "site", 3.0, b"first", None, [])])
+    # A late duplicate (another attempt finishing) changes nothing.
+    j.write([Journal.finished("a", jr.FAILED, 2, "other", 4.0, None, b"err", [])])
+    row = j.get("a")
+    assert row is not None
+    assert (row.state, row.result, row.site, row.attempts) == (jr.SUCCEEDED, b"first", "site", 1)
+    assert list(j.unfinished()) == []
+
+
+def test_state_survives_reopen_and_running_is_visible(tmp_path: Path) -> None:
+    j = make(tmp_path)
+    j.accept([], [("a", b"s"), ("b", b"s")], now=1.0)
+    j.write([Journal.started("a", 1, "site", 2.0)])
+    j.write([Journal.requeued("b", 1, [{"attempt": 1, "outcome": "worker died"}])])
+    j.close()
+    j2 = make(tmp_path)
+    rows = {r.task_id: r for r in j2.unfinished()}
+    assert rows["a"].state == jr.RUNNING and rows["a"].attempts == 1
+    assert rows["b"].state == jr.QUEUED and rows["b"].history == [{"attempt": 1, "outcome": "worker died"}]
+
+
+def test_expire_removes_only_old_finished_tasks(tmp_path: Path) -> None:
+    j = make(tmp_path)
+    j.accept([], [("old", b"s"), ("new", b"s"), ("open", b"s")], now=1.0)
+    j.write([Journal.finished("old", jr.SUCCEEDED, 1, "s", 10.0, b"r", None, []),
+             Journal.finished("new", jr.SUCCEEDED, 1, "s", 100.0, b"r", None, [])])
+    assert j.expire(older_than=50.0) == 1
+    assert j.get("old") is None and j.get("new") is not None and j.get("open") is not None
+    assert set(j.get_many(["old", "new", "open", "zzz"])) == {"new", "open"}
+
+
+def test_fsync_setting_selects_synchronous_mode(tmp_path: Path) -> None:
+    for fsync, expected in ((False, 1), (True, 2)):  # NORMAL, FULL
+        j = Journal(tmp_path / f"{fsync}.sqlite", fsync=fsync)
+        assert j._db.execute("PRAGMA synchronous").fetchone()[0] == expected
+        assert j._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        j.close()
+
+
+def test_committed_rows_are_readable_by_another_connection(tmp_path: Path) -> None:
+    # What a restarted gateway sees: the commit is in the WAL before accept() returns.
+    j = make(tmp_path)
+    j.accept([], [("a", b"s")], now=1.0)
+    other = sqlite3.connect(tmp_path / "j.sqlite")
+    assert other.execute("SELECT task_id FROM tasks").fetchall() == [("a",)]
+    other.close()

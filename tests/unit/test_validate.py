@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from intertie.v1 import common_pb2, tasks_pb2
+from intertie_gateway.validate import check_spec, ray_request
+
+K = common_pb2.ErrorKind
+DIGEST = "a" * 64
+
+
+def spec(**fields: object) -> tasks_pb2.TaskSpec:
+    base: dict[str, object] = dict(task_id="t1", function_digest=DIGEST, python_version="3.11")
+    base.update(fields)
+    return tasks_pb2.TaskSpec(**base)  # type: ignore[arg-type]
+
+
+def check(s: tasks_pb2.TaskSpec) -> common_pb2.Error | None:
+    return check_spec(s, max_payload_bytes=100, python_version="3.11", site_id="s")
+
+
+def test_good_spec_passes() -> None:
+    assert check(spec(args=b"x" * 100, max_retries=3, timeout_s=5)) is None
+    assert check(spec(python_version="")) is None  # unknown version: accepted
+
+
+@pytest.mark.parametrize("fields,kind,text", [
+    ({"task_id": ""}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
+    ({"task_id": "a b"}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
+    ({"task_id": "x" * 129}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
+    ({"function_digest": "ABC"}, K.ERROR_KIND_INVALID_ARGUMENT, "digest"),
+    ({"args": b"x" * 101}, K.ERROR_KIND_PAYLOAD_TOO_LARGE, "101 bytes"),
+    ({"resources": common_pb2.ResourceRequest(cpus=-1)}, K.ERROR_KIND_INVALID_ARGUMENT, "cpus"),
+    ({"resources": common_pb2.ResourceRequest(gpus=math.inf)}, K.ERROR_KIND_INVALID_ARGUMENT, "gpus"),
+    ({"resources": common_pb2.ResourceRequest(memory_bytes=-1)}, K.ERROR_KIND_INVALID_ARGUMENT, "memory"),
+    ({"resources": common_pb2.ResourceRequest(custom={"x": math.nan})}, K.ERROR_KIND_INVALID_ARGUMENT, "'x'"),
+    ({"max_retries": 101}, K.ERROR_KIND_INVALID_ARGUMENT, "max_retries"),
+    ({"timeout_s": math.nan}, K.ERROR_KIND_INVALID_ARGUMENT, "timeout"),
+    ({"python_version": "3.12"}, K.ERROR_KIND_PLACEMENT, "Python 3.12"),
+])
+def test_each_problem_is_named(fields: dict[str, object], kind: int, text: str) -> None:
+    err = check(spec(**fields))
+    assert err is not None and err.kind == kind
+    assert text in err.message
+
+
+def test_ray_request_drops_zeroes_and_maps_names() -> None:
+    req = common_pb2.ResourceRequest(cpus=1, gpus=0, memory_bytes=1024, custom={"tpu": 2, "none": 0})
+    assert ray_request(req) == {"CPU": 1.0, "memory": 1024.0, "tpu": 2.0}
