@@ -11,6 +11,14 @@ from collections.abc import Mapping
 
 # A request for nothing (cpus=0) still occupies a worker; cap how many run at once.
 MIN_SLOTS = 4
+# Work queued inside Ray beyond its CPUs, in seconds per CPU: enough that a worker never
+# idles between one result and the gateway's next dispatch, small enough that tasks stay
+# in the gateway's queue (cancellable, movable) rather than in Ray's.
+BACKLOG_TARGET_S = 0.05
+# Until run times are known, admit this multiple of capacity.
+INITIAL_FACTOR = 2.0
+# Weight of the newest run time in the moving average.
+EWMA_ALPHA = 0.05
 
 
 def _fmt(amount: float) -> str:
@@ -18,17 +26,33 @@ def _fmt(amount: float) -> str:
 
 
 class Capacity:
+    """CPU and memory are admitted up to ``factor`` times the site's total, where the factor
+    adapts to observed run times (at most ``overcommit``): tiny tasks get a deep pipeline,
+    long ones about one per CPU. GPUs and custom resources are never overcommitted."""
+
     def __init__(self, total: Mapping[str, float], overcommit: float = 1.0) -> None:
         self.total = dict(total)
         self.overcommit = overcommit
+        self.factor = min(INITIAL_FACTOR, overcommit)
+        self.mean_run_s: float | None = None
         self.in_use: dict[str, float] = {}
         self.count = 0
-        self.max_count = max(MIN_SLOTS, math.ceil(self.total.get("CPU", 0.0) * overcommit))
+        self._resize()
+
+    def _resize(self) -> None:
+        self.max_count = max(MIN_SLOTS, math.ceil(self.total.get("CPU", 0.0) * self.factor))
 
     def update_total(self, total: Mapping[str, float]) -> None:
         """Ray's view changes when nodes join or leave an attached cluster."""
         self.total = dict(total)
-        self.max_count = max(MIN_SLOTS, math.ceil(self.total.get("CPU", 0.0) * self.overcommit))
+        self._resize()
+
+    def observe(self, run_s: float) -> None:
+        """Feeds one task's time inside Ray into the admission factor."""
+        mean = run_s if self.mean_run_s is None else (1 - EWMA_ALPHA) * self.mean_run_s + EWMA_ALPHA * run_s
+        self.mean_run_s = mean
+        self.factor = min(self.overcommit, 1.0 + BACKLOG_TARGET_S / max(mean, 1e-6))
+        self._resize()
 
     def never_fits(self, request: Mapping[str, float], site: str = "this site") -> str | None:
         """Why the request exceeds the site's total capacity, or None if it could run here."""
@@ -46,7 +70,7 @@ class Capacity:
         for name, amount in request.items():
             limit = self.total.get(name, 0.0)
             if name in ("CPU", "memory"):
-                limit *= self.overcommit
+                limit *= self.factor
             if self.in_use.get(name, 0.0) + amount > limit + 1e-9:
                 return False
         return True

@@ -6,11 +6,12 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
@@ -40,10 +41,11 @@ class GatewayConfig:
     # fsync every journal commit (power-loss safe). Off, a commit still survives a killed
     # gateway process (SQLite WAL with synchronous=NORMAL), at a fraction of the cost.
     fsync: bool = False
-    # Tasks inside Ray at once, as a multiple of the site's capacity. A little above 1 keeps
-    # workers busy between a result and the next dispatch; the rest wait in the gateway's
-    # queue, where they can still be cancelled cheaply or moved to another site.
-    admission_overcommit: float = 2.0
+    # Most tasks inside Ray at once, as a multiple of the site's CPUs. The gateway adapts
+    # the multiple to observed run times (admission.py): millisecond tasks need a deep
+    # pipeline to keep workers busy, minute-long ones get about one per CPU; the rest wait
+    # in the gateway's queue, where they can be cancelled cheaply or moved to another site.
+    admission_overcommit: float = 32.0
     # Finished tasks (and their results) are kept this long, fetched or not.
     result_ttl_s: float = 7 * 24 * 3600.0
     labels: Mapping[str, str] = field(default_factory=dict)

@@ -21,10 +21,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from intertie.v1 import tasks_pb2
+
 logger = logging.getLogger(__name__)
 
-# Task states as stored; the values are the wire enum's (intertie.v1.TaskState).
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = 1, 2, 3, 4, 5
+# Task states as stored: the wire enum's values (1..5).
+QUEUED = tasks_pb2.TASK_STATE_QUEUED
+RUNNING = tasks_pb2.TASK_STATE_RUNNING
+SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
+FAILED = tasks_pb2.TASK_STATE_FAILED
+CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 SCHEMA_VERSION = 1
@@ -58,7 +64,7 @@ CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state 
 class TaskRow:
     task_id: str
     spec: bytes
-    state: int
+    state: tasks_pb2.TaskState
     attempts: int
     site: str
     submitted_at: float
@@ -74,8 +80,8 @@ _ROW_COLUMNS = ("task_id, spec, state, attempts, site, submitted_at, started_at,
 
 
 def _row(values: tuple) -> TaskRow:  # type: ignore[type-arg]
-    *head, history = values
-    return TaskRow(*head, history=json.loads(history))
+    return TaskRow(values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7],
+                   values[8], values[9], json.loads(values[10]))
 
 
 class Journal:
@@ -160,7 +166,7 @@ class Journal:
                 (QUEUED, attempts, json.dumps(history), task_id))
 
     @staticmethod
-    def finished(task_id: str, state: int, attempts: int, site: str, now: float, result: bytes | None,
+    def finished(task_id: str, state: tasks_pb2.TaskState, attempts: int, site: str, now: float, result: bytes | None,
                  error: bytes | None, history: list[dict[str, object]]) -> tuple[str, Sequence[object]]:
         # "AND state IN (1, 2)": completion is idempotent; a late duplicate changes nothing.
         return ("UPDATE tasks SET state=?, attempts=?, site=?, finished_at=?, result=?, error=?, history=? "

@@ -19,7 +19,6 @@ from typing import Any
 
 from intertie.spec import python_version
 from intertie.v1 import common_pb2, site_pb2, tasks_pb2
-
 from intertie_gateway import journal as jr
 from intertie_gateway.admission import Capacity
 from intertie_gateway.config import GatewayConfig
@@ -235,6 +234,7 @@ class Scheduler:
         if task.state != jr.RUNNING or task.attempts != attempt:
             return  # cancelled, timed out or retried meanwhile: a late duplicate
         self._release(task)
+        self.capacity.observe(time.time() - task.started_at)
         try:
             outcome = fut.result()
         except Exception as exc:
@@ -287,7 +287,7 @@ class Scheduler:
                         f"{task.spec.max_retries}: no retries left)"))
 
     # ------------------------------------------------------------------ finish
-    def _finish(self, task: Task, state: int, result: bytes | None = None,
+    def _finish(self, task: Task, state: tasks_pb2.TaskState, result: bytes | None = None,
                 error: common_pb2.Error | None = None) -> None:
         if task.state in jr.TERMINAL:
             return

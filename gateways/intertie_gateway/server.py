@@ -14,7 +14,6 @@ from grpc_reflection.v1alpha import reflection
 
 from intertie._rpc import channel_options
 from intertie.v1 import site_pb2, tasks_pb2
-
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
 from intertie_gateway.runner import RayRunner

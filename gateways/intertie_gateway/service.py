@@ -11,7 +11,6 @@ from google.protobuf import symbol_database
 
 from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import SessionHub
 

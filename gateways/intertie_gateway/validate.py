@@ -22,7 +22,7 @@ def _bad_number(value: float) -> bool:
 def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_version: str,
                site_id: str) -> common_pb2.Error | None:
     """The first thing wrong with ``spec``, as a wire Error, or None."""
-    def err(kind: int, message: str) -> common_pb2.Error:
+    def err(kind: common_pb2.ErrorKind, message: str) -> common_pb2.Error:
         return common_pb2.Error(kind=kind, message=f"task {spec.task_id or '?'}: {message}")
 
     if not _TASK_ID.match(spec.task_id):

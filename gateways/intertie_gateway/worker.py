@@ -33,8 +33,9 @@ def _qualified(cls: type) -> str:
 def _pickle_exception(exc: BaseException) -> bytes:
     """(class, args, attributes) rather than the exception itself: many exception classes
     with their own __init__ cannot be unpickled, but can be rebuilt from these three."""
-    for state in ((type(exc), exc.args, dict(getattr(exc, "__dict__", {}))),
-                  (type(exc), tuple(repr(a) for a in exc.args), {})):
+    states: tuple[tuple[Any, ...], ...] = ((type(exc), exc.args, dict(getattr(exc, "__dict__", {}))),
+                  (type(exc), tuple(repr(a) for a in exc.args), {}))
+    for state in states:
         try:
             return cloudpickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
@@ -47,23 +48,36 @@ def _failure(kind: int, exc: BaseException, message: str) -> Outcome:
     return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled)
 
 
-def _function(digest: str, holder: list[Any], name: str) -> Any:
+# Small functions live in the GCS key-value store under this prefix (as Ray exports its
+# own remote functions); large ones come as an object ref in ``holder``.
+KV_NAMESPACE = "intertie"
+KV_PREFIX = b"fn:"
+
+
+def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
     fn = _functions.get(digest)
     if fn is not None:
         _functions.move_to_end(digest)
         return fn
     import ray
 
-    # The function's bytes were put into Ray once per site; the ref is wrapped in a
-    # list so Ray does not fetch it for every task, only on a cache miss here.
-    fn = cloudpickle.loads(ray.get(holder[0]))
+    if holder:
+        # Wrapped in a list so Ray does not fetch it for every task, only on a miss here.
+        payload = ray.get(holder[0])
+    else:
+        from ray.experimental import internal_kv
+
+        payload = internal_kv._internal_kv_get(KV_PREFIX + digest.encode(), namespace=KV_NAMESPACE)
+        if payload is None:
+            raise LookupError(f"function {digest[:12]} is not in this site's function store")
+    fn = cloudpickle.loads(payload)
     _functions[digest] = fn
     if len(_functions) > _FUNCTION_CACHE_SIZE:
         _functions.popitem(last=False)
     return fn
 
 
-def execute(digest: str, holder: list[Any], name: str, args: bytes, batch: bool) -> Outcome:
+def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None) -> Outcome:
     try:
         fn = _function(digest, holder, name)
     except Exception as exc:

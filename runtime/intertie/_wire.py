@@ -61,5 +61,5 @@ def _rebuild_exception(cls: type, args: tuple[object, ...], attrs: dict[str, obj
     return exc
 
 
-def error_to_wire(kind: int, message: str) -> common_pb2.Error:
+def error_to_wire(kind: common_pb2.ErrorKind, message: str) -> common_pb2.Error:
     return common_pb2.Error(kind=kind, message=message)

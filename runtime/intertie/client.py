@@ -29,22 +29,27 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024
 RECONNECT_TIMEOUT_S = 120.0
 # Time a new connection waits for the gateway to answer at all.
 CONNECT_TIMEOUT_S = 30.0
+# close() waits this long for submissions still on their way to be acknowledged.
+CLOSE_FLUSH_TIMEOUT_S = 30.0
 # The largest message the client accepts; the gateway's own payload limit is lower.
 MAX_MESSAGE_BYTES = 1 << 30
 
 _SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
+_CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 _TERMINAL = (tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED)
 
-_current: Federation | None = None
-_current_lock = threading.Lock()
+# Open connections, newest last: ``f.submit()`` uses the newest; closing it falls back
+# to the one opened before, as nested ``with intertie.connect(...)`` blocks expect.
+_open: list[Federation] = []
+_open_lock = threading.Lock()
 
 
 def current() -> Federation:
-    """The federation that ``f.submit()`` uses: the one most recently connected."""
-    fed = _current
-    if fed is None or fed.closed:
-        raise errors.IntertieError("not connected: call intertie.connect() first")
-    return fed
+    """The federation that ``f.submit()`` uses: the most recently connected one still open."""
+    with _open_lock:
+        if _open:
+            return _open[-1]
+    raise errors.IntertieError("not connected: call intertie.connect() first")
 
 
 class _Pending:
@@ -96,9 +101,8 @@ class Federation:
         if not self._watch_ready.wait(connect_timeout):
             self.close()
             raise errors.SiteUnavailableError(f"gateway {address} did not open the result stream")
-        global _current
-        with _current_lock:
-            _current = self
+        with _open_lock:
+            _open.append(self)
 
     # ------------------------------------------------------------------ submit
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -189,16 +193,18 @@ class Federation:
                 timer.daemon = True
                 timer.start()
                 return
+            error: errors.IntertieError
             if isinstance(failure, grpc.RpcError):
-                exc = _rpc.translate(failure, self.address)
+                error = _rpc.translate(failure, self.address)
             elif isinstance(failure, errors.IntertieError):
-                exc = failure
+                error = failure
             else:
-                exc = errors.SiteUnavailableError(f"gateway {self.address}: {failure}")
+                error = errors.SiteUnavailableError(f"gateway {self.address}: {failure}")
             for item in items:
                 self._forget(item.spec.task_id)
-                item.future._resolve(exc=exc)
-        else:
+                item.future._resolve(exc=error)
+                item.future._acked.set()
+        elif response is not None:
             self._shipped.update(shipped_now)
             for ack in response.acks:
                 if not ack.accepted:
@@ -206,6 +212,8 @@ class Federation:
                     fut = next((i.future for i in items if i.spec.task_id == ack.task_id), None)
                     if fut is not None:
                         fut._resolve(exc=error_from_wire(ack.error))
+            for item in items:
+                item.future._acked.set()
         with self._lock:
             if self._queue and not self.closed:
                 nxt = self._take_batch()
@@ -265,7 +273,9 @@ class Federation:
                 continue
             future.site = event.site or None
             future.attempts = event.attempt
-            if event.state == _SUCCEEDED:
+            if event.state == _CANCELLED:
+                future._set_cancelled()
+            elif event.state == _SUCCEEDED:
                 try:
                     value = serialization.loads_result(event.result)
                 except errors.SerializationError as exc:
@@ -309,6 +319,7 @@ class Federation:
             if existing is not None:
                 return existing
             future = TaskFuture(task_id, self)
+            future._acked.set()  # the gateway knows it already
             self._futures[task_id] = future
         try:
             resp = self._tasks.Subscribe(tasks_pb2.SubscribeRequest(
@@ -321,7 +332,16 @@ class Federation:
             raise errors.TaskNotFoundError(f"gateway {self.address} knows no task {task_id!r}")
         return future
 
-    def _cancel_task(self, task_id: str) -> bool:
+    def _cancel_task(self, future: TaskFuture) -> bool:
+        task_id = future.task_id
+        with self._lock:
+            for item in self._queue:
+                if item.future is future:  # not sent yet: never reaches the gateway
+                    self._queue.remove(item)
+                    self._futures.pop(task_id, None)
+                    return True
+        if task_id in self._futures and not future._acked.wait(RECONNECT_TIMEOUT_S):
+            raise errors.SiteUnavailableError(f"gateway {self.address} did not acknowledge task {task_id}")
         try:
             resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=[task_id]), timeout=30)
         except grpc.RpcError as exc:
@@ -357,11 +377,14 @@ class Federation:
         """Closes the connection (and stops an embedded gateway). Pending futures fail."""
         if self.closed:
             return
+        # Submissions already handed to us are sent and acknowledged before the channel goes.
+        deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
+        while self._sending and time.monotonic() < deadline:
+            time.sleep(0.005)
         self.closed = True
-        global _current
-        with _current_lock:
-            if _current is self:
-                _current = None
+        with _open_lock:
+            if self in _open:
+                _open.remove(self)
         if self._watch_call is not None:
             self._watch_call.cancel()
         self._channel.close()

@@ -53,7 +53,7 @@ class FederationExecutor(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         deadline = None if timeout is None else time.monotonic() + timeout
-        calls = zip(*iterables)
+        calls = zip(*iterables)  # noqa: B905 - map() stops at the shortest, as the stdlib does
         if chunksize == 1:
             futures = [self.submit(fn, *args) for args in calls]
             return _results((f, False) for f in futures)(deadline)

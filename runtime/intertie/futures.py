@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -23,6 +24,9 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self.site: str | None = None
         self.attempts = 0
         self._federation = federation
+        # Set once the gateway has answered the Submit that carried this task; a cancel
+        # must not overtake it, or the gateway would not yet know the task.
+        self._acked = threading.Event()
 
     def cancel(self) -> bool:
         """Cancels the task at its gateway, whether it is queued or running.
@@ -33,9 +37,13 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
             return self.cancelled()
         if self._federation is None:
             return super().cancel()
-        if not self._federation._cancel_task(self.task_id):
+        if not self._federation._cancel_task(self):
             return self.cancelled()
-        return super().cancel() or self.cancelled()
+        return self._set_cancelled()
+
+    def _set_cancelled(self) -> bool:
+        """Moves the future to the standard CANCELLED state (result() raises CancelledError)."""
+        return concurrent.futures.Future.cancel(self) or self.cancelled()
 
     # Resolution from the event stream; a future the user cancelled stays cancelled.
     def _resolve(self, value: Any = None, exc: BaseException | None = None) -> None:

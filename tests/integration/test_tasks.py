@@ -120,25 +120,32 @@ def test_user_exceptions_are_not_retried(fed: intertie.Federation) -> None:
 
 
 def test_cancel_running_and_queued_tasks(fed: intertie.Federation) -> None:
-    # 2 CPUs with admission overcommit 2: four sleepers go into Ray, the rest queue at the gateway.
-    sleepers = [fed.submit(time.sleep, 60) for _ in range(8)]
+    # The site has bigmem=1 and custom resources are never overcommitted: the first
+    # sleeper runs in Ray, the others wait in the gateway's queue.
+    sleep_big = intertie.remote(resources={"bigmem": 1}, cpus=0.1)(time.sleep)
+    sleepers = [sleep_big.submit(60) for _ in range(4)]
+    plain = fed.submit(time.sleep, 60)
     deadline = time.monotonic() + 30
-    while fed.task(sleepers[0].task_id).state != "RUNNING":
-        assert time.monotonic() < deadline, "first sleeper never started"
+    while fed.task(sleepers[0].task_id).state != "RUNNING" or fed.task(plain.task_id).state != "RUNNING":
+        assert time.monotonic() < deadline, "sleepers never started"
         time.sleep(0.05)
-    assert fed.task(sleepers[-1].task_id).state == "QUEUED"
-    assert sleepers[-1].cancel()
-    assert sleepers[0].cancel()
-    for fut in sleepers[1:-1]:
+    assert [fed.task(f.task_id).state for f in sleepers[1:]] == ["QUEUED"] * 3
+    assert sleepers[-1].cancel()  # queued
+    assert sleepers[0].cancel()  # running
+    assert plain.cancel()  # running
+    # Capacity freed by the cancelled runner goes to the next queued task.
+    deadline = time.monotonic() + 30
+    while fed.task(sleepers[1].task_id).state != "RUNNING":
+        assert time.monotonic() < deadline, "queued sleeper did not start after a cancel"
+        time.sleep(0.05)
+    for fut in sleepers[1:3]:
         assert fut.cancel()
-    for fut in sleepers:
+    for fut in sleepers + [plain]:
         assert fut.cancelled()
         with pytest.raises(concurrent.futures.CancelledError):
             fut.result(timeout=1)
         assert fed.task(fut.task_id).state == "CANCELLED"
-    # The site's capacity is free again.
     assert fed.submit(square, 9).result(timeout=60) == 81
-    assert not sleepers[0].cancel() or sleepers[0].cancelled()
 
 
 def test_cancel_after_finish_returns_false(fed: intertie.Federation) -> None:
@@ -181,3 +188,14 @@ def test_future_for_earlier_task_from_new_client(fed: intertie.Federation, gatew
     # A task still running when looked up resolves when it finishes.
     with intertie.connect(gateway.address) as third:
         assert third.future(pending.task_id).result(timeout=60) is None
+
+
+def test_cancel_right_after_submit_never_loses_the_race(fed: intertie.Federation) -> None:
+    for _ in range(20):
+        fut = fed.submit(time.sleep, 30)
+        assert fut.cancel()
+        assert fut.cancelled()
+        try:
+            assert fed.task(fut.task_id).state == "CANCELLED"
+        except intertie.TaskNotFoundError:
+            pass  # cancelled before its Submit left the client: the gateway never saw it

@@ -49,3 +49,19 @@ def test_free_and_release_never_go_negative() -> None:
     assert cap.free() == {"CPU": 0.5}
     cap.release({"CPU": 1.5})
     assert cap.free() == {"CPU": 2.0} and cap.count == 0
+
+
+def test_factor_adapts_to_run_times() -> None:
+    cap = Capacity({"CPU": 2.0}, overcommit=32.0)
+    assert cap.factor == 2.0  # before anything is known
+    for _ in range(200):
+        cap.observe(0.001)  # millisecond tasks: deep pipeline, up to the cap
+    assert cap.factor == 32.0 and cap.max_count == 64
+    for _ in range(400):
+        cap.observe(10.0)  # long tasks: about one per CPU
+    assert cap.factor < 1.01 and cap.max_count == MIN_SLOTS
+    admitted = 0
+    while cap.fits({"CPU": 1.0}):
+        cap.acquire({"CPU": 1.0})
+        admitted += 1
+    assert admitted == 2
