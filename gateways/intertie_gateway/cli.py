@@ -27,7 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-payload-bytes", type=int, metavar="BYTES")
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
+    run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
+                     help="run every task as a plain Ray task (for clusters shared with other drivers)")
     run.add_argument("--log-level", metavar="LEVEL")
+    run.add_argument("--parent-pid", type=int, metavar="PID",
+                     help="stop when this process (the program that started the gateway) exits")
     return parser
 
 
@@ -38,6 +42,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "ray": args.ray, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
+        "worker_pool": args.worker_pool,
         "log_level": args.log_level,
     }
     return GatewayConfig.build(file_values, overrides)
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from intertie_gateway.server import serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, parent_pid=args.parent_pid))
     except OSError as exc:
         print(f"intertie-gateway: {exc}", file=sys.stderr)
         return 1

@@ -46,6 +46,10 @@ class GatewayConfig:
     # pipeline to keep workers busy, minute-long ones get about one per CPU; the rest wait
     # in the gateway's queue, where they can be cancelled cheaply or moved to another site.
     admission_overcommit: float = 32.0
+    # Run one-CPU tasks on a pool of long-lived Ray workers (one per CPU) rather than as
+    # plain Ray tasks: about half the round trip. Their CPUs are counted by the gateway,
+    # not by Ray, so turn it off when other drivers share an attached cluster.
+    worker_pool: bool = True
     # Finished tasks (and their results) are kept this long, fetched or not.
     result_ttl_s: float = 7 * 24 * 3600.0
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -81,6 +85,8 @@ class GatewayConfig:
             raise ConfigError(f"admission_overcommit: expected a number >= 1, got {self.admission_overcommit!r}")
         if not isinstance(self.result_ttl_s, (int, float)) or self.result_ttl_s <= 0:
             raise ConfigError(f"result_ttl_s: expected seconds > 0, got {self.result_ttl_s!r}")
+        if not isinstance(self.worker_pool, bool):
+            raise ConfigError(f"worker_pool: expected true or false, got {self.worker_pool!r}")
         if not isinstance(self.fsync, bool):
             raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
         if not isinstance(self.labels, Mapping) or not all(

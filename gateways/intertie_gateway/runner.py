@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
 
 from intertie_gateway.config import GatewayConfig
-from intertie_gateway.worker import KV_NAMESPACE, KV_PREFIX, Outcome, execute
+from intertie_gateway.worker import KV_NAMESPACE, KV_PREFIX, Outcome, PoolWorker, execute
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +17,40 @@ logger = logging.getLogger(__name__)
 # once; larger ones into the object store, passed as a nested ref (which costs ~0.1 ms
 # more per task submission for Ray's reference bookkeeping).
 KV_FUNCTION_LIMIT = 512 * 1024
+# Tasks that ask for exactly one CPU (the default) go to a pool of long-lived workers, one
+# per CPU: an actor call skips Ray's per-task worker lease and costs about half a plain
+# task's round trip. Everything else is a plain Ray task with its resources.
+POOL_REQUEST = {"CPU": 1.0}
+
+
+class _Slot:
+    """One pooled worker (a Ray actor) and the tasks sent to it, in the order it runs them."""
+
+    __slots__ = ("actor", "inflight", "dead", "killed", "culprit")
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.inflight: list[Running] = []
+        self.dead = False
+        self.killed = False  # the gateway stopped it (cancel or timeout of its running task)
+        self.culprit: Running | None = None  # the task it was running when it died
+
+
+class Running:
+    """A task inside Ray: its object ref and, for pooled tasks, the worker it was sent to."""
+
+    __slots__ = ("ref", "slot", "index")
+
+    def __init__(self, ref: Any, slot: _Slot | None = None, index: int = -1) -> None:
+        self.ref = ref
+        self.slot = slot
+        self.index = index
+
+
+# How a failed task inside Ray is to be treated (see RayRunner.classify).
+RETRY = "retry"          # the worker or node failed while running it: spend an attempt
+PREEMPTED = "preempted"  # it only waited on a worker that died for another task: rerun free
+INTERNAL = "internal"    # Ray refused or broke in a way no rerun fixes
 
 
 class RayRunner:
@@ -39,6 +73,11 @@ class RayRunner:
         self._remote = ray.remote(execute)
         self._variants: dict[tuple[Any, ...], Any] = {}
         self._functions: dict[str, list[Any] | None] = {}
+        # Pooled workers take no CPU in Ray's books: the gateway's admission control is what
+        # keeps them within the site's CPUs.
+        self._pool_class = ray.remote(PoolWorker).options(num_cpus=0, max_restarts=0, max_task_retries=0)
+        size = int(self.total_resources().get("CPU", 0)) if config.worker_pool else 0
+        self._slots = [_Slot(self._pool_class.remote()) for _ in range(size)]
 
     def total_resources(self) -> dict[str, float]:
         # node:* and object-store entries are Ray's bookkeeping, not something tasks ask for.
@@ -61,8 +100,20 @@ class RayRunner:
         else:
             self._functions[digest] = [self._ray.put(payload)]
 
-    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
-               on_done: Callable[[Future[Outcome]], object]) -> Any:
+    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float]) -> Running:
+        """Starts a task in Ray; the caller watches ``running.ref``."""
+        holder = self._functions[digest]
+        extra = () if holder is None else (holder,)
+        if self._slots and request == POOL_REQUEST:
+            index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
+            slot = self._slots[index]
+            running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)
+            slot.inflight.append(running)
+        else:
+            running = Running(self._variant(request).remote(digest, args, name, batch, *extra))
+        return running
+
+    def _variant(self, request: Mapping[str, float]) -> Any:
         key = tuple(sorted(request.items()))
         variant = self._variants.get(key)
         if variant is None:
@@ -72,25 +123,71 @@ class RayRunner:
                                            memory=int(request.get("memory", 0)) or None,
                                            resources=custom or None, max_retries=0, retry_exceptions=False)
             self._variants[key] = variant
-        holder = self._functions[digest]
-        ref = (variant.remote(digest, args, name, batch) if holder is None
-               else variant.remote(digest, args, name, batch, holder))
-        ref.future().add_done_callback(on_done)
-        return ref
+        return variant
 
-    def cancel(self, ref: Any) -> None:
+    def outcome(self, running: Running, fut: Future[Outcome]) -> tuple[str, Any]:
+        """What became of a task whose ref resolved: ("ok", Outcome) or (RETRY | PREEMPTED |
+        INTERNAL, exception). Called on the gateway's loop, once per ref."""
         try:
-            self._ray.cancel(ref, force=True)
-        except Exception as exc:  # already finished, or the worker is gone
-            logger.debug("ray.cancel: %s", exc)
+            return "ok", fut.result()
+        except Exception as exc:
+            return self._classify(running, exc), exc
+        finally:
+            if running.slot is not None:
+                try:
+                    running.slot.inflight.remove(running)
+                except ValueError:
+                    pass
 
-    def is_system_failure(self, exc: BaseException) -> bool:
-        """A failure of the worker or node, not of the task: worth another attempt."""
+    def _classify(self, running: Running, exc: BaseException) -> str:
         from ray import exceptions as rex
 
-        return isinstance(exc, (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
-                                rex.RaySystemError, rex.LocalRayletDiedError, rex.OutOfMemoryError,
-                                rex.TaskUnschedulableError, rex.RuntimeEnvSetupError))
+        slot = running.slot
+        if slot is not None and isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError)):
+            if slot.killed:
+                return PREEMPTED  # the gateway stopped the worker for another task
+            if not slot.dead:
+                slot.culprit = slot.inflight[0] if slot.inflight else None
+                logger.warning("pooled worker %d died; starting another", running.index)
+                self._replace(slot, running.index)
+            # The worker ran its tasks in order; the others only waited behind the one it died in.
+            return RETRY if slot.culprit is None or slot.culprit is running else PREEMPTED
+        if isinstance(exc, (rex.WorkerCrashedError, rex.NodeDiedError, rex.ObjectLostError,
+                            rex.RaySystemError, rex.LocalRayletDiedError, rex.OutOfMemoryError,
+                            rex.TaskUnschedulableError, rex.RuntimeEnvSetupError, rex.ActorDiedError)):
+            return RETRY
+        return INTERNAL
+
+    def cancel(self, running: Running) -> None:
+        """Stops a task. A pooled task still waiting is cancelled in Ray; a running one takes
+        its worker with it (an actor task cannot be interrupted), and the tasks queued behind
+        it come back PREEMPTED, to be rerun without spending an attempt."""
+        slot = running.slot
+        if slot is None:
+            try:
+                self._ray.cancel(running.ref, force=True)
+            except Exception as exc:  # already finished, or the worker is gone
+                logger.debug("ray.cancel: %s", exc)
+            return
+        if slot.dead or running not in slot.inflight:
+            return
+        if slot.inflight[0] is not running:
+            try:
+                self._ray.cancel(running.ref)
+                return
+            except Exception as exc:
+                logger.debug("ray.cancel of a waiting pooled task: %s", exc)
+        slot.killed = True
+        try:
+            self._ray.kill(slot.actor, no_restart=True)
+        except Exception as exc:
+            logger.debug("ray.kill: %s", exc)
+        self._replace(slot, running.index)
+
+    def _replace(self, slot: _Slot, index: int) -> None:
+        slot.dead = True
+        if self._slots[index] is slot:
+            self._slots[index] = _Slot(self._pool_class.remote())
 
     def shutdown(self) -> None:
         try:

@@ -23,7 +23,7 @@ from intertie_gateway import journal as jr
 from intertie_gateway.admission import Capacity
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
-from intertie_gateway.runner import RayRunner
+from intertie_gateway.runner import PREEMPTED, RETRY, RayRunner, Running
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.validate import check_spec, ray_request
 
@@ -206,9 +206,9 @@ class Scheduler:
         attempt = task.attempts
         loop = self._loop
         try:
-            task.ref = self.runner.submit(
-                digest, spec.name, spec.args, spec.batch, task.request,
-                lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, fut))
+            task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request)
+            running.ref.future().add_done_callback(
+                lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, running, fut))
         except Exception as exc:  # e.g. Ray rejected the options
             logger.exception("task %s: Ray did not take it", task.task_id)
             self._finish(task, jr.FAILED, error=common_pb2.Error(
@@ -230,15 +230,30 @@ class Scheduler:
             task.timer.cancel()
             task.timer = None
 
-    def _on_done(self, task: Task, attempt: int, fut: Future[Any]) -> None:
+    def _on_done(self, task: Task, attempt: int, running: Running, fut: Future[Any]) -> None:
+        try:
+            self._settle(task, attempt, running, fut)
+        except Exception as exc:  # a bug here must not leave the task RUNNING forever
+            logger.exception("task %s: settling its outcome failed", task.task_id)
+            self._finish(task, jr.FAILED, error=common_pb2.Error(
+                kind=K.ERROR_KIND_INTERNAL, message=f"site {self.site_id!r}: {type(exc).__name__}: {exc}"))
+            self.pump()
+
+    def _settle(self, task: Task, attempt: int, running: Running, fut: Future[Any]) -> None:
+        verdict, outcome = self.runner.outcome(running, fut)
         if task.state != jr.RUNNING or task.attempts != attempt:
             return  # cancelled, timed out or retried meanwhile: a late duplicate
         self._release(task)
         self.capacity.observe(time.time() - task.started_at)
-        try:
-            outcome = fut.result()
-        except Exception as exc:
-            if self.runner.is_system_failure(exc):
+        if verdict != "ok":
+            exc = outcome
+            if verdict == PREEMPTED:  # waited on a worker stopped for another task: costs nothing
+                task.attempts -= 1
+                task.state = jr.QUEUED
+                task.ref = None
+                self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
+                self.queue.appendleft(task)
+            elif verdict == RETRY:
                 self._retry_or_fail(task, f"worker failed: {type(exc).__name__}: {str(exc)[:500]}")
             else:
                 logger.error("task %s: unexpected failure from Ray: %s", task.task_id, exc)

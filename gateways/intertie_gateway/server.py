@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from intertie._rpc import channel_options
+from intertie._rpc import server_options
 from intertie.v1 import site_pb2, tasks_pb2
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
@@ -27,11 +27,12 @@ logger = logging.getLogger(__name__)
 EXPIRE_INTERVAL_S = 300.0
 # Ray's view of capacity is re-read this often (nodes of an attached cluster come and go).
 RESOURCE_REFRESH_S = 10.0
+PARENT_CHECK_S = 1.0
 # A clean stop lets in-flight RPCs finish for this long.
 STOP_GRACE_S = 3.0
 
 
-async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, parent_pid: int | None = None) -> None:
     state = config.state_path
     state.mkdir(parents=True, exist_ok=True)
     (state / "address").unlink(missing_ok=True)
@@ -40,7 +41,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     hub = SessionHub()
     scheduler = Scheduler(config, journal, runner, hub)
 
-    server = grpc.aio.server(options=channel_options(config.max_payload_bytes))
+    server = grpc.aio.server(options=server_options(config.max_payload_bytes))
     register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     health_servicer = health.aio.HealthServicer()
@@ -92,7 +93,15 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
             except Exception:
                 logger.exception("housekeeping failed")
 
+    async def watch_parent(pid: int) -> None:
+        # An embedded gateway stops with the program that started it, however that ends.
+        while _alive(pid):
+            await asyncio.sleep(PARENT_CHECK_S)
+        logger.info("parent process %d is gone", pid)
+        stop.set()
+
     keeper = asyncio.create_task(housekeeping())
+    watcher = asyncio.create_task(watch_parent(parent_pid)) if parent_pid else None
     try:
         await stop.wait()
         logger.info("stopping: draining site %s", config.site_id)
@@ -100,10 +109,24 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         scheduler.drain()
         await server.stop(STOP_GRACE_S)
     finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for job in (keeper, watcher):
+            if job is not None:
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job
         (state / "address").unlink(missing_ok=True)
         runner.shutdown()
         journal.close()
         logger.info("site %s stopped", config.site_id)
+
+
+def _alive(pid: int) -> bool:
+    if os.getppid() != pid:  # re-parented: the parent exited
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

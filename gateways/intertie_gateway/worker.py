@@ -102,3 +102,11 @@ def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] 
     except Exception as exc:
         return _failure(KIND_SERIALIZATION, exc,
                         f"the result of {name} could not be pickled: {type(exc).__name__}: {exc}")
+
+
+class PoolWorker:
+    """A long-lived worker of the gateway's pool (a Ray actor): runs one task at a time."""
+
+    def execute(self, digest: str, args: bytes, name: str, batch: bool,
+                holder: list[Any] | None = None) -> Outcome:
+        return execute(digest, args, name, batch, holder)

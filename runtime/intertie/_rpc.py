@@ -44,6 +44,16 @@ def channel_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def server_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
+    """Channel options plus what lets clients' keepalive pings through: without these a
+    server answers a ping every 20 s with GOAWAY too_many_pings and drops the streams."""
+    return channel_options(max_payload_bytes) + [
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
 _CODE_TO_CLASS: dict[grpc.StatusCode, type[errors.IntertieError]] = {
     grpc.StatusCode.UNAVAILABLE: errors.SiteUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.SiteUnavailableError,

@@ -37,7 +37,7 @@ class EmbeddedGateway:
         address_file = self.state_dir / "address"
         address_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "intertie_gateway", "run", "--listen", "127.0.0.1:0",
-               "--state-dir", str(self.state_dir), "--site-id", site_id]
+               "--state-dir", str(self.state_dir), "--site-id", site_id, "--parent-pid", str(os.getpid())]
         if num_cpus is not None:
             cmd += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:

@@ -199,3 +199,48 @@ def test_cancel_right_after_submit_never_loses_the_race(fed: intertie.Federation
             assert fed.task(fut.task_id).state == "CANCELLED"
         except intertie.TaskNotFoundError:
             pass  # cancelled before its Submit left the client: the gateway never saw it
+
+
+def crash_once(marker: str, value: int) -> int:
+    """Kills its worker process the first time it runs, then returns value."""
+    import os
+
+    if not os.path.exists(marker):
+        with open(marker, "w"):
+            pass
+        os._exit(1)
+    return value
+
+
+def test_worker_crash_is_retried_and_tasks_behind_it_are_not_charged(
+        fed: intertie.Federation, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # One-CPU tasks run on the site's pool of long-lived workers, several queued per
+    # worker; the crash takes the worker and everything queued on it down.
+    crasher = intertie.remote(max_retries=1)(crash_once).submit(str(tmp_path / "crashed"), 42)
+    bystanders = [intertie.remote(max_retries=0)(square).submit(i) for i in range(40)]
+    assert crasher.result(timeout=120) == 42
+    assert fed.task(crasher.task_id).attempts == 2
+    assert "worker failed" in fed.task(crasher.task_id).history[0].outcome
+    assert [f.result(timeout=120) for f in bystanders] == [i * i for i in range(40)]
+    # max_retries=0: had a bystander been charged for the crash, it would have failed.
+    assert all(fed.task(f.task_id).attempts == 1 for f in bystanders)
+
+
+def test_crash_without_retries_left_fails_with_site_failure(fed: intertie.Federation, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fut = intertie.remote(max_retries=0)(crash_once).submit(str(tmp_path / "crashed"), 1)
+    with pytest.raises(intertie.SiteFailureError, match="no retries left"):
+        fut.result(timeout=120)
+
+
+def test_cancelling_a_running_pooled_task_spares_the_tasks_queued_behind_it(fed: intertie.Federation) -> None:
+    sleepers = [fed.submit(time.sleep, 60) for _ in range(2)]  # one per CPU of the site
+    deadline = time.monotonic() + 30
+    while any(fed.task(f.task_id).state != "RUNNING" for f in sleepers):
+        assert time.monotonic() < deadline, "sleepers never started"
+        time.sleep(0.05)
+    behind = [intertie.remote(max_retries=0)(square).submit(i) for i in range(10)]
+    time.sleep(0.5)  # let them reach the workers' queues
+    for fut in sleepers:
+        assert fut.cancel()
+    assert [f.result(timeout=120) for f in behind] == [i * i for i in range(10)]
+    assert all(fed.task(f.task_id).attempts == 1 for f in behind)
