@@ -1,0 +1,140 @@
+"""Placement: filters with reasons, one case per scoring term, bursts, and the lazy heap."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from intertie_gateway.placement import Demand, Placer, SiteView, Weights, place_all, rejection, score
+
+CPU1 = {"CPU": 1.0}
+
+
+def site(name: str, cpus: float = 4, **kw: object) -> SiteView:
+    kw.setdefault("python_version", "3.11")
+    kw.setdefault("arch", "x86_64")
+    return SiteView(site_id=name, total={"CPU": cpus, **kw.pop("extra", {})}, mean_run_s=1.0, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("view, demand, reason", [
+    (site("a"), Demand(CPU1, site="b"), "pinned to site 'b'"),
+    (site("a", state="down"), Demand(CPU1), "site is down"),
+    (site("a", state="draining"), Demand(CPU1), "site is draining"),
+    (site("a"), Demand(CPU1, python_version="3.12"), "runs Python 3.11, the task needs 3.12"),
+    (site("a"), Demand(CPU1, arch="aarch64"), "arch is x86_64, the task needs aarch64"),
+    (site("a", labels={"region": "eu"}), Demand(CPU1, labels={"region": "us"}), "label region=eu, the task needs region=us"),
+    (site("a"), Demand(CPU1, labels={"tier": "gold"}), "label tier=(unset)"),
+    (site("a", cpus=2), Demand({"CPU": 8.0}), "needs CPU=8 but the site has CPU=2 in total"),
+    (site("a"), Demand({"CPU": 1.0, "accelerator_type:A100": 0.001}), "has no accelerator A100"),
+    (site("a", max_payload_bytes=10), Demand(CPU1, input_bytes=11), "exceed the site's limit of 10"),
+    (site("a"), Demand(CPU1, exclude=frozenset({"a"})), "refused the task before"),
+])
+def test_filters_give_a_reason(view: SiteView, demand: Demand, reason: str) -> None:
+    why = rejection(view, demand)
+    assert why is not None and reason in why
+
+
+def test_a_site_that_fits_is_not_rejected() -> None:
+    view = site("a", labels={"region": "eu"}, extra={"GPU": 1.0, "accelerator_type:T4": 1.0})
+    demand = Demand({"CPU": 1.0, "GPU": 1.0, "accelerator_type:T4": 0.001}, python_version="3.11",
+                    arch="x86_64", site="a", labels={"region": "eu"})
+    assert rejection(view, demand) is None
+
+
+def test_queue_wait_term_prefers_the_less_loaded_site() -> None:
+    busy, idle = site("busy", queued=20), site("idle")
+    assert score(busy, Demand(CPU1), Weights()).wait_s > 0
+    assert score(idle, Demand(CPU1), Weights()).wait_s == 0
+    assert place_all([busy, idle], [Demand(CPU1)])[0].site_id == "idle"
+
+
+def test_transfer_term_prefers_the_site_holding_the_inputs() -> None:
+    holder = site("holder", rtt_s=0.001, resident={"ds1": 10**9})
+    other = site("other", rtt_s=0.001)
+    demand = Demand(CPU1, inputs={"ds1": 10**9})
+    assert score(other, demand, Weights(default_bandwidth=1e8)).transfer_s == pytest.approx(10.001)
+    assert place_all([other, holder], [demand], Weights(default_bandwidth=1e8))[0].site_id == "holder"
+
+
+def test_transfer_term_counts_arguments_and_round_trip_for_remote_sites() -> None:
+    local, remote = site("home", local=True), site("peer", rtt_s=0.002, bandwidth=1e6)
+    demand = Demand(CPU1, input_bytes=1_000_000)
+    assert score(local, demand, Weights()).transfer_s == 0
+    assert score(remote, demand, Weights()).transfer_s == pytest.approx(1.002)
+    assert place_all([remote, local], [demand])[0].site_id == "home"
+
+
+def test_transfer_can_be_outweighed_by_a_long_queue() -> None:
+    holder = site("holder", queued=400, resident={"ds": 10**8})
+    other = site("other")
+    assert place_all([holder, other], [Demand(CPU1, inputs={"ds": 10**8})])[0].site_id == "other"
+
+
+def test_price_term_counts_only_with_a_weight() -> None:
+    cheap, dear = site("cheap", labels={"price": "0.01"}), site("dear", labels={"price": "5"})
+    demand = Demand(CPU1)
+    assert score(dear, demand, Weights()).price == pytest.approx(5 / 3600)
+    decision = place_all([dear, cheap], [demand], Weights(price=10_000))[0]
+    assert decision.site_id == "cheap"
+    assert decision.chosen is not None and decision.chosen.price == pytest.approx(0.01 / 3600)
+
+
+def test_carbon_term_prefers_green_power_with_a_weight() -> None:
+    coal, wind = site("coal", labels={"carbon": "800"}), site("wind", labels={"carbon": "20"})
+    assert place_all([coal, wind], [Demand(CPU1)], Weights(carbon=1000))[0].site_id == "wind"
+
+
+def test_unparsable_labels_count_as_zero() -> None:
+    assert site("a", labels={"price": "free", "carbon": "-3"}).price() == 0
+    assert site("a", labels={"carbon": "nan"}).carbon() == 0
+
+
+def test_burst_spreads_in_proportion_to_capacity() -> None:
+    sites = [site("small", cpus=2, local=True), site("mid", cpus=4, rtt_s=0.001), site("big", cpus=8, rtt_s=0.001)]
+    counts = Counter(d.site_id for d in place_all(sites, [Demand(CPU1)] * 1400))
+    assert set(counts) == {"small", "mid", "big"}
+    assert counts["big"] > counts["mid"] > counts["small"]
+    assert counts["big"] == pytest.approx(800, rel=0.05)
+
+
+def test_no_site_names_the_constraint_and_closest_sites() -> None:
+    sites = [site("a", cpus=2), site("b", cpus=4), site("c", state="down")]
+    decision = place_all(sites, [Demand({"CPU": 16.0})])[0]
+    assert decision.site_id is None and decision.rejected_count == 3
+    message = decision.why_not()
+    assert "needs CPU=16 but the site has CPU=2" in message and "b:" in message
+    assert message.index("a:") < message.index("c: site is down")  # resource shortfalls first
+
+
+def test_decision_records_candidates_best_first() -> None:
+    sites = [site(f"s{i}", queued=i) for i in range(10)]
+    decision = Placer(sites).place(Demand(CPU1))
+    assert decision.site_id == "s0" and decision.feasible_count == 10
+    totals = [c.total for c in decision.candidates]
+    assert totals == sorted(totals) and decision.candidates[0].site_id == "s0"
+    assert len(decision.candidates) == 5
+
+
+def test_rank_changes_no_load() -> None:
+    sites = [site("a"), site("b", queued=3)]
+    placer = Placer(sites)
+    ranked = placer.rank(Demand(CPU1))
+    assert [s.site_id for s in ranked.candidates] == ["a", "b"]
+    assert sites[0].pending == 0
+
+
+def test_lazy_heap_matches_brute_force() -> None:
+    rng = random.Random(7)
+    sites = [site(f"s{i}", cpus=rng.choice([1, 2, 4, 8]), queued=rng.randrange(20), rtt_s=rng.random() / 100)
+             for i in range(60)]
+    twins = [SiteView(**{**s.__dict__}) for s in sites]
+    demands = [Demand({"CPU": rng.choice([1.0, 2.0])}) for _ in range(500)]
+    placer = Placer(sites)
+    for demand in demands:
+        chosen = placer.place(demand).site_id
+        best = min(twins, key=lambda s: score(s, demand, Weights()).total if rejection(s, demand) is None else 1e18)
+        assert score(next(s for s in twins if s.site_id == chosen), demand, Weights()).total == \
+            pytest.approx(score(best, demand, Weights()).total)
+        next(s for s in twins if s.site_id == chosen).pending += 1
