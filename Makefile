@@ -26,6 +26,7 @@ proto: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
+	$(PY) examples/federated_map.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,6 +14,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="intertie-gateway", description="Run an Intertie site gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one site gateway in front of a Ray cluster")
+    local = sub.add_parser("local", help="run N peered sites on loopback, each with its own embedded Ray")
+    local.add_argument("--sites", type=int, default=3, metavar="N")
+    local.add_argument("--state-dir", metavar="DIR", help="parent of the sites' state dirs (default: a temp dir)")
+    local.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
     run.add_argument("--config", metavar="FILE", help="TOML config file; flags override it")
     run.add_argument("--listen", metavar="HOST:PORT", help="address to serve on; port 0 picks a free one")
     run.add_argument("--state-dir", metavar="DIR", help="journal and address file (default ./intertie-state)")
@@ -29,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
+    run.add_argument("--peer", action="append", metavar="HOST:PORT", help="a peer gateway (repeatable)")
+    run.add_argument("--heartbeat", type=float, metavar="SECONDS", help="how often peers' status is pulled")
+    run.add_argument("--no-steal", dest="steal", action="store_false", default=None,
+                     help="never take queued tasks from busy peers")
     run.add_argument("--log-level", metavar="LEVEL")
     run.add_argument("--parent-pid", type=int, metavar="PID",
                      help="stop when this process (the program that started the gateway) exits")
@@ -43,13 +51,40 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
         "worker_pool": args.worker_pool,
+        "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
         "log_level": args.log_level,
     }
     return GatewayConfig.build(file_values, overrides)
 
 
+def run_local(args: argparse.Namespace) -> int:
+    """``intertie-gateway local --sites N``: a federation on loopback until Ctrl-C."""
+    import signal
+    import threading
+
+    from intertie.embedded import LocalFederation
+
+    print(f"starting {args.sites} sites (each with its own Ray; this takes a while)...", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalFederation(args.sites, base_dir=args.state_dir, heartbeat_s=args.heartbeat) as fed:
+        for gateway in fed.gateways:
+            print(f"{gateway.site_id:10} {gateway.address}   (state {gateway.state_dir})", flush=True)
+        print(f"\nexport INTERTIE_ADDRESS={fed.addresses[0]}", flush=True)
+        print("Ctrl-C stops every site.", flush=True)
+        stop.wait()
+        print("stopping...", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "local":
+        if args.sites < 1:
+            print("intertie-gateway: --sites must be at least 1", file=sys.stderr)
+            return 2
+        return run_local(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

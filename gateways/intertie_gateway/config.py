@@ -56,6 +56,20 @@ class GatewayConfig:
     # Forward task stdout/stderr from Ray workers into the gateway's log.
     log_to_driver: bool = False
     log_level: str = "INFO"
+    # Federation: peers' HOST:PORT, how often their status is pulled, and how many missed
+    # answers in a row mark a peer down (its unfinished tasks are then placed elsewhere).
+    peers: tuple[str, ...] = ()
+    heartbeat_s: float = 1.0
+    down_after: int = 3
+    # Idle sites take queued, not-started tasks from busy peers.
+    steal: bool = True
+    # Placement: seconds of completion time one currency unit (price label, per CPU-hour)
+    # and one gram of CO2e (carbon label, g/kWh) are worth; 0 ignores them.
+    price_weight: float = 0.0
+    carbon_weight: float = 0.0
+    # Bytes/s assumed between this site and a peer, unless set per peer in ``bandwidth``.
+    default_bandwidth: float = 100e6
+    bandwidth: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -92,6 +106,26 @@ class GatewayConfig:
         if not isinstance(self.labels, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()):
             raise ConfigError("labels: expected a table of string -> string")
+        if isinstance(self.peers, str) or not all(isinstance(p, str) for p in self.peers):
+            raise ConfigError(f"peers: expected a list of HOST:PORT strings, got {self.peers!r}")
+        for peer in self.peers:
+            host, sep, port = peer.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ConfigError(f"peers: expected HOST:PORT, got {peer!r}")
+        for name in ("heartbeat_s", "price_weight", "carbon_weight", "default_bandwidth"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+                    or value < 0 or (value == 0 and name in ("heartbeat_s", "default_bandwidth")):
+                raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        if not isinstance(self.down_after, int) or isinstance(self.down_after, bool) or self.down_after < 1:
+            raise ConfigError(f"down_after: expected an integer >= 1, got {self.down_after!r}")
+        if not isinstance(self.steal, bool):
+            raise ConfigError(f"steal: expected true or false, got {self.steal!r}")
+        if not isinstance(self.bandwidth, Mapping) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in self.bandwidth.values()):
+            raise ConfigError("bandwidth: expected a table of site id -> bytes/s > 0")
+        object.__setattr__(self, "peers", tuple(dict.fromkeys(self.peers)))
+        object.__setattr__(self, "bandwidth", {k: float(v) for k, v in self.bandwidth.items()})
         object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
         object.__setattr__(self, "labels", dict(self.labels))
 
@@ -123,7 +157,8 @@ class GatewayConfig:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Reads a gateway TOML file: top-level keys, or the same keys under ``[gateway]``."""
+    """Reads a gateway TOML file: top-level keys, or the same keys under ``[gateway]``;
+    ``[federation]`` and ``[placement]`` tables hold the federation keys."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -134,7 +169,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     gateway = data.pop("gateway", {})
     if not isinstance(gateway, dict):
         raise ConfigError("[gateway] must be a table")
-    return {**data, **gateway}
+    merged = {**data, **gateway}
+    for table in ("federation", "placement"):
+        section = merged.pop(table, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"[{table}] must be a table")
+        merged.update(section)
+    if isinstance(merged.get("peers"), list):
+        merged["peers"] = tuple(merged["peers"])
+    return merged
 
 
 def parse_resources(text: str | None) -> dict[str, float] | None:

@@ -33,7 +33,7 @@ FAILED = tasks_pb2.TASK_STATE_FAILED
 CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_at REAL NOT NULL DEFAULT 0,
     result BLOB,                 -- cloudpickled by the worker; never unpickled here
     error BLOB,                  -- intertie.v1.Error, serialized
-    history TEXT NOT NULL DEFAULT '[]'
+    history TEXT NOT NULL DEFAULT '[]',
+    placements BLOB              -- intertie.v1.TaskInfo holding only its placements, serialized
 );
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state) WHERE state IN (1, 2);
 CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state IN (3, 4, 5);
@@ -73,15 +74,16 @@ class TaskRow:
     result: bytes | None
     error: bytes | None
     history: list[dict[str, object]]
+    placements: bytes | None = None
 
 
 _ROW_COLUMNS = ("task_id, spec, state, attempts, site, submitted_at, started_at, finished_at, "
-                "result, error, history")
+                "result, error, history, placements")
 
 
 def _row(values: tuple) -> TaskRow:  # type: ignore[type-arg]
     return TaskRow(values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7],
-                   values[8], values[9], json.loads(values[10]))
+                   values[8], values[9], json.loads(values[10]), values[11])
 
 
 class Journal:
@@ -98,6 +100,9 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:  # version 2 added where a task was placed and why
+                self._db.execute("ALTER TABLE tasks ADD COLUMN placements BLOB")
+                self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION}")
 
@@ -159,6 +164,12 @@ class Journal:
     def started(task_id: str, attempts: int, site: str, now: float) -> tuple[str, Sequence[object]]:
         return ("UPDATE tasks SET state=?, attempts=?, site=?, started_at=? WHERE task_id=? AND state IN (1, 2)",
                 (RUNNING, attempts, site, now, task_id))
+
+    @staticmethod
+    def placed(task_id: str, attempts: int, site: str, placements: bytes) -> tuple[str, Sequence[object]]:
+        """The task was sent to ``site`` (possibly this one) and is waiting there."""
+        return ("UPDATE tasks SET state=?, attempts=?, site=?, placements=? WHERE task_id=? AND state IN (1, 2)",
+                (QUEUED, attempts, site, placements, task_id))
 
     @staticmethod
     def requeued(task_id: str, attempts: int, history: list[dict[str, object]]) -> tuple[str, Sequence[object]]:

@@ -20,6 +20,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from intertie.spec import SiteScore as Score  # the same record users see in quotes and explain
+
 # Used for a site's task run time until it reports one.
 DEFAULT_RUN_S = 0.05
 # Operator labels read by the price and carbon terms.
@@ -93,17 +95,6 @@ class Weights:
 
 
 @dataclass(frozen=True)
-class Score:
-    site_id: str
-    wait_s: float
-    transfer_s: float
-    run_s: float
-    price: float
-    carbon_g: float
-    total: float
-
-
-@dataclass(frozen=True)
 class Decision:
     """A placement and its reasons."""
 
@@ -136,11 +127,12 @@ def _fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def rejection(site: SiteView, demand: Demand) -> str | None:
-    """Why ``site`` can never run ``demand`` (None if it can)."""
+def rejection(site: SiteView, demand: Demand, *, ignore_state: bool = False) -> str | None:
+    """Why ``site`` cannot run ``demand`` now (None if it can). With ``ignore_state``, only
+    what can never change counts: a site that is down may come back."""
     if demand.site and site.site_id != demand.site:
         return f"task is pinned to site {demand.site!r}"
-    if site.state != "up":
+    if site.state != "up" and not ignore_state:
         return f"site is {site.state}"
     if site.site_id in demand.exclude:
         return "site refused the task before"
@@ -149,9 +141,9 @@ def rejection(site: SiteView, demand: Demand) -> str | None:
     if demand.arch and site.arch != demand.arch:
         return f"arch is {site.arch or 'unknown'}, the task needs {demand.arch}"
     for key, value in demand.labels.items():
-        have = site.labels.get(key)
-        if have != value:
-            return f"label {key}={have if have is not None else '(unset)'}, the task needs {key}={value}"
+        label = site.labels.get(key)
+        if label != value:
+            return f"label {key}={label if label is not None else '(unset)'}, the task needs {key}={value}"
     for name, amount in demand.resources.items():
         have = site.total.get(name, 0.0)
         if amount > have + 1e-9:
@@ -194,9 +186,11 @@ class Placer:
     ``pending`` of the chosen site grows by one per placement.
     """
 
-    def __init__(self, sites: Sequence[SiteView], weights: Weights | None = None) -> None:
+    def __init__(self, sites: Sequence[SiteView], weights: Weights | None = None, *,
+                 ignore_state: bool = False) -> None:
         self.sites = list(sites)
         self.weights = weights or Weights()
+        self.ignore_state = ignore_state
         self._shapes: dict[tuple[object, ...], tuple[list[tuple[float, int]], tuple[tuple[str, str], ...], int]] = {}
 
     def _prepare(self, demand: Demand) -> tuple[list[tuple[float, int]], tuple[tuple[str, str], ...], int]:
@@ -208,7 +202,7 @@ class Placer:
         samples: dict[str, list[str]] = {}
         rejected = 0
         for index, site in enumerate(self.sites):
-            why = rejection(site, demand)
+            why = rejection(site, demand, ignore_state=self.ignore_state)
             if why is None:
                 heap.append((score(site, demand, self.weights).total, index))
             else:
@@ -251,7 +245,7 @@ class Placer:
         heap, record, rejected = self._prepare(demand)
         scores = sorted((score(self.sites[i], demand, self.weights) for _, i in heap), key=lambda s: s.total)
         best = scores[0] if scores else None
-        return Decision(best.site_id if best else None, best, tuple(scores), record, rejected, len(scores))
+        return Decision(best.site if best else None, best, tuple(scores), record, rejected, len(scores))
 
 
 def place_all(sites: Sequence[SiteView], demands: Iterable[Demand], weights: Weights | None = None) -> list[Decision]:

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from intertie.spec import python_version
 from intertie.v1 import common_pb2, site_pb2, tasks_pb2
@@ -23,9 +23,13 @@ from intertie_gateway import journal as jr
 from intertie_gateway.admission import Capacity
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
+from intertie_gateway.placement import Decision, Demand, Placer, SiteView, Weights, rejection
 from intertie_gateway.runner import PREEMPTED, RETRY, RayRunner, Running
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.validate import check_spec, ray_request
+
+if TYPE_CHECKING:
+    from intertie_gateway.peers import Membership, Peer
 
 logger = logging.getLogger(__name__)
 K = common_pb2.ErrorKind
@@ -41,12 +45,12 @@ THROUGHPUT_WINDOW_S = 60
 
 class Task:
     __slots__ = ("task_id", "spec", "request", "state", "attempts", "site", "submitted_at", "started_at",
-                 "ref", "timer", "sessions", "history", "holding")
+                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent")
 
     def __init__(self, spec: tasks_pb2.TaskSpec, submitted_at: float) -> None:
         self.task_id = spec.task_id
         self.spec = spec
-        self.request = ray_request(spec.resources)
+        self.request = ray_request(spec.resources, spec.constraints.accelerator)
         self.state = jr.QUEUED
         self.attempts = 0
         self.site = ""
@@ -57,6 +61,19 @@ class Task:
         self.sessions: set[str] | None = None
         self.history: list[dict[str, object]] = []
         self.holding = False  # occupies admission capacity
+        self.placements: list[tasks_pb2.Placement] = []
+        self.exclude: set[str] = set()  # sites that refused it
+        self.resent = False  # re-forwarded once with its function after a NOT_FOUND
+
+    def demand(self) -> Demand:
+        c = self.spec.constraints
+        return Demand(self.request, python_version=self.spec.python_version, arch=c.arch, site=c.site,
+                      labels=dict(c.labels), input_bytes=len(self.spec.args), exclude=frozenset(self.exclude))
+
+    @property
+    def home_here(self) -> bool:
+        """Accepted from a client (not forwarded by a peer): this gateway places it."""
+        return not self.spec.home
 
     def add_session(self, session_id: str) -> None:
         if session_id:
@@ -87,6 +104,12 @@ class Scheduler:
         self._bucket_second = 0
         self._loop = asyncio.get_running_loop()
         self.draining = False
+        self.membership: Membership | None = None
+        self.weights = Weights(price=config.price_weight, carbon=config.carbon_weight,
+                               default_bandwidth=config.default_bandwidth)
+        self._unplaced: list[Task] = []  # home tasks waiting for a placement decision
+        self._reforward: dict[str, list[Task]] = {}  # recovered tasks that were at a peer
+        self._started_at = time.time()
 
     # ------------------------------------------------------------------ accept
     async def submit(self, request: tasks_pb2.SubmitRequest) -> list[tasks_pb2.TaskAck]:
@@ -112,8 +135,9 @@ class Scheduler:
         seen: set[str] = set()
         nbytes = 0
         for spec in request.tasks:
+            federated = self.membership is not None and not spec.home
             error = check_spec(spec, max_payload_bytes=self.config.max_payload_bytes,
-                               python_version=self.python, site_id=self.site_id)
+                               python_version="" if federated else self.python, site_id=self.site_id)
             if error is None:
                 error = bad_functions.get(spec.function_digest)
             if error is None and spec.function_digest not in self._known_functions \
@@ -122,10 +146,9 @@ class Scheduler:
                     f"task {spec.task_id}: function {spec.function_digest[:12]} is unknown to site "
                     f"{self.site_id!r}; send its bytes with the task"))
             if error is None:
-                why = self.capacity.never_fits(ray_request(spec.resources), f"site {self.site_id!r}")
+                why = self._never_runs(spec, federated)
                 if why is not None:
-                    error = common_pb2.Error(kind=K.ERROR_KIND_PLACEMENT,
-                                             message=f"task {spec.task_id}: no site can run it: {why}")
+                    error = common_pb2.Error(kind=K.ERROR_KIND_PLACEMENT, message=f"task {spec.task_id}: {why}")
             if error is not None:
                 acks.append(tasks_pb2.TaskAck(task_id=spec.task_id, accepted=False, error=error))
                 continue
@@ -158,12 +181,225 @@ class Scheduler:
             task = Task(spec, now)
             task.add_session(request.session_id)
             self.tasks[task.task_id] = task
-            self.queue.append(task)
+            if self.membership is not None and task.home_here:
+                self._unplaced.append(task)
+            else:
+                task.site = self.site_id
+                self.queue.append(task)
         self.pump()
         return acks
 
+    def _never_runs(self, spec: tasks_pb2.TaskSpec, federated: bool) -> str | None:
+        """Why no site can ever run the task (fails it before it is journaled), or None."""
+        demand = Task(spec, 0.0).demand()
+        if not federated:
+            why = rejection(self.local_view(), demand, ignore_state=True)
+            return None if why is None else f"no site can run it: site {self.site_id!r} {why}"
+        assert self.membership is not None
+        decision = Placer([self.local_view(), *self.membership.views()], self.weights,
+                          ignore_state=True).place(demand, commit=False)
+        return None if decision.site_id is not None else decision.why_not()
+
+    # ------------------------------------------------------------------ placement
+    def local_view(self) -> SiteView:
+        return SiteView(
+            site_id=self.site_id, state="draining" if self.draining else "up", arch=_ARCH,
+            python_version=self.python, total=self.capacity.total, free=self.capacity.free(),
+            queued=len(self.queue), running=self.running, mean_run_s=self.capacity.mean_run_s,
+            labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True)
+
+    def _place_unplaced(self) -> None:
+        assert self.membership is not None
+        tasks, self._unplaced = self._unplaced, []
+        placer = Placer([self.local_view(), *self.membership.views()], self.weights)
+        by_peer: dict[str, list[Task]] = {}
+        waiting: list[Task] = []
+        now = time.time()
+        for task in tasks:
+            if task.state != jr.QUEUED:
+                continue  # cancelled while unplaced
+            demand = task.demand()
+            decision = placer.place(demand)
+            if decision.site_id is None:
+                ever = Placer(placer.sites, self.weights, ignore_state=True).place(demand, commit=False)
+                if ever.site_id is not None:  # only sites that are down now could run it
+                    waiting.append(task)
+                    continue
+                self._finish(task, jr.FAILED, error=common_pb2.Error(
+                    kind=K.ERROR_KIND_PLACEMENT, message=f"task {task.task_id}: {decision.why_not()}"))
+                continue
+            reason = "lowest estimated completion" if decision.feasible_count > 1 else "only site that can run it"
+            self._assign(task, decision.site_id, _placement_proto(decision, reason, now), by_peer)
+        self._unplaced.extend(waiting)
+        for site_id, batch in by_peer.items():
+            self._send_to_peer(site_id, batch)
+
+    def _assign(self, task: Task, site_id: str, record: tasks_pb2.Placement,
+                by_peer: dict[str, list[Task]]) -> None:
+        task.placements.append(record)
+        task.site = site_id
+        if site_id == self.site_id:
+            self._write(jr.Journal.placed(task.task_id, task.attempts, site_id, _placements_blob(task)))
+            self.queue.append(task)
+            return
+        task.attempts += 1  # an attempt at the peer (a local one is counted when it starts)
+        task.started_at = time.time()
+        self._write(jr.Journal.placed(task.task_id, task.attempts, site_id, _placements_blob(task)))
+        by_peer.setdefault(site_id, []).append(task)
+
+    def _send_to_peer(self, site_id: str, batch: list[Task]) -> None:
+        assert self.membership is not None
+        peer = self.membership.peer_for(site_id)
+        if peer is None:
+            self.on_forward_failed(None, batch, f"site {site_id} is not a peer of {self.site_id}")
+            return
+        peer.forward(batch)
+
+    def _unassign(self, task: Task, why: str, *, spent: bool) -> None:
+        """A forwarded task came back unstarted (refused, or never delivered)."""
+        task.history.append({"attempt": task.attempts, "site": task.site, "started_at": task.started_at,
+                             "ended_at": time.time(), "outcome": why})
+        if not spent:
+            task.attempts -= 1
+        task.state = jr.QUEUED
+        task.site = ""
+        self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
+        self._unplaced.append(task)
+
+    def on_forward_acks(self, peer: Peer, batch: Sequence[Task], acks: Sequence[tasks_pb2.TaskAck]) -> None:
+        refused = {a.task_id: a.error for a in acks if not a.accepted}
+        resend: list[Task] = []
+        for task in batch:
+            error = refused.get(task.task_id)
+            if error is None or task.state in jr.TERMINAL or task.site != peer.site_id:
+                continue
+            if error.kind == K.ERROR_KIND_NOT_FOUND and not task.resent:
+                task.resent = True  # the peer lost its function store (restart): send the bytes again
+                resend.append(task)
+                continue
+            task.exclude.add(peer.site_id)
+            self._unassign(task, f"refused by site {peer.site_id}: {error.message}", spent=False)
+        if resend:
+            peer.forward(resend)
+        self.pump()
+
+    def on_forward_failed(self, peer: Peer | None, batch: Sequence[Task], why: str) -> None:
+        for task in batch:
+            if task.state in jr.TERMINAL or (peer is not None and task.site != peer.site_id):
+                continue
+            if peer is not None:
+                task.exclude.add(peer.site_id)
+            self._unassign(task, why, spent=False)
+        self.pump()
+
+    def on_peer_events(self, peer: Peer, events: Sequence[tasks_pb2.TaskEvent]) -> None:
+        for event in events:
+            task = self.tasks.get(event.task_id)
+            # Only the site the task is at now may report on it: a site it was moved away
+            # from (down, then back) may still finish it, and that late duplicate is ignored.
+            if task is None or task.site != peer.site_id or task.home_here is False:
+                continue
+            if event.state == jr.RUNNING:
+                if task.state == jr.QUEUED:
+                    task.state = jr.RUNNING
+                    task.started_at = time.time()
+                    self._write(jr.Journal.started(task.task_id, task.attempts, peer.site_id, task.started_at))
+                    if task.sessions:
+                        self.hub.push(task.sessions, tasks_pb2.TaskEvent(
+                            task_id=task.task_id, state=jr.RUNNING, site=peer.site_id, attempt=task.attempts),
+                            progress=True)
+            elif event.state in jr.TERMINAL:
+                self._finish(task, event.state, result=event.result if event.state == jr.SUCCEEDED else None,
+                             error=event.error if event.HasField("error") else None)
+        self.pump()
+
+    def on_peer_down(self, peer: Peer) -> None:
+        """Every unfinished task at a peer that went down is placed again (attempt + 1)."""
+        lost = [t for t in self.tasks.values() if t.site == peer.site_id and t.home_here
+                and t.state in (jr.QUEUED, jr.RUNNING)]
+        for task in lost:
+            self._retry_or_fail(task, f"site {peer.site_id} went down")
+        if lost:
+            logger.warning("site %s went down: placing its %d unfinished tasks again", peer.site_id, len(lost))
+        self.pump()
+
+    def on_peer_up(self, peer: Peer) -> None:
+        tasks = [t for t in self._reforward.pop(peer.site_id, []) if t.state not in jr.TERMINAL]
+        if tasks:  # forwarded before this gateway restarted: idempotent at the peer
+            logger.info("re-sending %d tasks to %s after a restart", len(tasks), peer.site_id)
+            peer.forward(tasks)
+        self.pump()
+
+    def retry_unplaced(self) -> None:
+        """Called every heartbeat: tasks waiting for a site that was down get another go."""
+        deadline = self._started_at + self.config.heartbeat_s * (self.config.down_after + 2)
+        if self._reforward and time.time() > deadline:
+            for site_id, tasks in list(self._reforward.items()):
+                del self._reforward[site_id]
+                for task in tasks:
+                    if task.state not in jr.TERMINAL:
+                        self._retry_or_fail(task, f"site {site_id} did not come back after this gateway restarted")
+        if self._unplaced:
+            self.pump()
+
+    def tasks_at(self, site_id: str) -> list[str]:
+        return [t.task_id for t in self.tasks.values() if t.site == site_id and t.home_here]
+
+    def function_bytes(self, digest: str) -> bytes | None:
+        return self._fresh_functions.get(digest) or self.journal.function_payload(digest)
+
+    def idle_slots(self) -> int:
+        """How many queued tasks this site could start at once right now (0 unless idle)."""
+        if self.draining or any(t.state == jr.QUEUED for t in self.queue):
+            return 0
+        free_cpu = self.capacity.total.get("CPU", 0.0) - self.capacity.in_use.get("CPU", 0.0)
+        return max(0, int(free_cpu)) * 2
+
+    def _movable(self) -> list[Task]:
+        """Queued home tasks beyond what this site starts next: what an idle peer may take."""
+        slots = max(1, int(self.capacity.total.get("CPU", 1.0)))
+        waiting = [t for t in self.queue if t.state == jr.QUEUED and t.home_here and not t.spec.constraints.site]
+        return waiting[slots:]
+
+    def steal(self, thief_id: str, max_tasks: int) -> int:
+        """An idle peer asks for work: forward it queued tasks it can run, newest first."""
+        peer = self.membership.peer_for(thief_id) if self.membership is not None else None
+        view = peer.view() if peer is not None and peer.up else None
+        if view is None or max_tasks <= 0:
+            return 0
+        chosen: list[Task] = []
+        for task in reversed(self._movable()):
+            if rejection(view, task.demand()) is None:
+                chosen.append(task)
+                if len(chosen) >= max_tasks:
+                    break
+        if not chosen:
+            return 0
+        taken = {id(t) for t in chosen}
+        self.queue = deque(t for t in self.queue if id(t) not in taken)
+        now = time.time()
+        by_peer: dict[str, list[Task]] = {}
+        for task in chosen:
+            self._assign(task, thief_id, tasks_pb2.Placement(
+                site=thief_id, reason=f"moved from {self.site_id}: idle site {thief_id} asked for work",
+                decided_at=now), by_peer)
+        self._send_to_peer(thief_id, by_peer[thief_id])
+        return len(chosen)
+
+    def quote(self, spec: tasks_pb2.TaskSpec, args_bytes: int) -> tasks_pb2.Placement:
+        task = Task(spec, 0.0)
+        demand = task.demand()
+        if args_bytes:
+            demand = Demand(demand.resources, demand.python_version, demand.arch, demand.site, demand.labels,
+                            args_bytes, demand.inputs, demand.exclude)
+        views = [self.local_view(), *(self.membership.views() if self.membership is not None else [])]
+        decision = Placer(views, self.weights).rank(demand)
+        return _placement_proto(decision, "quote: every site that can run it, best first", time.time())
+
     # ------------------------------------------------------------------ dispatch
     def pump(self) -> None:
+        if self._unplaced and not self.draining:
+            self._place_unplaced()
         queue = self.queue
         while queue:
             task = queue[0]
@@ -294,7 +530,11 @@ class Scheduler:
             task.state = jr.QUEUED
             task.ref = None
             self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
-            self.queue.appendleft(task)
+            if self.membership is not None and task.home_here:
+                task.site = ""
+                self._unplaced.insert(0, task)  # placed again: another site may be better now
+            else:
+                self.queue.appendleft(task)
         else:
             self._finish(task, jr.FAILED, error=common_pb2.Error(
                 kind=K.ERROR_KIND_SITE_FAILURE,
@@ -382,15 +622,22 @@ class Scheduler:
 
     def cancel(self, task_ids: Sequence[str]) -> list[str]:
         cancelled = []
+        remote: dict[Peer, list[str]] = {}
         for task_id in task_ids:
             task = self.tasks.get(task_id)
             if task is None:
                 continue
-            if task.state == jr.RUNNING:
+            if task.ref is not None:
                 self.runner.cancel(task.ref)
+            elif task.site and task.site != self.site_id and self.membership is not None:
+                peer = self.membership.peer_for(task.site)
+                if peer is not None:
+                    remote.setdefault(peer, []).append(task_id)
             self._finish(task, jr.CANCELLED, error=common_pb2.Error(
                 kind=K.ERROR_KIND_CANCELLED, message=f"task {task_id} was cancelled"))
             cancelled.append(task_id)
+        for peer, ids in remote.items():
+            self._loop.create_task(peer.cancel(ids))
         if cancelled:
             self.flush()
             self.pump()
@@ -403,7 +650,8 @@ class Scheduler:
             return tasks_pb2.TaskInfo(
                 task_id=task_id, name=spec.name, state=task.state, site=task.site, attempts=task.attempts,
                 max_retries=spec.max_retries, submitted_at=task.submitted_at, started_at=task.started_at,
-                resources=spec.resources, history=[_attempt(h) for h in task.history])
+                resources=spec.resources, history=[_attempt(h) for h in task.history],
+                placements=task.placements, home=spec.home or self.site_id)
         row = self.journal.get(task_id)
         if row is None:
             return None
@@ -411,7 +659,10 @@ class Scheduler:
         info = tasks_pb2.TaskInfo(
             task_id=task_id, name=spec.name, state=row.state, site=row.site, attempts=row.attempts,
             max_retries=spec.max_retries, submitted_at=row.submitted_at, started_at=row.started_at,
-            finished_at=row.finished_at, resources=spec.resources, history=[_attempt(h) for h in row.history])
+            finished_at=row.finished_at, resources=spec.resources, history=[_attempt(h) for h in row.history],
+            home=spec.home or self.site_id)
+        if row.placements:
+            info.placements.extend(tasks_pb2.TaskInfo.FromString(row.placements).placements)
         if row.error:
             info.error.CopyFrom(common_pb2.Error.FromString(row.error))
             info.error.exception = b""  # pickled bytes are for the result stream, not for display
@@ -420,11 +671,18 @@ class Scheduler:
     def status(self) -> site_pb2.SiteStatus:
         return site_pb2.SiteStatus(
             site_id=self.site_id, compute_id=self.config.compute_id, address=self.address,
-            state="draining" if self.draining else "up", arch=platform.machine().lower(),
+            state="draining" if self.draining else "up", arch=_ARCH,
             python_version=self.python, resources_total=self.capacity.total,
-            resources_free=self.capacity.free(), queued=len(self.tasks) - self.running, running=self.running,
-            throughput=self.throughput(), labels=dict(self.config.labels),
-            max_payload_bytes=self.config.max_payload_bytes, version=_version())
+            resources_free=self.capacity.free(), queued=sum(1 for t in self.queue if t.state == jr.QUEUED),
+            running=self.running, throughput=self.throughput(), labels=dict(self.config.labels),
+            max_payload_bytes=self.config.max_payload_bytes, version=_version(),
+            movable=len(self._movable()), mean_run_s=self.capacity.mean_run_s or 0.0,
+            accelerators=sorted(k.split(":", 1)[1] for k in self.capacity.total if k.startswith("accelerator_type:")),
+            last_seen=time.time())
+
+    def catalogue(self) -> list[site_pb2.SiteStatus]:
+        """This site, then its peers as last seen."""
+        return [self.status(), *(self.membership.catalogue() if self.membership is not None else [])]
 
     # ------------------------------------------------------------------ restart
     def recover(self) -> tuple[int, int]:
@@ -436,7 +694,19 @@ class Scheduler:
             task.attempts = row.attempts
             task.history = row.history
             task.site = row.site
+            if row.placements:
+                task.placements = list(tasks_pb2.TaskInfo.FromString(row.placements).placements)
             self.tasks[task.task_id] = task
+            if row.site and row.site != self.site_id and self.membership is not None and task.home_here:
+                # It was forwarded: the peer journaled it and still has it. Send it again once
+                # the peer answers (idempotent there), rather than running it twice.
+                self._reforward.setdefault(row.site, []).append(task)
+                requeued += 1
+                continue
+            if self.membership is not None and task.home_here and not row.site:
+                self._unplaced.append(task)
+                requeued += 1
+                continue
             if row.state == jr.RUNNING:
                 self._retry_or_fail(task, "the gateway stopped while the task was running")
                 if task.state == jr.QUEUED:
@@ -463,6 +733,23 @@ class Scheduler:
 
     def expire_results(self) -> int:
         return self.journal.expire(time.time() - self.config.result_ttl_s)
+
+
+_ARCH = platform.machine().lower()
+
+
+def _placement_proto(decision: Decision, reason: str, now: float) -> tasks_pb2.Placement:
+    return tasks_pb2.Placement(
+        site=decision.site_id or "", reason=reason, decided_at=now,
+        candidates=[tasks_pb2.PlacementScore(site=c.site, wait_s=c.wait_s, transfer_s=c.transfer_s, run_s=c.run_s,
+                                             price=c.price, carbon_g=c.carbon_g, total=c.total)
+                    for c in decision.candidates],
+        rejected=[tasks_pb2.Rejection(site=site, reason=why) for site, why in decision.rejected],
+        rejected_count=decision.rejected_count, feasible_count=decision.feasible_count)
+
+
+def _placements_blob(task: Task) -> bytes:
+    return tasks_pb2.TaskInfo(placements=task.placements).SerializeToString()
 
 
 def _attempt(h: dict[str, Any]) -> tasks_pb2.Attempt:

@@ -13,12 +13,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from intertie._rpc import server_options
-from intertie.v1 import site_pb2, tasks_pb2
+from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
+from intertie_gateway.peers import Membership
 from intertie_gateway.runner import RayRunner
 from intertie_gateway.scheduler import Scheduler
-from intertie_gateway.service import SiteService, TaskService, register
+from intertie_gateway.service import PeerService, SiteService, TaskService, register
 from intertie_gateway.sessions import SessionHub
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,20 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     runner = RayRunner(config)
     hub = SessionHub()
     scheduler = Scheduler(config, journal, runner, hub)
+    if config.peers:
+        scheduler.membership = Membership(scheduler, config.peers, heartbeat_s=config.heartbeat_s,
+                                          down_after=config.down_after, steal=config.steal)
 
     server = grpc.aio.server(options=server_options(config.max_payload_bytes))
     register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
+    register(server, PeerService(scheduler), peer_pb2.DESCRIPTOR.services_by_name["PeerService"])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((
         tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
         site_pb2.DESCRIPTOR.services_by_name["SiteService"].full_name,
+        peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(config.listen)
@@ -62,6 +68,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     if requeued or failed:
         logger.info("recovered from journal: %d tasks requeued, %d failed (no retries left)", requeued, failed)
     await server.start()
+    if scheduler.membership is not None:
+        scheduler.membership.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     stop = asyncio.Event()
@@ -107,6 +115,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         logger.info("stopping: draining site %s", config.site_id)
         await health_servicer.enter_graceful_shutdown()
         scheduler.drain()
+        if scheduler.membership is not None:
+            await scheduler.membership.close()
         await server.stop(STOP_GRACE_S)
     finally:
         for job in (keeper, watcher):

@@ -10,9 +10,10 @@ import grpc
 from google.protobuf import symbol_database
 
 from intertie._rpc import ERROR_KIND_KEY
-from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import SessionHub
+from intertie_gateway.validate import check_spec
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,19 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
         return tasks_pb2.CancelResponse(cancelled=self._scheduler.cancel(list(request.task_ids)))
 
+    async def Quote(self, request: tasks_pb2.QuoteRequest,
+                    context: grpc.aio.ServicerContext) -> tasks_pb2.Placement:
+        spec = request.task
+        if not spec.task_id:
+            spec.task_id = "quote"
+        if not spec.function_digest:
+            spec.function_digest = "0" * 64
+        error = check_spec(spec, max_payload_bytes=1 << 62, python_version="", site_id=self._scheduler.site_id)
+        if error is not None or request.args_bytes < 0:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                         error.message if error is not None else "args_bytes must be >= 0")
+        return self._scheduler.quote(spec, request.args_bytes)
+
 
 class SiteService(site_pb2_grpc.SiteServiceServicer):
     def __init__(self, scheduler: Scheduler) -> None:
@@ -157,3 +171,16 @@ class SiteService(site_pb2_grpc.SiteServiceServicer):
     async def GetStatus(self, request: site_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> site_pb2.SiteStatus:
         return self._scheduler.status()
+
+    async def ListSites(self, request: site_pb2.ListSitesRequest,
+                        context: grpc.aio.ServicerContext) -> site_pb2.SiteList:
+        return site_pb2.SiteList(sites=self._scheduler.catalogue())
+
+
+class PeerService(peer_pb2_grpc.PeerServiceServicer):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    async def Steal(self, request: peer_pb2.StealRequest,
+                    context: grpc.aio.ServicerContext) -> peer_pb2.StealResponse:
+        return peer_pb2.StealResponse(moved=self._scheduler.steal(request.site_id, min(request.max_tasks, 10_000)))

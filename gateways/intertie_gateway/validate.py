@@ -11,6 +11,7 @@ K = common_pb2.ErrorKind
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAX_RETRIES_LIMIT = 100
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
@@ -47,15 +48,30 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
                    f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}, got {spec.max_retries}")
     if _bad_number(spec.timeout_s) or spec.timeout_s > MAX_TIMEOUT_S:
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"timeout must be between 0 and one year, got {spec.timeout_s}")
-    if spec.python_version and spec.python_version != python_version:
+    c = spec.constraints
+    if c.accelerator and not _NAME.match(c.accelerator):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"accelerator {c.accelerator!r} is not a valid accelerator type")
+    if c.site and not _NAME.match(c.site):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"site {c.site!r} is not a valid site id")
+    if c.arch and not _NAME.match(c.arch):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"arch {c.arch!r} is not a valid architecture name")
+    if any(not key for key in c.labels):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, "label constraints need non-empty keys")
+    if python_version and spec.python_version and spec.python_version != python_version:
         return err(K.ERROR_KIND_PLACEMENT,
                    f"needs Python {spec.python_version} but site {site_id!r} runs Python {python_version} "
                    "(pickled functions do not cross Python minor versions)")
     return None
 
 
-def ray_request(res: common_pb2.ResourceRequest) -> dict[str, float]:
+# What a task asks of an accelerator type, as Ray's own accelerator_type resources expect.
+ACCELERATOR_SHARE = 0.001
+
+
+def ray_request(res: common_pb2.ResourceRequest, accelerator: str = "") -> dict[str, float]:
     """A wire resource request in Ray's resource names; zero entries dropped."""
     out = {"CPU": res.cpus, "GPU": res.gpus, "memory": float(res.memory_bytes)}
     out.update(res.custom)
+    if accelerator:
+        out[f"accelerator_type:{accelerator}"] = ACCELERATOR_SHARE
     return {k: float(v) for k, v in out.items() if v}

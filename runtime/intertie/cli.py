@@ -39,12 +39,59 @@ def _when(ts: float) -> str:
 def cmd_sites(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     rows = []
     for s in fed.sites():
-        rows.append((s.site_id, s.state, s.address, s.arch, s.python_version, _resources(dict(s.resources_total)),
-                     _resources(dict(s.resources_free)), s.queued, s.running, f"{s.throughput:.1f}/s",
-                     ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) or "-"))
-    print(table(("SITE", "STATE", "ADDRESS", "ARCH", "PYTHON", "TOTAL", "FREE", "QUEUED", "RUNNING",
-                 "THROUGHPUT", "LABELS"), rows))
+        rows.append((s.site_id, s.state, s.address, s.arch, s.python_version,
+                     _resources(_public(s.resources_total)), _resources(_public(s.resources_free)),
+                     ",".join(s.accelerators) or "-", s.queued, s.running, f"{s.throughput:.1f}/s",
+                     ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) or "-", s.compute_id or "-"))
+    print(table(("SITE", "STATE", "ADDRESS", "ARCH", "PYTHON", "TOTAL", "FREE", "ACCEL", "QUEUED", "RUNNING",
+                 "THROUGHPUT", "LABELS", "COMPUTE ID"), rows))
     return 0
+
+
+def _public(res: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in dict(res).items() if not k.startswith("accelerator_type:")}
+
+
+def _placement_rows(p) -> list[str]:  # type: ignore[no-untyped-def]
+    lines = [f"placed on {p.site or '(none)'} at {_when(p.decided_at)}: {p.reason}"]
+    if p.candidates:
+        lines.append(table(("CANDIDATE", "WAIT", "TRANSFER", "RUN", "PRICE", "CARBON", "TOTAL"),
+                           [(c.site, f"{c.wait_s:.3f}s", f"{c.transfer_s:.3f}s", f"{c.run_s:.3f}s",
+                             f"{c.price:.6f}", f"{c.carbon_g:.3f}g", f"{c.total:.3f}s") for c in p.candidates]))
+    if p.rejected:
+        lines.append(f"rejected {p.rejected_count} site(s):")
+        lines.extend(f"  {site}: {why}" for site, why in p.rejected)
+    return lines
+
+
+def cmd_explain(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    info = fed.task(args.task_id)
+    print(f"task {info.task_id} ({info.name}): {info.state} at {info.site or '-'}, home {info.home or '-'}, "
+          f"{info.attempts} attempt(s)")
+    if not info.placements:
+        print(f"placed on {info.site or '-'}: the home site had no peers to compare")
+    for i, p in enumerate(info.placements, 1):
+        print(f"\ndecision {i}:")
+        print("\n".join(_placement_rows(p)))
+    if info.history:
+        print("\nmoves:")
+        print(table(("ATTEMPT", "SITE", "ENDED", "WHY IT MOVED"),
+                    [(a.attempt, a.site, _when(a.ended_at), a.outcome) for a in info.history]))
+    if info.error:
+        print(f"\nerror: [{info.error_kind}] {info.error}")
+    return 0
+
+
+def cmd_quote(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from intertie.remote import make_options
+
+    labels = dict(item.split("=", 1) for item in args.label or [])
+    opts = dict(cpus=args.cpus, gpus=args.gpus, accelerator=args.accelerator, arch=args.arch, site=args.site,
+                labels=labels)
+    make_options(**opts)  # type errors surface here, before the call
+    quote = fed.quote(len, b"x" * args.bytes, **opts)
+    print("\n".join(_placement_rows(quote.placement)))
+    return 0 if quote else 1
 
 
 def cmd_task(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
@@ -74,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sites", help="the sites, their resources and load")
     task = sub.add_parser("task", help="state, site, attempts and error of one task")
     task.add_argument("task_id")
+    explain = sub.add_parser("explain", help="why a task was placed where it was, and every move")
+    explain.add_argument("task_id")
+    quote = sub.add_parser("quote", help="rank the sites for a task shape without running anything")
+    quote.add_argument("--cpus", type=float, default=1.0)
+    quote.add_argument("--gpus", type=float, default=0.0)
+    quote.add_argument("--accelerator")
+    quote.add_argument("--arch")
+    quote.add_argument("--site")
+    quote.add_argument("--label", action="append", metavar="KEY=VALUE")
+    quote.add_argument("--bytes", type=int, default=0, help="size of the task's arguments")
     args = parser.parse_args(argv)
     if not args.address:
         print("intertie: no gateway address: pass --address HOST:PORT or set INTERTIE_ADDRESS", file=sys.stderr)
@@ -82,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with Federation(args.address, connect_timeout=10) as fed:
-            return {"sites": cmd_sites, "task": cmd_task}[args.command](fed, args)
+            commands = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote}
+            return commands[args.command](fed, args)
     except IntertieError as exc:
         print(f"intertie: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -15,7 +15,7 @@ import grpc
 from intertie import _rpc, errors, serialization
 from intertie._wire import error_from_wire
 from intertie.futures import TaskFuture
-from intertie.spec import SiteStatus, TaskInfo, TaskOptions, python_version
+from intertie.spec import PlacementInfo, Quote, SiteStatus, TaskInfo, TaskOptions, python_version
 from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class Federation:
                             serialization.dumps_call(args, kwargs), batch=False)
 
     def _submit(self, function: serialization.PickledFunction, options: TaskOptions, args: bytes,
-                *, batch: bool, resources: common_pb2.ResourceRequest | None = None) -> TaskFuture:
+                *, batch: bool, resources: common_pb2.ResourceRequest | None = None,
+                constraints: common_pb2.Constraints | None = None) -> TaskFuture:
         if self.closed:
             raise errors.IntertieError("this connection is closed")
         task_id = uuid.uuid4().hex
@@ -132,6 +133,10 @@ class Federation:
             resources=resources if resources is not None else options.resources.to_proto(),
             max_retries=options.max_retries, timeout_s=options.timeout or 0.0, batch=batch,
             python_version=self._py, name=options.name or function.name)
+        if constraints is None and (options.accelerator or options.arch or options.site or options.labels):
+            constraints = options.constraints()
+        if constraints is not None:
+            spec.constraints.CopyFrom(constraints)
         pending = _Pending(future, spec, function)
         with self._lock:
             self._futures[task_id] = future
@@ -362,9 +367,31 @@ class Federation:
 
     @_rpc.translated
     def sites(self) -> list[SiteStatus]:
-        """The sites as seen from the home gateway."""
-        status = self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=30)
-        return [SiteStatus.from_proto(status)]
+        """The federation as the home gateway sees it: the home site first, then its peers."""
+        catalogue = self._site.ListSites(site_pb2.ListSitesRequest(), timeout=30)
+        return [SiteStatus.from_proto(s) for s in catalogue.sites]
+
+    @_rpc.translated
+    def quote(self, fn: Callable[..., Any], /, *args: Any, **options: Any) -> Quote:
+        """Ranks the sites that could run ``fn(*args)`` with the given task options
+        (``cpus=``, ``accelerator=``, ``site=``, ...), best first, without running it.
+
+        Each entry has the estimated start (queue wait + transfer), run time, price and
+        carbon. ``f.submit(*args, quote=q)`` or ``f.options(site=q[0].site)`` commits."""
+        from intertie.remote import RemoteFunction, make_options
+
+        if isinstance(fn, RemoteFunction):
+            opts = fn.task_options.replace(**options) if options else fn.task_options
+            fn = fn.function
+        else:
+            opts = make_options(**options)
+        function = serialization.pickle_function(fn)
+        args_bytes = len(serialization.dumps_call(args, {}))
+        spec = tasks_pb2.TaskSpec(task_id="quote", function_digest=function.digest,
+                                  resources=opts.resources.to_proto(), constraints=opts.constraints(),
+                                  python_version=self._py, name=opts.name or function.name)
+        placement = self._tasks.Quote(tasks_pb2.QuoteRequest(task=spec, args_bytes=args_bytes), timeout=30)
+        return Quote(PlacementInfo.from_proto(placement))
 
     def executor(self, max_workers: int | None = None) -> Any:
         """A ``concurrent.futures.Executor`` whose ``map`` batches fine-grained work."""

@@ -30,37 +30,53 @@ class EmbeddedGateway:
 
     def __init__(self, *, num_cpus: int | None = None, num_gpus: int | None = None,
                  state_dir: str | os.PathLike[str] | None = None, site_id: str = "local",
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, listen: str = "127.0.0.1:0", wait: bool = True) -> None:
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="intertie-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        address_file = self.state_dir / "address"
-        address_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "intertie_gateway", "run", "--listen", "127.0.0.1:0",
-               "--state-dir", str(self.state_dir), "--site-id", site_id, "--parent-pid", str(os.getpid())]
+        self.site_id = site_id
+        self.address = ""
+        self._cmd = [sys.executable, "-m", "intertie_gateway", "run", "--listen", listen,
+                     "--state-dir", str(self.state_dir), "--site-id", site_id, "--parent-pid", str(os.getpid())]
         if num_cpus is not None:
-            cmd += ["--num-cpus", str(num_cpus)]
+            self._cmd += ["--num-cpus", str(num_cpus)]
         if num_gpus is not None:
-            cmd += ["--num-gpus", str(num_gpus)]
-        cmd += extra_args or []
+            self._cmd += ["--num-gpus", str(num_gpus)]
+        self._cmd += extra_args or []
         self.log_path = self.state_dir / "gateway.log"
         self._log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+        self.process: subprocess.Popen[bytes] | None = None
+        self.launch()
+        if wait:
+            self.wait_ready()
+
+    def launch(self) -> None:
+        """Starts the gateway process (again, after :meth:`kill`, with the same state)."""
+        (self.state_dir / "address").unlink(missing_ok=True)
+        if self._log.closed:
+            self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self._cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop)
-        deadline = time.monotonic() + START_TIMEOUT_S
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> str:
+        assert self.process is not None
+        address_file = self.state_dir / "address"
+        deadline = time.monotonic() + timeout
         while not address_file.exists():
             if self.process.poll() is not None:
+                code = self.process.returncode
                 self.stop()
-                raise SiteUnavailableError(
-                    f"the embedded gateway exited with code {self.process.returncode}:\n{self._tail()}")
+                raise SiteUnavailableError(f"the embedded gateway {self.site_id} exited with code {code}:\n"
+                                           f"{self._tail()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise SiteUnavailableError(f"the embedded gateway did not start within "
-                                           f"{START_TIMEOUT_S:.0f} s:\n{self._tail()}")
+                raise SiteUnavailableError(f"the embedded gateway {self.site_id} did not start within "
+                                           f"{timeout:.0f} s:\n{self._tail()}")
             time.sleep(0.05)
         self.address = address_file.read_text().strip()
-        logger.info("embedded gateway at %s (state %s)", self.address, self.state_dir)
+        logger.info("embedded gateway %s at %s (state %s)", self.site_id, self.address, self.state_dir)
+        return self.address
 
     def _tail(self, lines: int = 30) -> str:
         try:
@@ -68,15 +84,127 @@ class EmbeddedGateway:
         except OSError:
             return ""
 
+    def kill(self) -> None:
+        """SIGKILL the gateway and its embedded Ray, as a crash would; :meth:`launch` restarts it."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()
+
     def stop(self) -> None:
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
+                pass
+        if self.process is not None:
+            try:  # also whatever Ray left in the gateway's process group
                 os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.process.wait()
         self._log.close()
         atexit.unregister(self.stop)
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+# The sites of a local federation: different sizes, prices, carbon intensity, and one
+# with a (logical) GPU of accelerator type T4, so placement has something to choose.
+LOCAL_SITES: tuple[dict[str, object], ...] = (
+    {"site_id": "alpha", "num_cpus": 2, "labels": {"region": "eu-north", "price": "0.04", "carbon": "30"}},
+    {"site_id": "beta", "num_cpus": 4, "labels": {"region": "eu-west", "price": "0.03", "carbon": "250"}},
+    {"site_id": "gamma", "num_cpus": 2, "num_gpus": 1, "resources": {"accelerator_type:T4": 1},
+     "labels": {"region": "us-east", "price": "0.09", "carbon": "400"}},
+)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (peers must know each other's address before start)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class LocalFederation:
+    """N gateways on loopback, each with its own embedded Ray, all peered with each other.
+
+    ``intertie-gateway local --sites N`` runs one from the command line; tests and
+    examples use it directly. Sites follow :data:`LOCAL_SITES` (cycled, with a suffix,
+    beyond three).
+    """
+
+    def __init__(self, sites: int = 3, *, base_dir: str | os.PathLike[str] | None = None,
+                 heartbeat_s: float = 0.5, object_store_memory: int = 128 << 20,
+                 extra_args: list[str] | None = None) -> None:
+        if sites < 1:
+            raise ValueError("a federation needs at least one site")
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="intertie-fed-"))
+        ports = free_ports(sites)
+        addresses = [f"127.0.0.1:{p}" for p in ports]
+        self.gateways: list[EmbeddedGateway] = []
+        try:
+            for i in range(sites):
+                profile = dict(LOCAL_SITES[i % len(LOCAL_SITES)])
+                site_id = str(profile["site_id"]) + (f"-{i // len(LOCAL_SITES)}" if i >= len(LOCAL_SITES) else "")
+                labels = dict(profile.get("labels", {}))  # type: ignore[call-overload]
+                args = ["--heartbeat", str(heartbeat_s), "--object-store-memory", str(object_store_memory),
+                        "--region", str(labels.get("region", "local"))]
+                for key, value in labels.items():
+                    args += ["--label", f"{key}={value}"]
+                if profile.get("resources"):
+                    import json
+
+                    args += ["--resources", json.dumps(profile["resources"])]
+                for j, peer in enumerate(addresses):
+                    if j != i:
+                        args += ["--peer", peer]
+                gpus = profile.get("num_gpus")
+                self.gateways.append(EmbeddedGateway(
+                    num_cpus=int(profile["num_cpus"]),  # type: ignore[call-overload]
+                    num_gpus=int(gpus) if gpus is not None else None,  # type: ignore[call-overload]
+                    state_dir=self.base_dir / site_id, site_id=site_id, listen=addresses[i],
+                    extra_args=args + list(extra_args or []), wait=False))
+            for gateway in self.gateways:  # they start in parallel; Ray takes a while each
+                gateway.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def addresses(self) -> list[str]:
+        return [g.address for g in self.gateways]
+
+    def site(self, site_id: str) -> EmbeddedGateway:
+        for gateway in self.gateways:
+            if gateway.site_id == site_id:
+                return gateway
+        raise KeyError(site_id)
+
+    def stop(self) -> None:
+        for gateway in self.gateways:
+            if gateway.process is not None and gateway.process.poll() is None:
+                gateway.process.send_signal(signal.SIGTERM)
+        for gateway in self.gateways:
+            gateway.stop()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

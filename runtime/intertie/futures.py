@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from intertie.client import Federation
+    from intertie.spec import PlacementInfo
 
 
 class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
@@ -27,6 +28,14 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         # Set once the gateway has answered the Submit that carried this task; a cancel
         # must not overtake it, or the gateway would not yet know the task.
         self._acked = threading.Event()
+
+    @property
+    def placement(self) -> PlacementInfo | None:
+        """Where the task was placed and why: the chosen site, the candidates with their
+        estimated wait, transfer, run time, price and carbon, and the sites rejected."""
+        if self._federation is None:
+            return None
+        return self._federation.task(self.task_id).placement
 
     def cancel(self) -> bool:
         """Cancels the task at its gateway, whether it is queued or running.

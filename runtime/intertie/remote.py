@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 from intertie import serialization
-from intertie.spec import Resources, TaskOptions
+from intertie.errors import PlacementError
+from intertie.spec import Quote, Resources, TaskOptions
 
 if TYPE_CHECKING:
     from intertie.client import Federation
@@ -27,6 +28,7 @@ class RemoteFunction:
         self._fn = fn
         self._options = options
         self._resources_proto = options.resources.to_proto()  # built once, sent with every task
+        self._constraints_proto = options.constraints()
         functools.update_wrapper(self, fn)
 
     @property
@@ -45,14 +47,23 @@ class RemoteFunction:
         return RemoteFunction(self._fn, self._options.replace(**changes))
 
     def submit(self, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Runs the function in the federation. ``quote=q`` (from ``fed.quote``) commits
+        to the best quoted site."""
         from intertie.client import current
 
         return self.submit_to(current(), args, kwargs)
 
     def submit_to(self, fed: Federation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
+        quote = kwargs.get("quote")
+        if isinstance(quote, Quote):
+            del kwargs["quote"]
+            if not quote:
+                raise PlacementError(f"the quote has no site that can run the task: "
+                                     f"{quote.placement.rejected[:3]}")
+            return self.options(site=quote[0].site).submit_to(fed, args, kwargs)
         return fed._submit(serialization.pickle_function(self._fn), self._options,
                            serialization.dumps_call(args, kwargs), batch=False,
-                           resources=self._resources_proto)
+                           resources=self._resources_proto, constraints=self._constraints_proto)
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {serialization.function_name(self._fn)} {self._options}>"
@@ -60,12 +71,15 @@ class RemoteFunction:
 
 def make_options(cpus: float | None = None, gpus: float = 0.0, memory: int = 0,
                  resources: Mapping[str, float] | None = None, max_retries: int | None = None,
-                 timeout: float | None = None, name: str | None = None) -> TaskOptions:
+                 timeout: float | None = None, name: str | None = None, accelerator: str | None = None,
+                 arch: str | None = None, site: str | None = None,
+                 labels: Mapping[str, str] | None = None) -> TaskOptions:
     res = Resources(cpus=Resources.cpus if cpus is None else cpus, gpus=gpus, memory=memory,
                     custom=dict(resources or {}))
     base = TaskOptions()
     return TaskOptions(resources=res, max_retries=base.max_retries if max_retries is None else max_retries,
-                       timeout=timeout, name=name)
+                       timeout=timeout, name=name, accelerator=accelerator, arch=arch, site=site,
+                       labels=dict(labels or {}))
 
 
 @overload
@@ -73,16 +87,21 @@ def remote(fn: Callable[..., Any], /) -> RemoteFunction: ...
 @overload
 def remote(*, cpus: float | None = ..., gpus: float = ..., memory: int = ...,
            resources: Mapping[str, float] | None = ..., max_retries: int | None = ...,
-           timeout: float | None = ..., name: str | None = ...) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
+           timeout: float | None = ..., name: str | None = ..., accelerator: str | None = ...,
+           arch: str | None = ..., site: str | None = ...,
+           labels: Mapping[str, str] | None = ...) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
 
 
 def remote(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """Marks a function to run in the federation.
 
     ``@intertie.remote`` or ``@intertie.remote(cpus=, gpus=, memory=, resources=,
-    max_retries=, timeout=)``. ``memory`` is in bytes; ``resources`` are custom Ray
-    resources; ``timeout`` is seconds of running time; ``max_retries`` counts reruns
-    after a worker or site failure (an exception raised by the function is not retried).
+    max_retries=, timeout=, accelerator=, arch=, site=, labels=)``. ``memory`` is in
+    bytes; ``resources`` are custom Ray resources; ``timeout`` is seconds of running
+    time; ``max_retries`` counts reruns after a worker or site failure (an exception
+    raised by the function is not retried). ``accelerator`` is a Ray accelerator type
+    (e.g. "T4"), ``arch`` a machine architecture (e.g. "x86_64"), ``site`` pins a site,
+    and ``labels`` are operator labels that must all match.
     """
     if fn is not None:
         if options:

@@ -90,11 +90,29 @@ class TaskOptions:
     max_retries: int = DEFAULT_MAX_RETRIES
     timeout: float | None = None
     name: str | None = None
+    # Where it may run: a Ray accelerator type, an architecture, a pinned site, and
+    # operator labels that must all match.
+    accelerator: str | None = None
+    arch: str | None = None
+    site: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _number("max_retries", self.max_retries, integer=True)
         if self.timeout is not None and (_number("timeout", self.timeout) == 0):
             raise ValueError("timeout must be > 0 seconds (or None for no limit)")
+        for key in ("accelerator", "arch", "site", "name"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{key} must be a non-empty string or None, got {value!r}")
+        if not isinstance(self.labels, Mapping) or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in self.labels.items()):
+            raise TypeError("labels must be a mapping of non-empty string keys to string values")
+        object.__setattr__(self, "labels", dict(self.labels))
+
+    def constraints(self) -> common_pb2.Constraints:
+        return common_pb2.Constraints(accelerator=self.accelerator or "", arch=self.arch or "",
+                                      site=self.site or "", labels=dict(self.labels))
 
     _RESOURCE_KEYS = ("cpus", "gpus", "memory", "resources")
 
@@ -128,6 +146,11 @@ class SiteStatus:
     labels: Mapping[str, str]
     max_payload_bytes: int
     version: str
+    accelerators: tuple[str, ...] = ()
+    movable: int = 0
+    mean_run_s: float = 0.0
+    last_seen: float = 0.0  # when the reporting gateway last heard from it
+    rtt_s: float = 0.0
 
     @classmethod
     def from_proto(cls, msg: site_pb2.SiteStatus) -> SiteStatus:
@@ -135,15 +158,61 @@ class SiteStatus:
                    arch=msg.arch, python_version=msg.python_version,
                    resources_total=dict(msg.resources_total), resources_free=dict(msg.resources_free),
                    queued=msg.queued, running=msg.running, throughput=msg.throughput,
-                   labels=dict(msg.labels), max_payload_bytes=msg.max_payload_bytes, version=msg.version)
+                   labels=dict(msg.labels), max_payload_bytes=msg.max_payload_bytes, version=msg.version,
+                   accelerators=tuple(msg.accelerators), movable=msg.movable, mean_run_s=msg.mean_run_s,
+                   last_seen=msg.last_seen, rtt_s=msg.rtt_s)
 
-    def to_proto(self) -> site_pb2.SiteStatus:
-        return site_pb2.SiteStatus(
-            site_id=self.site_id, compute_id=self.compute_id, address=self.address, state=self.state,
-            arch=self.arch, python_version=self.python_version,
-            resources_total=dict(self.resources_total), resources_free=dict(self.resources_free),
-            queued=self.queued, running=self.running, throughput=self.throughput,
-            labels=dict(self.labels), max_payload_bytes=self.max_payload_bytes, version=self.version)
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One site's estimate for a task: the terms placement adds up (lower total wins)."""
+
+    site: str
+    wait_s: float
+    transfer_s: float
+    run_s: float
+    price: float
+    carbon_g: float
+    total: float
+
+    @property
+    def start_s(self) -> float:
+        """Estimated seconds until the task starts there (queue wait plus input transfer)."""
+        return self.wait_s + self.transfer_s
+
+
+@dataclass(frozen=True)
+class PlacementInfo:
+    """A placement decision and why: ``fut.placement``, ``intertie explain``, ``fed.quote``."""
+
+    site: str | None
+    reason: str
+    candidates: tuple[SiteScore, ...]  # best first
+    rejected: tuple[tuple[str, str], ...]  # (site, why) samples
+    rejected_count: int
+    feasible_count: int
+    decided_at: float
+
+    @classmethod
+    def from_proto(cls, msg: tasks_pb2.Placement) -> PlacementInfo:
+        return cls(site=msg.site or None, reason=msg.reason,
+                   candidates=tuple(SiteScore(c.site, c.wait_s, c.transfer_s, c.run_s, c.price, c.carbon_g, c.total)
+                                    for c in msg.candidates),
+                   rejected=tuple((r.site, r.reason) for r in msg.rejected),
+                   rejected_count=msg.rejected_count, feasible_count=msg.feasible_count, decided_at=msg.decided_at)
+
+
+class Quote(tuple):  # type: ignore[type-arg]
+    """Ranked candidate sites for a task, best first (``fed.quote``); ``q[0].site`` is the best.
+
+    Pass it as ``f.submit(..., quote=q)`` to run on the best quoted site."""
+
+    placement: PlacementInfo
+
+    def __new__(cls, placement: PlacementInfo) -> Quote:
+        quote = super().__new__(cls, placement.candidates)
+        quote.placement = placement
+        return quote
 
 
 @dataclass(frozen=True)
@@ -172,6 +241,13 @@ class TaskInfo:
     finished_at: float
     resources: Resources
     history: tuple[AttemptInfo, ...]
+    placements: tuple[PlacementInfo, ...] = ()
+    home: str = ""
+
+    @property
+    def placement(self) -> PlacementInfo | None:
+        """The latest placement decision."""
+        return self.placements[-1] if self.placements else None
 
     @classmethod
     def from_proto(cls, msg: tasks_pb2.TaskInfo) -> TaskInfo:
@@ -183,4 +259,5 @@ class TaskInfo:
                    submitted_at=msg.submitted_at, started_at=msg.started_at, finished_at=msg.finished_at,
                    resources=Resources.from_proto(msg.resources),
                    history=tuple(AttemptInfo(a.attempt, a.site, a.started_at, a.ended_at, a.outcome)
-                                 for a in msg.history))
+                                 for a in msg.history),
+                   placements=tuple(PlacementInfo.from_proto(p) for p in msg.placements), home=msg.home)

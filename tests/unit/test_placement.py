@@ -113,7 +113,7 @@ def test_decision_records_candidates_best_first() -> None:
     decision = Placer(sites).place(Demand(CPU1))
     assert decision.site_id == "s0" and decision.feasible_count == 10
     totals = [c.total for c in decision.candidates]
-    assert totals == sorted(totals) and decision.candidates[0].site_id == "s0"
+    assert totals == sorted(totals) and decision.candidates[0].site == "s0"
     assert len(decision.candidates) == 5
 
 
@@ -121,7 +121,7 @@ def test_rank_changes_no_load() -> None:
     sites = [site("a"), site("b", queued=3)]
     placer = Placer(sites)
     ranked = placer.rank(Demand(CPU1))
-    assert [s.site_id for s in ranked.candidates] == ["a", "b"]
+    assert [s.site for s in ranked.candidates] == ["a", "b"]
     assert sites[0].pending == 0
 
 

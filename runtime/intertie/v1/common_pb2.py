@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18intertie/v1/common.proto\x12\x0bintertie.v1\"\xac\x01\n\x0fResourceRequest\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x0c\n\x04gpus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x38\n\x06\x63ustom\x18\x04 \x03(\x0b\x32(.intertie.v1.ResourceRequest.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"|\n\x05\x45rror\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.intertie.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x65xception_type\x18\x03 \x01(\t\x12\x11\n\texception\x18\x04 \x01(\x0c\x12\x11\n\ttraceback\x18\x05 \x01(\t*\xbb\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45RROR_KIND_REMOTE\x10\x01\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x02\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x03\x12\x18\n\x14\x45RROR_KIND_PLACEMENT\x10\x04\x12 \n\x1c\x45RROR_KIND_PAYLOAD_TOO_LARGE\x10\x05\x12\x18\n\x14\x45RROR_KIND_NOT_FOUND\x10\x06\x12\x1f\n\x1b\x45RROR_KIND_INVALID_ARGUMENT\x10\x07\x12\x1c\n\x18\x45RROR_KIND_SERIALIZATION\x10\x08\x12\x1b\n\x17\x45RROR_KIND_SITE_FAILURE\x10\t\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18intertie/v1/common.proto\x12\x0bintertie.v1\"\xac\x01\n\x0fResourceRequest\x12\x0c\n\x04\x63pus\x18\x01 \x01(\x01\x12\x0c\n\x04gpus\x18\x02 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x03\x12\x38\n\x06\x63ustom\x18\x04 \x03(\x0b\x32(.intertie.v1.ResourceRequest.CustomEntry\x1a-\n\x0b\x43ustomEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa3\x01\n\x0b\x43onstraints\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.intertie.v1.Constraints.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"|\n\x05\x45rror\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.intertie.v1.ErrorKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x16\n\x0e\x65xception_type\x18\x03 \x01(\t\x12\x11\n\texception\x18\x04 \x01(\x0c\x12\x11\n\ttraceback\x18\x05 \x01(\t*\xbb\x02\n\tErrorKind\x12\x1a\n\x16\x45RROR_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45RROR_KIND_REMOTE\x10\x01\x12\x18\n\x14\x45RROR_KIND_CANCELLED\x10\x02\x12\x16\n\x12\x45RROR_KIND_TIMEOUT\x10\x03\x12\x18\n\x14\x45RROR_KIND_PLACEMENT\x10\x04\x12 \n\x1c\x45RROR_KIND_PAYLOAD_TOO_LARGE\x10\x05\x12\x18\n\x14\x45RROR_KIND_NOT_FOUND\x10\x06\x12\x1f\n\x1b\x45RROR_KIND_INVALID_ARGUMENT\x10\x07\x12\x1c\n\x18\x45RROR_KIND_SERIALIZATION\x10\x08\x12\x1b\n\x17\x45RROR_KIND_SITE_FAILURE\x10\t\x12\x17\n\x13\x45RROR_KIND_INTERNAL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOURCEREQUEST_CUSTOMENTRY']._loaded_options = None
   _globals['_RESOURCEREQUEST_CUSTOMENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORKIND']._serialized_start=343
-  _globals['_ERRORKIND']._serialized_end=658
+  _globals['_CONSTRAINTS_LABELSENTRY']._loaded_options = None
+  _globals['_CONSTRAINTS_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_ERRORKIND']._serialized_start=509
+  _globals['_ERRORKIND']._serialized_end=824
   _globals['_RESOURCEREQUEST']._serialized_start=42
   _globals['_RESOURCEREQUEST']._serialized_end=214
   _globals['_RESOURCEREQUEST_CUSTOMENTRY']._serialized_start=169
   _globals['_RESOURCEREQUEST_CUSTOMENTRY']._serialized_end=214
-  _globals['_ERROR']._serialized_start=216
-  _globals['_ERROR']._serialized_end=340
+  _globals['_CONSTRAINTS']._serialized_start=217
+  _globals['_CONSTRAINTS']._serialized_end=380
+  _globals['_CONSTRAINTS_LABELSENTRY']._serialized_start=335
+  _globals['_CONSTRAINTS_LABELSENTRY']._serialized_end=380
+  _globals['_ERROR']._serialized_start=382
+  _globals['_ERROR']._serialized_end=506
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,25 @@ class ResourceRequest(_message.Message):
     custom: _containers.ScalarMap[str, float]
     def __init__(self, cpus: _Optional[float] = ..., gpus: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., custom: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class Constraints(_message.Message):
+    __slots__ = ("accelerator", "arch", "site", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    accelerator: str
+    arch: str
+    site: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, accelerator: _Optional[str] = ..., arch: _Optional[str] = ..., site: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("kind", "message", "exception_type", "exception", "traceback")
     KIND_FIELD_NUMBER: _ClassVar[int]

@@ -1,17 +1,27 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ListSitesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SiteList(_message.Message):
+    __slots__ = ("sites",)
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
+    def __init__(self, sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class SiteStatus(_message.Message):
-    __slots__ = ("site_id", "compute_id", "address", "state", "arch", "python_version", "resources_total", "resources_free", "queued", "running", "throughput", "labels", "max_payload_bytes", "version")
+    __slots__ = ("site_id", "compute_id", "address", "state", "arch", "python_version", "resources_total", "resources_free", "queued", "running", "throughput", "labels", "max_payload_bytes", "version", "movable", "mean_run_s", "accelerators", "last_seen", "rtt_s")
     class ResourcesTotalEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +57,11 @@ class SiteStatus(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MOVABLE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_RUN_S_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    RTT_S_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     compute_id: str
     address: str
@@ -61,4 +76,9 @@ class SiteStatus(_message.Message):
     labels: _containers.ScalarMap[str, str]
     max_payload_bytes: int
     version: str
-    def __init__(self, site_id: _Optional[str] = ..., compute_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., arch: _Optional[str] = ..., python_version: _Optional[str] = ..., resources_total: _Optional[_Mapping[str, float]] = ..., resources_free: _Optional[_Mapping[str, float]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., throughput: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_payload_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    movable: int
+    mean_run_s: float
+    accelerators: _containers.RepeatedScalarFieldContainer[str]
+    last_seen: float
+    rtt_s: float
+    def __init__(self, site_id: _Optional[str] = ..., compute_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., arch: _Optional[str] = ..., python_version: _Optional[str] = ..., resources_total: _Optional[_Mapping[str, float]] = ..., resources_free: _Optional[_Mapping[str, float]] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., throughput: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_payload_bytes: _Optional[int] = ..., version: _Optional[str] = ..., movable: _Optional[int] = ..., mean_run_s: _Optional[float] = ..., accelerators: _Optional[_Iterable[str]] = ..., last_seen: _Optional[float] = ..., rtt_s: _Optional[float] = ...) -> None: ...

@@ -40,6 +40,11 @@ class SiteServiceStub:
                 request_serializer=intertie_dot_v1_dot_site__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=intertie_dot_v1_dot_site__pb2.SiteStatus.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/intertie.v1.SiteService/ListSites',
+                request_serializer=intertie_dot_v1_dot_site__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=intertie_dot_v1_dot_site__pb2.SiteList.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -52,6 +57,13 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSites(self, request, context):
+        """The federation as this gateway sees it: itself first, then its peers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=intertie_dot_v1_dot_site__pb2.GetStatusRequest.FromString,
                     response_serializer=intertie_dot_v1_dot_site__pb2.SiteStatus.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=intertie_dot_v1_dot_site__pb2.ListSitesRequest.FromString,
+                    response_serializer=intertie_dot_v1_dot_site__pb2.SiteList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class SiteService:
             '/intertie.v1.SiteService/GetStatus',
             intertie_dot_v1_dot_site__pb2.GetStatusRequest.SerializeToString,
             intertie_dot_v1_dot_site__pb2.SiteStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intertie.v1.SiteService/ListSites',
+            intertie_dot_v1_dot_site__pb2.ListSitesRequest.SerializeToString,
+            intertie_dot_v1_dot_site__pb2.SiteList.FromString,
             options,
             channel_credentials,
             insecure,

@@ -34,7 +34,7 @@ class Function(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., payload: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name")
+    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class TaskSpec(_message.Message):
     BATCH_FIELD_NUMBER: _ClassVar[int]
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    HOME_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     function_digest: str
     args: bytes
@@ -53,7 +55,9 @@ class TaskSpec(_message.Message):
     batch: bool
     python_version: str
     name: str
-    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+    constraints: _common_pb2.Constraints
+    home: str
+    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("functions", "tasks", "session_id")
@@ -146,7 +150,7 @@ class Attempt(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., site: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "name", "state", "site", "attempts", "max_retries", "error", "submitted_at", "started_at", "finished_at", "resources", "history")
+    __slots__ = ("task_id", "name", "state", "site", "attempts", "max_retries", "error", "submitted_at", "started_at", "finished_at", "resources", "history", "placements", "home")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +163,8 @@ class TaskInfo(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
+    HOME_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     name: str
     state: TaskState
@@ -171,7 +177,61 @@ class TaskInfo(_message.Message):
     finished_at: float
     resources: _common_pb2.ResourceRequest
     history: _containers.RepeatedCompositeFieldContainer[Attempt]
-    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., site: _Optional[str] = ..., attempts: _Optional[int] = ..., max_retries: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ...) -> None: ...
+    placements: _containers.RepeatedCompositeFieldContainer[Placement]
+    home: str
+    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., site: _Optional[str] = ..., attempts: _Optional[int] = ..., max_retries: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., home: _Optional[str] = ...) -> None: ...
+
+class PlacementScore(_message.Message):
+    __slots__ = ("site", "wait_s", "transfer_s", "run_s", "price", "carbon_g", "total")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    RUN_S_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    CARBON_G_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    wait_s: float
+    transfer_s: float
+    run_s: float
+    price: float
+    carbon_g: float
+    total: float
+    def __init__(self, site: _Optional[str] = ..., wait_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., run_s: _Optional[float] = ..., price: _Optional[float] = ..., carbon_g: _Optional[float] = ..., total: _Optional[float] = ...) -> None: ...
+
+class Rejection(_message.Message):
+    __slots__ = ("site", "reason")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    reason: str
+    def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("site", "reason", "candidates", "rejected", "rejected_count", "feasible_count", "decided_at")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    reason: str
+    candidates: _containers.RepeatedCompositeFieldContainer[PlacementScore]
+    rejected: _containers.RepeatedCompositeFieldContainer[Rejection]
+    rejected_count: int
+    feasible_count: int
+    decided_at: float
+    def __init__(self, site: _Optional[str] = ..., reason: _Optional[str] = ..., candidates: _Optional[_Iterable[_Union[PlacementScore, _Mapping]]] = ..., rejected: _Optional[_Iterable[_Union[Rejection, _Mapping]]] = ..., rejected_count: _Optional[int] = ..., feasible_count: _Optional[int] = ..., decided_at: _Optional[float] = ...) -> None: ...
+
+class QuoteRequest(_message.Message):
+    __slots__ = ("task", "args_bytes")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ARGS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    task: TaskSpec
+    args_bytes: int
+    def __init__(self, task: _Optional[_Union[TaskSpec, _Mapping]] = ..., args_bytes: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("task_ids",)

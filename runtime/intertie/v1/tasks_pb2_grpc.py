@@ -60,6 +60,11 @@ class TaskServiceStub:
                 request_serializer=intertie_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
                 response_deserializer=intertie_dot_v1_dot_tasks__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Quote = channel.unary_unary(
+                '/intertie.v1.TaskService/Quote',
+                request_serializer=intertie_dot_v1_dot_tasks__pb2.QuoteRequest.SerializeToString,
+                response_deserializer=intertie_dot_v1_dot_tasks__pb2.Placement.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -104,6 +109,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Quote(self, request, context):
+        """Ranks the sites that could run a task, with estimated start, transfer, run
+        time, price and carbon, without running anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=intertie_dot_v1_dot_tasks__pb2.CancelRequest.FromString,
                     response_serializer=intertie_dot_v1_dot_tasks__pb2.CancelResponse.SerializeToString,
+            ),
+            'Quote': grpc.unary_unary_rpc_method_handler(
+                    servicer.Quote,
+                    request_deserializer=intertie_dot_v1_dot_tasks__pb2.QuoteRequest.FromString,
+                    response_serializer=intertie_dot_v1_dot_tasks__pb2.Placement.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class TaskService:
             '/intertie.v1.TaskService/Cancel',
             intertie_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
             intertie_dot_v1_dot_tasks__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Quote(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intertie.v1.TaskService/Quote',
+            intertie_dot_v1_dot_tasks__pb2.QuoteRequest.SerializeToString,
+            intertie_dot_v1_dot_tasks__pb2.Placement.FromString,
             options,
             channel_credentials,
             insecure,

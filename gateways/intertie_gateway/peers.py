@@ -1,0 +1,300 @@
+"""Membership: this gateway's links to its peers.
+
+Each peer is pulled for its status every ``heartbeat_s``; ``down_after`` missed answers
+in a row mark it down, one answer marks it up again. Over a link the gateway forwards
+tasks (one Submit in flight per peer, the rest batched behind it, function bytes sent
+once per digest), cancels them, asks for work when idle, and holds one Watch stream on
+which the peer reports the tasks this gateway sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+
+from intertie._rpc import channel_options
+from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie_gateway.placement import SiteView
+
+if TYPE_CHECKING:
+    from intertie_gateway.scheduler import Scheduler, Task
+
+logger = logging.getLogger(__name__)
+
+# A Submit to a peer carries at most this many tasks.
+FORWARD_BATCH_TASKS = 1000
+# Messages between gateways may carry a full payload plus the rest of a batch.
+PEER_MESSAGE_BYTES = 1 << 30
+# The session under which a gateway's forwarded tasks are watched at a peer.
+SESSION_PREFIX = "peer:"
+
+
+class Peer:
+    """One configured peer gateway."""
+
+    def __init__(self, address: str, membership: Membership) -> None:
+        self.address = address
+        self.membership = membership
+        self.site_id = ""  # learnt from its first status
+        self.state = "down"  # until it answers
+        self.status: site_pb2.SiteStatus | None = None
+        self.last_seen = 0.0
+        self.rtt_s = 0.0
+        self.missed = 0
+        self.shipped: set[str] = set()  # function digests the peer has from us
+        self.outbox: list[Task] = []
+        self.sending = False
+        self.pending = 0  # forwarded since its last status
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(PEER_MESSAGE_BYTES))
+        self.tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
+        self.site = site_pb2_grpc.SiteServiceStub(self._channel)
+        self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)
+        self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    def view(self) -> SiteView | None:
+        status = self.status
+        if status is None:
+            return None
+        return SiteView(
+            site_id=status.site_id, state=self.state if self.state != "up" else (status.state or "up"),
+            arch=status.arch, python_version=status.python_version, total=dict(status.resources_total),
+            free=dict(status.resources_free), queued=status.queued, running=status.running,
+            mean_run_s=status.mean_run_s or None, labels=dict(status.labels),
+            max_payload_bytes=status.max_payload_bytes, rtt_s=self.rtt_s,
+            bandwidth=self.membership.scheduler.config.bandwidth.get(status.site_id, 0.0), pending=self.pending)
+
+    def catalogue_entry(self) -> site_pb2.SiteStatus:
+        entry = site_pb2.SiteStatus()
+        if self.status is not None:
+            entry.CopyFrom(self.status)
+        else:
+            entry.site_id = self.site_id or "?"
+        entry.address = self.address
+        if not self.up:
+            entry.state = self.state
+        entry.last_seen = self.last_seen
+        entry.rtt_s = self.rtt_s
+        return entry
+
+    # ------------------------------------------------------------------ heartbeat
+    async def heartbeat(self) -> None:
+        started = time.monotonic()
+        try:
+            status = await self.site.GetStatus(site_pb2.GetStatusRequest(),
+                                               timeout=max(self.membership.heartbeat_s, 0.5))
+        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+            self.missed += 1
+            if self.up and self.missed >= self.membership.down_after:
+                logger.warning("peer %s (%s) missed %d heartbeats: down (%s)", self.site_id, self.address,
+                               self.missed, exc.code() if isinstance(exc, grpc.RpcError) else exc)
+                self.state = "down"
+                self.membership.scheduler.on_peer_down(self)
+            return
+        self.rtt_s = time.monotonic() - started
+        self.last_seen = time.time()
+        self.missed = 0
+        if self.site_id and status.site_id != self.site_id:
+            logger.warning("peer at %s is now site %s (was %s)", self.address, status.site_id, self.site_id)
+        if status.site_id == self.membership.scheduler.site_id:
+            if self.state != "self":
+                logger.error("peer %s is this site itself; ignoring it", self.address)
+            self.state = "self"
+            return
+        self.site_id = status.site_id
+        self.status = status
+        self.pending = 0
+        was = self.state
+        self.state = "up" if status.state != "draining" else "draining"
+        if was != self.state and self.state == "up":
+            logger.info("peer %s (%s) is up", self.site_id, self.address)
+            self.shipped.clear()  # it may have restarted with a fresh function store
+            self.membership.by_site[self.site_id] = self
+            if self._watch is None or self._watch.done():
+                self._watch = asyncio.create_task(self._watch_loop())
+            self.membership.scheduler.on_peer_up(self)
+
+    # ------------------------------------------------------------------ forwarding
+    def forward(self, tasks: Sequence[Task]) -> None:
+        self.outbox.extend(tasks)
+        self.pending += len(tasks)
+        if not self.sending:
+            self.sending = True
+            asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        scheduler = self.membership.scheduler
+        try:
+            while self.outbox:
+                batch, self.outbox = self.outbox[:FORWARD_BATCH_TASKS], self.outbox[FORWARD_BATCH_TASKS:]
+                functions: list[tasks_pb2.Function] = []
+                offered: set[str] = set()
+                for task in batch:
+                    digest = task.spec.function_digest
+                    if digest not in self.shipped and digest not in offered:
+                        payload = scheduler.function_bytes(digest)
+                        if payload is not None:
+                            offered.add(digest)
+                            functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
+                request = tasks_pb2.SubmitRequest(
+                    functions=functions, tasks=[_forwarded(t.spec, scheduler.site_id) for t in batch],
+                    session_id=self.membership.session_id)
+                try:
+                    response = await self.tasks.Submit(request, timeout=60)
+                except grpc.RpcError as exc:
+                    logger.warning("forwarding %d tasks to %s failed: %s", len(batch), self.site_id, exc.code())
+                    scheduler.on_forward_failed(self, batch, f"site {self.site_id} did not take it: {exc.code().name}")
+                    continue
+                self.shipped.update(offered)
+                if any(not a.accepted and a.error.kind == 6 for a in response.acks):  # NOT_FOUND: function
+                    self.shipped.clear()
+                scheduler.on_forward_acks(self, batch, response.acks)
+        finally:
+            self.sending = False
+
+    async def cancel(self, task_ids: Sequence[str]) -> None:
+        try:
+            await self.tasks.Cancel(tasks_pb2.CancelRequest(task_ids=list(task_ids)), timeout=30)
+        except grpc.RpcError as exc:
+            logger.warning("cancelling %d tasks at %s failed: %s", len(task_ids), self.site_id, exc.code())
+
+    async def steal(self, max_tasks: int) -> int:
+        """Asks this (busy) peer to send us up to ``max_tasks`` of its queued tasks."""
+        try:
+            response = await self.peer.Steal(peer_pb2.StealRequest(
+                site_id=self.membership.scheduler.site_id, max_tasks=max_tasks), timeout=10)
+        except grpc.RpcError as exc:
+            logger.debug("steal from %s failed: %s", self.site_id, exc.code())
+            return 0
+        return response.moved
+
+    # ------------------------------------------------------------------ results
+    async def _watch_loop(self) -> None:
+        scheduler = self.membership.scheduler
+        backoff = 0.05
+        first_open = True
+        while not self.membership.closed:
+            try:
+                call = self.tasks.Watch(tasks_pb2.WatchRequest(session_id=self.membership.session_id,
+                                                               progress=True))
+                opened = False
+                async for message in call:
+                    if not opened:
+                        opened = True
+                        backoff = 0.05
+                        if not first_open:
+                            await self._resubscribe()
+                        first_open = False
+                    scheduler.on_peer_events(self, message.events)
+            except grpc.RpcError as exc:
+                if self.membership.closed:
+                    return
+                logger.info("result stream from peer %s broke: %s", self.site_id, exc.code())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("result stream from peer %s failed", self.site_id)
+            first_open = False
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _resubscribe(self) -> None:
+        ids = self.membership.scheduler.tasks_at(self.site_id)
+        for start in range(0, len(ids), 10_000):
+            try:
+                await self.tasks.Subscribe(tasks_pb2.SubscribeRequest(
+                    session_id=self.membership.session_id, task_ids=ids[start:start + 10_000]), timeout=30)
+            except grpc.RpcError as exc:
+                logger.warning("resubscribing at peer %s failed: %s", self.site_id, exc.code())
+                return
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch
+        await self._channel.close()
+
+
+def _forwarded(spec: tasks_pb2.TaskSpec, home: str) -> tasks_pb2.TaskSpec:
+    if spec.home:
+        return spec
+    copy = tasks_pb2.TaskSpec()
+    copy.CopyFrom(spec)
+    copy.home = home
+    return copy
+
+
+class Membership:
+    """All peers of this gateway, their heartbeats, and work stealing when idle."""
+
+    def __init__(self, scheduler: Scheduler, addresses: Sequence[str], *, heartbeat_s: float,
+                 down_after: int, steal: bool) -> None:
+        self.scheduler = scheduler
+        self.heartbeat_s = heartbeat_s
+        self.down_after = down_after
+        self.steal_enabled = steal
+        self.session_id = SESSION_PREFIX + scheduler.site_id
+        self.peers = [Peer(a, self) for a in addresses]
+        self.by_site: dict[str, Peer] = {}
+        self.closed = False
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self.closed:
+            started = time.monotonic()
+            await asyncio.gather(*(p.heartbeat() for p in self.peers if p.state != "self"),
+                                 return_exceptions=True)
+            try:
+                if self.steal_enabled:
+                    await self._maybe_steal()
+                self.scheduler.retry_unplaced()
+            except Exception:
+                logger.exception("federation housekeeping failed")
+            await asyncio.sleep(max(0.0, self.heartbeat_s - (time.monotonic() - started)))
+
+    async def _maybe_steal(self) -> None:
+        room = self.scheduler.idle_slots()
+        if room <= 0:
+            return
+        busy = sorted((p for p in self.peers if p.up and p.status is not None and p.status.movable > 0),
+                      key=lambda p: -p.status.movable if p.status else 0)
+        for peer in busy:
+            moved = await peer.steal(room)
+            if moved:
+                logger.info("took %d queued tasks from busy peer %s", moved, peer.site_id)
+                room -= moved
+                if peer.status is not None:
+                    peer.status.movable = max(0, peer.status.movable - moved)
+            if room <= 0:
+                return
+
+    def views(self) -> list[SiteView]:
+        return [v for v in (p.view() for p in self.peers if p.state != "self") if v is not None]
+
+    def peer_for(self, site_id: str) -> Peer | None:
+        return self.by_site.get(site_id)
+
+    def catalogue(self) -> list[site_pb2.SiteStatus]:
+        return [p.catalogue_entry() for p in self.peers if p.state != "self"]
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        await asyncio.gather(*(p.close() for p in self.peers), return_exceptions=True)
+

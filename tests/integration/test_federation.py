@@ -1,0 +1,218 @@
+"""A real federation: three gateway processes, each with its own Ray, peered over loopback.
+
+The client talks only to alpha (the home); alpha places, forwards and moves the work.
+Sites: alpha 2 CPUs (eu-north), beta 4 CPUs (eu-west), gamma 2 CPUs + a T4 GPU (us-east).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import intertie
+from intertie.embedded import EmbeddedGateway, LocalFederation, free_ports
+
+REPO = Path(__file__).resolve().parents[2]
+HEARTBEAT_S = 0.3
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def nap_square(x: int, seconds: float = 0.01) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    with LocalFederation(3, base_dir=tmp_path_factory.mktemp("fed"), heartbeat_s=HEARTBEAT_S) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def home(federation: LocalFederation) -> Iterator[intertie.Federation]:
+    with intertie.connect(federation.site("alpha").address) as fed:
+        wait_for(lambda: sum(s.state == "up" for s in fed.sites()) == 3, "peers never came up")
+        yield fed
+
+
+def wait_for(condition, message: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+def cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "intertie", "--address", address, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_catalogue_shows_the_whole_federation(home: intertie.Federation, federation: LocalFederation) -> None:
+    sites = {s.site_id: s for s in home.sites()}
+    assert list(sites) == ["alpha", "beta", "gamma"]  # home first
+    assert sites["beta"].compute_id == "urn:intertie:site:eu-west:beta"
+    assert sites["gamma"].accelerators == ("T4",) and sites["gamma"].resources_total["GPU"] == 1
+    assert sites["beta"].resources_total["CPU"] == 4 and sites["beta"].labels["carbon"] == "250"
+    assert all(s.state == "up" and s.python_version and s.arch for s in sites.values())
+    assert sites["beta"].last_seen > time.time() - 30
+    out = cli("sites", address=home.address)
+    assert out.returncode == 0, out.stderr
+    for name in ("urn:intertie:site:eu-north:alpha", "urn:intertie:site:eu-west:beta", "T4", "price=0.09"):
+        assert name in out.stdout
+
+
+def test_burst_runs_on_all_three_sites(home: intertie.Federation) -> None:
+    f = intertie.remote(nap_square)
+    futures = [f.submit(i) for i in range(600)]
+    assert [fut.result(timeout=180) for fut in futures] == [i * i for i in range(600)]
+    where = collections.Counter(fut.site for fut in futures)
+    assert set(where) == {"alpha", "beta", "gamma"}, where
+    assert where["beta"] > where["alpha"]  # twice the CPUs, about twice the work
+
+
+def test_constraints_route_tasks(home: intertie.Federation) -> None:
+    on_t4 = intertie.remote(gpus=1, accelerator="T4")(square).submit(3)
+    in_west = intertie.remote(labels={"region": "eu-west"})(square).submit(4)
+    pinned = intertie.remote(site="alpha")(square).submit(5)
+    assert (on_t4.result(timeout=60), on_t4.site) == (9, "gamma")
+    assert (in_west.result(timeout=60), in_west.site) == (16, "beta")
+    assert (pinned.result(timeout=60), pinned.site) == (25, "alpha")
+
+
+def test_impossible_constraints_fail_fast_naming_the_constraint(home: intertie.Federation) -> None:
+    started = time.monotonic()
+    with pytest.raises(intertie.PlacementError) as info:
+        intertie.remote(accelerator="A100")(square).submit(1).result(timeout=30)
+    message = str(info.value)
+    assert "A100" in message and "alpha" in message and "gamma" in message
+    with pytest.raises(intertie.PlacementError, match="arch is .*, the task needs riscv64"):
+        intertie.remote(arch="riscv64")(square).submit(1).result(timeout=30)
+    with pytest.raises(intertie.PlacementError, match="needs CPU=64 but the site has CPU=4"):
+        intertie.remote(cpus=64)(square).submit(1).result(timeout=30)
+    with pytest.raises(intertie.PlacementError, match="pinned to site 'nowhere'"):
+        intertie.remote(site="nowhere")(square).submit(1).result(timeout=30)
+    assert time.monotonic() - started < 20
+
+
+def test_every_placement_is_explained(home: intertie.Federation) -> None:
+    fut = intertie.remote(square).submit(7)
+    assert fut.result(timeout=60) == 49
+    placement = fut.placement
+    assert placement is not None and placement.site == fut.site
+    assert {c.site for c in placement.candidates} == {"alpha", "beta", "gamma"}
+    totals = [c.total for c in placement.candidates]
+    assert totals == sorted(totals) and placement.candidates[0].site == fut.site
+    assert all(c.site == "alpha" or c.transfer_s > 0 for c in placement.candidates)  # forwarding costs a trip
+    gpu = intertie.remote(gpus=1)(square).submit(2)
+    gpu.result(timeout=60)
+    assert gpu.placement is not None
+    assert dict(gpu.placement.rejected) == {"alpha": "needs GPU=1 but the site has GPU=0 in total",
+                                            "beta": "needs GPU=1 but the site has GPU=0 in total"}
+    out = cli("explain", gpu.task_id, address=home.address)
+    assert out.returncode == 0, out.stderr
+    assert "placed on gamma" in out.stdout and "beta: needs GPU=1" in out.stdout
+
+
+def test_quote_ranks_sites_and_commits(home: intertie.Federation) -> None:
+    f = intertie.remote(square)
+    quote = home.quote(f, 3)
+    assert [c.site for c in quote] and {c.site for c in quote} == {"alpha", "beta", "gamma"}
+    assert [c.total for c in quote] == sorted(c.total for c in quote)
+    assert all(c.start_s >= 0 and c.run_s > 0 and c.price > 0 and c.carbon_g > 0 for c in quote)
+    gpu_quote = home.quote(f, 3, gpus=1, accelerator="T4")
+    assert [c.site for c in gpu_quote] == ["gamma"]
+    fut = f.submit(6, quote=quote)
+    assert fut.result(timeout=60) == 36 and fut.site == quote[0].site
+    out = cli("quote", "--gpus", "1", address=home.address)
+    assert out.returncode == 0 and "placed on gamma" in out.stdout and "alpha: needs GPU=1" in out.stdout
+
+
+def test_federated_example_runs(home: intertie.Federation) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "federated_map.py")], capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "INTERTIE_ADDRESS": home.address})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ran on {'alpha'" in out.stdout and "'gamma'" in out.stdout
+    assert "at gamma" in out.stdout  # the GPU task
+
+
+def test_killed_site_work_moves_and_late_duplicates_change_nothing(
+        home: intertie.Federation, federation: LocalFederation) -> None:
+    beta = federation.site("beta")
+    f = intertie.remote(max_retries=3)(nap_square)
+    futures = [f.submit(i, 0.05) for i in range(500)]
+    wait_for(lambda: sum(home.task(fut.task_id).site == "beta" for fut in futures[:100:5]) > 0,
+             "nothing was placed on beta")
+    time.sleep(0.5)  # let beta start some of them
+    beta.kill()
+    assert [fut.result(timeout=300) for fut in futures] == [i * i for i in range(500)]
+    moved = [fut for fut in futures if fut.attempts > 1]
+    assert moved, "no task was running or queued at beta when it died"
+    assert all(fut.site != "beta" for fut in moved)
+    info = home.task(moved[0].task_id)
+    assert info.history[0].site == "beta" and "site beta went down" in info.history[0].outcome
+    assert info.state == "SUCCEEDED"
+    wait_for(lambda: {s.site_id: s.state for s in home.sites()}["beta"] == "down", "beta never marked down")
+
+    # Beta comes back with its journal and reruns what it had; alpha ignores those late results.
+    beta.launch()
+    beta.wait_ready()
+    wait_for(lambda: {s.site_id: s.state for s in home.sites()}["beta"] == "up", "beta never came back up")
+    time.sleep(3)
+    for fut in moved[:20]:
+        again = home.task(fut.task_id)
+        assert again.site == fut.site and again.attempts == fut.attempts and again.state == "SUCCEEDED"
+    # One row per task at the home, finished once, with the result the client got.
+    db = sqlite3.connect(str(federation.site("alpha").state_dir / "journal.sqlite"))
+    try:
+        rows = db.execute(f"SELECT task_id, state, site FROM tasks WHERE task_id IN "
+                          f"({','.join('?' * len(futures))})", [fut.task_id for fut in futures]).fetchall()
+    finally:
+        db.close()
+    assert len(rows) == 500 and all(state == 3 for _, state, _ in rows)
+    assert {tid: site for tid, _, site in rows} == {fut.task_id: fut.site for fut in futures}
+    assert f.submit(3).result(timeout=60) == 9
+
+
+def test_idle_site_steals_queued_work(tmp_path: Path) -> None:
+    # The home prices its peer out (price weight), so placement keeps every task at home;
+    # the idle peer still takes queued tasks that have not started.
+    home_port, peer_port = free_ports(2)
+    config = tmp_path / "home.toml"
+    config.write_text("[placement]\nprice_weight = 1e9\n")
+    common = ["--heartbeat", str(HEARTBEAT_S), "--object-store-memory", str(128 << 20)]
+    gateways = [
+        EmbeddedGateway(num_cpus=1, site_id="home", state_dir=tmp_path / "home", listen=f"127.0.0.1:{home_port}",
+                        extra_args=[*common, "--config", str(config), "--peer", f"127.0.0.1:{peer_port}"],
+                        wait=False),
+        EmbeddedGateway(num_cpus=2, site_id="idle", state_dir=tmp_path / "idle", listen=f"127.0.0.1:{peer_port}",
+                        extra_args=[*common, "--label", "price=100", "--peer", f"127.0.0.1:{home_port}"],
+                        wait=False),
+    ]
+    try:
+        for gateway in gateways:
+            gateway.wait_ready()
+        with intertie.connect(gateways[0].address) as fed:
+            wait_for(lambda: [s.state for s in fed.sites()] == ["up", "up"], "peers never came up")
+            f = intertie.remote(nap_square)
+            futures = [f.submit(i, 0.05) for i in range(120)]
+            assert [fut.result(timeout=180) for fut in futures] == [i * i for i in range(120)]
+            stolen = [fut for fut in futures if fut.site == "idle"]
+            assert stolen, "the idle site took nothing"
+            assert len(stolen) < len(futures)
+            info = fed.task(stolen[0].task_id)
+            assert info.placements[0].site == "home"  # placed at home first...
+            assert "asked for work" in info.placements[-1].reason  # ...then taken by the idle site
+    finally:
+        for gateway in gateways:
+            gateway.stop()
