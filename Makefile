@@ -40,6 +40,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
+	$(PY) bench/placement.py
+	$(PY) bench/federation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

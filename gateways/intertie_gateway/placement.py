@@ -77,12 +77,13 @@ class Demand:
     input_bytes: int = 0  # arguments, carried from the home gateway
     inputs: Mapping[str, int] = field(default_factory=dict)  # dataset id -> bytes
     exclude: frozenset[str] = frozenset()  # sites already tried and refused
+    run_s: float | None = None  # expected run time (from earlier runs of the function), if known
 
     def shape(self) -> tuple[object, ...]:
         """Demands of one shape have the same candidates (and the same scores)."""
         return (tuple(sorted(self.resources.items())), self.python_version, self.arch, self.site,
                 tuple(sorted(self.labels.items())), self.input_bytes, tuple(sorted(self.inputs.items())),
-                self.exclude)
+                self.exclude, self.run_s)
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,14 @@ def score(site: SiteView, demand: Demand, weights: Weights) -> Score:
     if gpus > 0:
         slots = min(slots, site.total.get("GPU", 0.0) / gpus)
     slots = max(slots, 1.0)
-    run_s = site.mean_run_s if site.mean_run_s is not None else DEFAULT_RUN_S
-    ahead = site.queued + site.running + site.pending
-    wait_s = max(0.0, ahead + 1 - slots) / slots * run_s
+    # The site's own mean run time describes the work already there; this task's
+    # estimate describes it and the tasks this gateway placed there since the last status.
+    site_run = site.mean_run_s if site.mean_run_s is not None else DEFAULT_RUN_S
+    run_s = demand.run_s if demand.run_s is not None else site_run
+    there = site.queued + site.running
+    ahead = there + site.pending
+    mix = (there * site_run + site.pending * run_s) / ahead if ahead else run_s
+    wait_s = max(0.0, ahead + 1 - slots) / slots * mix
     bandwidth = site.bandwidth or weights.default_bandwidth
     missing = sum(n for d, n in demand.inputs.items() if d not in site.resident)
     transfer_s = missing / bandwidth

@@ -8,6 +8,7 @@ are read back from the journal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import platform
@@ -39,6 +40,9 @@ K = common_pb2.ErrorKind
 INLINE_JOURNAL_BYTES = 1 << 20
 # When the head of the queue does not fit, look this far behind it for one that does.
 QUEUE_SCAN_DEPTH = 32
+# Run-time estimates per function: weight of the newest run, and how many functions are kept.
+RUN_EWMA_ALPHA = 0.2
+MAX_RUN_ESTIMATES = 10_000
 # Throughput is reported over this window.
 THROUGHPUT_WINDOW_S = 60
 
@@ -65,10 +69,11 @@ class Task:
         self.exclude: set[str] = set()  # sites that refused it
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
 
-    def demand(self) -> Demand:
+    def demand(self, run_s: float | None = None) -> Demand:
         c = self.spec.constraints
         return Demand(self.request, python_version=self.spec.python_version, arch=c.arch, site=c.site,
-                      labels=dict(c.labels), input_bytes=len(self.spec.args), exclude=frozenset(self.exclude))
+                      labels=dict(c.labels), input_bytes=len(self.spec.args), exclude=frozenset(self.exclude),
+                      run_s=run_s)
 
     @property
     def home_here(self) -> bool:
@@ -110,6 +115,7 @@ class Scheduler:
         self._unplaced: list[Task] = []  # home tasks waiting for a placement decision
         self._reforward: dict[str, list[Task]] = {}  # recovered tasks that were at a peer
         self._started_at = time.time()
+        self._run_estimates: dict[str, float] = {}
 
     # ------------------------------------------------------------------ accept
     async def submit(self, request: tasks_pb2.SubmitRequest) -> list[tasks_pb2.TaskAck]:
@@ -218,7 +224,7 @@ class Scheduler:
         for task in tasks:
             if task.state != jr.QUEUED:
                 continue  # cancelled while unplaced
-            demand = task.demand()
+            demand = task.demand(self._run_estimates.get(task.spec.function_digest))
             decision = placer.place(demand)
             if decision.site_id is None:
                 ever = Placer(placer.sites, self.weights, ignore_state=True).place(demand, commit=False)
@@ -310,7 +316,7 @@ class Scheduler:
                             progress=True)
             elif event.state in jr.TERMINAL:
                 self._finish(task, event.state, result=event.result if event.state == jr.SUCCEEDED else None,
-                             error=event.error if event.HasField("error") else None)
+                             error=event.error if event.HasField("error") else None, run_s=event.run_s)
         self.pump()
 
     def on_peer_down(self, peer: Peer) -> None:
@@ -388,10 +394,9 @@ class Scheduler:
 
     def quote(self, spec: tasks_pb2.TaskSpec, args_bytes: int) -> tasks_pb2.Placement:
         task = Task(spec, 0.0)
-        demand = task.demand()
+        demand = task.demand(self._run_estimates.get(spec.function_digest))
         if args_bytes:
-            demand = Demand(demand.resources, demand.python_version, demand.arch, demand.site, demand.labels,
-                            args_bytes, demand.inputs, demand.exclude)
+            demand = dataclasses.replace(demand, input_bytes=args_bytes)
         views = [self.local_view(), *(self.membership.views() if self.membership is not None else [])]
         decision = Placer(views, self.weights).rank(demand)
         return _placement_proto(decision, "quote: every site that can run it, best first", time.time())
@@ -543,21 +548,32 @@ class Scheduler:
 
     # ------------------------------------------------------------------ finish
     def _finish(self, task: Task, state: tasks_pb2.TaskState, result: bytes | None = None,
-                error: common_pb2.Error | None = None) -> None:
+                error: common_pb2.Error | None = None, run_s: float = 0.0) -> None:
         if task.state in jr.TERMINAL:
             return
+        now = time.time()
+        if task.ref is not None and task.started_at:  # ran here
+            run_s = now - task.started_at
+        if run_s > 0 and state != jr.CANCELLED:
+            self._observe_run(task.spec.function_digest, run_s)
         self._release(task)
         task.state = state
         task.ref = None
-        now = time.time()
         self.tasks.pop(task.task_id, None)
         self._count_finished(now)
         self._write(jr.Journal.finished(task.task_id, state, task.attempts, task.site, now, result,
                                         error.SerializeToString() if error is not None else None, task.history))
         if task.sessions:
             event = tasks_pb2.TaskEvent(task_id=task.task_id, state=state, site=task.site, attempt=task.attempts,
-                                        result=result or b"", error=error)
+                                        result=result or b"", error=error, run_s=run_s)
             self._events.append((task.sessions, event))
+
+    def _observe_run(self, digest: str, run_s: float) -> None:
+        """Per-function run time (moving average), for placement's run and wait terms."""
+        old = self._run_estimates.get(digest)
+        self._run_estimates[digest] = run_s if old is None else old + RUN_EWMA_ALPHA * (run_s - old)
+        if len(self._run_estimates) > MAX_RUN_ESTIMATES:
+            self._run_estimates.pop(next(iter(self._run_estimates)))
 
     def _write(self, statement: tuple[str, Sequence[object]]) -> None:
         self._writes.append(statement)

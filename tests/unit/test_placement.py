@@ -138,3 +138,13 @@ def test_lazy_heap_matches_brute_force() -> None:
         assert score(next(s for s in twins if s.site_id == chosen), demand, Weights()).total == \
             pytest.approx(score(best, demand, Weights()).total)
         next(s for s in twins if s.site_id == chosen).pending += 1
+
+
+def test_tasks_placed_this_round_count_with_their_own_run_time() -> None:
+    # A site whose past work was tiny must not soak up a burst of long tasks.
+    quick_past = SiteView("quick", total={"CPU": 2.0}, mean_run_s=0.001, python_version="3.11")
+    slow_past = SiteView("slow", total={"CPU": 2.0}, mean_run_s=1.0, python_version="3.11")
+    counts = Counter(d.site_id for d in place_all([quick_past, slow_past], [Demand(CPU1, run_s=1.0)] * 100))
+    assert counts["quick"] == pytest.approx(50, abs=2)
+    assert score(quick_past, Demand(CPU1, run_s=2.0), Weights()).run_s == 2.0
+    assert score(quick_past, Demand(CPU1), Weights()).run_s == 0.001  # no estimate: the site's own
