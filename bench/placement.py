@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/placement.py [--sites 10000] [--tasks 10000]
 
-Prints the time per decision for a burst (tasks of a few shapes placed in one round,
-the gateway's common case), for one task in a fresh round (filter + score every site),
-and for a quote (rank every feasible site). Target: < 1 ms per task over 10,000 sites.
+A gateway keeps one placer per catalogue epoch (rebuilt at most once a second, or when
+a peer goes up or down). Prints the time per decision with that placer warm (the
+per-task cost; target < 1 ms over 10,000 sites), the cost of the first task of a shape
+after a rebuild (filter and score every site, paid once per shape per epoch), and a
+quote (rank every feasible site).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def main() -> None:
     quote = time.perf_counter() - t
 
     print(f"\nplacement over {args.sites} simulated sites, {args.tasks} tasks of {len(SHAPES)} shapes")
-    print(f"{'burst, per task (one round)':40} {burst * 1e3:9.4f} ms   target < 1 ms   ({placed} placed)")
-    print(f"{'single task in a fresh round (median)':40} {sorted(singles)[len(singles) // 2] * 1e3:9.4f} ms")
+    print(f"{'per task, placer warm':40} {burst * 1e3:9.4f} ms   target < 1 ms   ({placed} placed)")
+    print(f"{'first task of a shape after a rebuild':40} {sorted(singles)[len(singles) // 2] * 1e3:9.4f} ms"
+          f"   (once per shape per epoch)")
     print(f"{'quote: rank every feasible site':40} {quote * 1e3:9.4f} ms   ({ranked.feasible_count} feasible)")
 
 

@@ -33,6 +33,8 @@ FORWARD_BATCH_TASKS = 1000
 PEER_MESSAGE_BYTES = 1 << 30
 # The session under which a gateway's forwarded tasks are watched at a peer.
 SESSION_PREFIX = "peer:"
+# How long a forward waits for the peer's result stream to be open.
+STREAM_WAIT_S = 5.0
 
 
 class Peer:
@@ -56,6 +58,9 @@ class Peer:
         self.site = site_pb2_grpc.SiteServiceStub(self._channel)
         self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)
         self._watch: asyncio.Task[None] | None = None
+        # Set while the result stream from the peer is open: a task is sent only then, so
+        # its events have somewhere to go (the peer does not buffer for absent sessions).
+        self.watching = asyncio.Event()
 
     @property
     def up(self) -> bool:
@@ -134,6 +139,10 @@ class Peer:
     async def _send(self) -> None:
         scheduler = self.membership.scheduler
         try:
+            try:
+                await asyncio.wait_for(self.watching.wait(), timeout=STREAM_WAIT_S)
+            except asyncio.TimeoutError:
+                pass  # send anyway: the resubscription on (re)open reports these tasks
             while self.outbox:
                 batch, self.outbox = self.outbox[:FORWARD_BATCH_TASKS], self.outbox[FORWARD_BATCH_TASKS:]
                 functions: list[tasks_pb2.Function] = []
@@ -181,7 +190,6 @@ class Peer:
     async def _watch_loop(self) -> None:
         scheduler = self.membership.scheduler
         backoff = 0.05
-        first_open = True
         while not self.membership.closed:
             try:
                 call = self.tasks.Watch(tasks_pb2.WatchRequest(session_id=self.membership.session_id,
@@ -191,9 +199,9 @@ class Peer:
                     if not opened:
                         opened = True
                         backoff = 0.05
-                        if not first_open:
-                            await self._resubscribe()
-                        first_open = False
+                        self.watching.set()
+                        # Events sent while no stream was open were dropped: ask again.
+                        await self._resubscribe()
                     scheduler.on_peer_events(self, message.events)
             except grpc.RpcError as exc:
                 if self.membership.closed:
@@ -203,7 +211,7 @@ class Peer:
                 raise
             except Exception:
                 logger.exception("result stream from peer %s failed", self.site_id)
-            first_open = False
+            self.watching.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

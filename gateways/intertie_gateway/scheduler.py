@@ -40,6 +40,8 @@ K = common_pb2.ErrorKind
 INLINE_JOURNAL_BYTES = 1 << 20
 # When the head of the queue does not fit, look this far behind it for one that does.
 QUEUE_SCAN_DEPTH = 32
+# A placer (filtered, scored sites per task shape) is reused for this long.
+PLACER_REFRESH_S = 1.0
 # Run-time estimates per function: weight of the newest run, and how many functions are kept.
 RUN_EWMA_ALPHA = 0.2
 MAX_RUN_ESTIMATES = 10_000
@@ -116,6 +118,8 @@ class Scheduler:
         self._reforward: dict[str, list[Task]] = {}  # recovered tasks that were at a peer
         self._started_at = time.time()
         self._run_estimates: dict[str, float] = {}
+        self._placer: Placer | None = None
+        self._placer_built = 0.0
 
     # ------------------------------------------------------------------ accept
     async def submit(self, request: tasks_pb2.SubmitRequest) -> list[tasks_pb2.TaskAck]:
@@ -214,10 +218,26 @@ class Scheduler:
             queued=len(self.queue), running=self.running, mean_run_s=self.capacity.mean_run_s,
             labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True)
 
+    def _current_placer(self) -> Placer:
+        """The placer of this catalogue epoch. Rebuilt from fresh views at most every
+        PLACER_REFRESH_S or when a peer goes up or down: building one filters and scores
+        every site (O(sites) per task shape), reusing it costs O(log sites) per task."""
+        assert self.membership is not None
+        now = time.monotonic()
+        placer = self._placer
+        if placer is None or now - self._placer_built > PLACER_REFRESH_S:
+            placer = self._placer = Placer([self.local_view(), *self.membership.views()], self.weights)
+            self._placer_built = now
+        else:  # this site's own load is known exactly: refresh it in place
+            local = placer.sites[0]
+            local.queued, local.running, local.pending = len(self.queue), self.running, 0
+            local.mean_run_s = self.capacity.mean_run_s
+        return placer
+
     def _place_unplaced(self) -> None:
         assert self.membership is not None
         tasks, self._unplaced = self._unplaced, []
-        placer = Placer([self.local_view(), *self.membership.views()], self.weights)
+        placer = self._current_placer()
         by_peer: dict[str, list[Task]] = {}
         waiting: list[Task] = []
         now = time.time()
@@ -321,6 +341,7 @@ class Scheduler:
 
     def on_peer_down(self, peer: Peer) -> None:
         """Every unfinished task at a peer that went down is placed again (attempt + 1)."""
+        self._placer = None
         lost = [t for t in self.tasks.values() if t.site == peer.site_id and t.home_here
                 and t.state in (jr.QUEUED, jr.RUNNING)]
         for task in lost:
@@ -330,6 +351,7 @@ class Scheduler:
         self.pump()
 
     def on_peer_up(self, peer: Peer) -> None:
+        self._placer = None
         tasks = [t for t in self._reforward.pop(peer.site_id, []) if t.state not in jr.TERMINAL]
         if tasks:  # forwarded before this gateway restarted: idempotent at the peer
             logger.info("re-sending %d tasks to %s after a restart", len(tasks), peer.site_id)
