@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -12,7 +13,7 @@ from google.protobuf import symbol_database
 from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.scheduler import Scheduler
-from intertie_gateway.sessions import SessionHub
+from intertie_gateway.sessions import Session, SessionHub
 from intertie_gateway.validate import check_spec
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ def register(server: grpc.aio.Server, servicer: object, service: Any) -> None:
         request_cls = db.GetSymbol(method.input_type.full_name)
         impl = getattr(servicer, method.name)
         deserialize = _lenient(request_cls.FromString)
-        if method.server_streaming:
+        if method.client_streaming:  # the impl meets Malformed items in its request iterator
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                impl, request_deserializer=deserialize, response_serializer=lambda m: m.SerializeToString())
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _checked_stream(impl), request_deserializer=deserialize,
                 response_serializer=lambda m: m.SerializeToString())
@@ -89,6 +93,21 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind:
     await context.abort(code, message, trailing_metadata=((ERROR_KIND_KEY, kind),))
 
 
+def _batches(events: list[tasks_pb2.TaskEvent]) -> Iterator[list[tasks_pb2.TaskEvent]]:
+    """Events in messages of about EVENT_MESSAGE_BYTES."""
+    batch: list[tasks_pb2.TaskEvent] = []
+    size = 0
+    for event in events:
+        n = len(event.result) + 256
+        if batch and size + n > EVENT_MESSAGE_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(event)
+        size += n
+    if batch:
+        yield batch
+
+
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, scheduler: Scheduler, hub: SessionHub) -> None:
         self._scheduler = scheduler
@@ -111,20 +130,66 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
             while not session.closed:
                 await session.wakeup.wait()
-                events = session.take()
-                batch: list[tasks_pb2.TaskEvent] = []
-                size = 0
-                for event in events:
-                    n = len(event.result) + 256
-                    if batch and size + n > EVENT_MESSAGE_BYTES:
-                        yield tasks_pb2.TaskEvents(events=batch)
-                        batch, size = [], 0
-                    batch.append(event)
-                    size += n
-                if batch:
+                for batch in _batches(session.take()):
                     yield tasks_pb2.TaskEvents(events=batch)
         finally:
             self._hub.close(session)
+
+    async def Connect(self, requests: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[tasks_pb2.ServerMessage]:
+        stream = requests.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        if isinstance(first, Malformed) or first.WhichOneof("kind") != "open" or not first.open.session_id:
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
+                         "Connect: the first message must open a session (open.session_id)")
+        session = self._hub.open(first.open.session_id, first.open.progress)
+        reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
+        try:
+            yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())  # the session is open
+            while not session.closed:
+                await session.wakeup.wait()
+                session.wakeup.clear()
+                for ack in session.take_acks():
+                    yield tasks_pb2.ServerMessage(ack=ack)
+                for batch in _batches(session.take()):
+                    yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents(events=batch))
+                if session.failure is not None:
+                    code = (grpc.StatusCode.UNAVAILABLE if self._scheduler.draining
+                            else grpc.StatusCode.INVALID_ARGUMENT)
+                    await _abort(context, code, "ERROR_KIND_INVALID_ARGUMENT" if code != grpc.StatusCode.UNAVAILABLE
+                                 else "", session.failure)
+        finally:
+            reader.cancel()
+            self._hub.close(session)
+
+    async def _read_batches(self, stream: AsyncIterator[Any], session: Session) -> None:
+        """Submits each batch of a Connect stream in order; its ack goes back on the stream."""
+        try:
+            async for message in stream:
+                if isinstance(message, Malformed) or message.WhichOneof("kind") != "submit":
+                    why = message.reason if isinstance(message, Malformed) else "expected a submit batch"
+                    session.failure = f"malformed message on the session stream: {why}"
+                    break
+                if self._scheduler.draining:
+                    session.failure = "the gateway is shutting down"
+                    break
+                request = message.submit.request
+                request.session_id = session.session_id
+                acks = await self._scheduler.submit(request)
+                session.push_ack(tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks))
+        except asyncio.CancelledError:
+            raise
+        except grpc.RpcError:
+            pass  # the client went away
+        except Exception as exc:
+            logger.exception("session %s: submit failed", session.session_id)
+            session.failure = f"the gateway failed to accept a batch: {type(exc).__name__}: {exc}"
+        # A client that closes its side still gets its events until it cancels the call.
+        if session.failure is not None:
+            session.wakeup.set()
 
     async def Subscribe(self, request: tasks_pb2.SubscribeRequest,
                         context: grpc.aio.ServicerContext) -> tasks_pb2.SubscribeResponse:

@@ -11,18 +11,28 @@ logger = logging.getLogger(__name__)
 
 
 class Session:
-    __slots__ = ("session_id", "progress", "events", "wakeup", "closed")
+    __slots__ = ("session_id", "progress", "events", "acks", "wakeup", "closed", "failure")
 
     def __init__(self, session_id: str, progress: bool) -> None:
         self.session_id = session_id
         self.progress = progress
         self.events: list[tasks_pb2.TaskEvent] = []
+        self.acks: list[tasks_pb2.SubmitAck] = []  # for Connect streams
         self.wakeup = asyncio.Event()
         self.closed = False
+        self.failure: str | None = None  # why a Connect stream must end with an error
 
     def push(self, event: tasks_pb2.TaskEvent) -> None:
         self.events.append(event)
         self.wakeup.set()
+
+    def push_ack(self, ack: tasks_pb2.SubmitAck) -> None:
+        self.acks.append(ack)
+        self.wakeup.set()
+
+    def take_acks(self) -> list[tasks_pb2.SubmitAck]:
+        acks, self.acks = self.acks, []
+        return acks
 
     def take(self) -> list[tasks_pb2.TaskEvent]:
         self.wakeup.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -89,18 +91,29 @@ class Federation:
 
         self._lock = threading.Lock()
         self._futures: dict[str, TaskFuture] = {}
-        self._queue: deque[_Pending] = deque()
-        self._sending = False
-        self._shipped: set[str] = set()  # function digests this gateway has from us
+        self._queue: deque[_Pending] = deque()  # submitted, not yet written to the stream
+        self._flush_scheduled = False
         self._py = python_version()
+        # Owned by the I/O loop: batches written and not yet acknowledged (resent after a
+        # reconnect), and what the gateway has or is being sent of our functions.
+        self._inflight: dict[int, list[_Pending]] = {}
+        self._seq = 0
+        self._shipped: set[str] = set()
+        self._offered: set[str] = set()
+        self._outgoing: asyncio.Queue[tasks_pb2.ClientMessage] | None = None
+        self._connected = False
+        self._session_task: asyncio.Task[None] | None = None
 
-        self._watch_ready = threading.Event()
-        self._watch_call: Any = None
-        self._watcher = threading.Thread(target=self._watch_loop, name="intertie-watch", daemon=True)
-        self._watcher.start()
-        if not self._watch_ready.wait(connect_timeout):
+        # Submissions and results travel on one bidirectional stream, driven by an asyncio
+        # loop on its own thread: a message on an open stream costs far less than a call.
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._io = threading.Thread(target=self._loop.run_forever, name="intertie-io", daemon=True)
+        self._io.start()
+        self._session = asyncio.run_coroutine_threadsafe(self._session_loop(), self._loop)
+        if not self._ready.wait(connect_timeout):
             self.close()
-            raise errors.SiteUnavailableError(f"gateway {address} did not open the result stream")
+            raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")
         with _open_lock:
             _open.append(self)
 
@@ -141,13 +154,13 @@ class Federation:
         with self._lock:
             self._futures[task_id] = future
             self._queue.append(pending)
-            if self._sending:
-                return future  # the Submit in flight sends this one when it returns
-            self._sending = True
-            batch_items = self._take_batch()
-        self._send(batch_items, attempt=0, first_try=time.monotonic())
+            if self._flush_scheduled:
+                return future  # the flush already scheduled takes this one too
+            self._flush_scheduled = True
+        self._loop.call_soon_threadsafe(self._flush)
         return future
 
+    # ------------------------------------------------------------------ the I/O loop
     def _take_batch(self) -> list[_Pending]:
         items: list[_Pending] = []
         size = 0
@@ -160,114 +173,136 @@ class Federation:
             size += n
         return items
 
-    def _send(self, items: list[_Pending], attempt: int, first_try: float) -> None:
+    def _flush(self) -> None:
+        """Moves everything submitted so far onto the stream, in batches (on the I/O loop)."""
+        while True:
+            with self._lock:
+                items = self._take_batch()
+                if not items:
+                    self._flush_scheduled = False
+                    return
+            self._seq += 1
+            self._inflight[self._seq] = items
+            if self._connected:
+                self._write(self._seq, items)
+
+    def _write(self, seq: int, items: list[_Pending]) -> None:
         functions = []
-        shipped_now = set()
         for item in items:
             digest = item.function.digest
-            if digest not in self._shipped and digest not in shipped_now:
-                shipped_now.add(digest)
+            if digest not in self._shipped and digest not in self._offered:
+                self._offered.add(digest)
                 functions.append(tasks_pb2.Function(digest=digest, payload=item.function.payload,
                                                     name=item.function.name))
         request = tasks_pb2.SubmitRequest(functions=functions, tasks=[i.spec for i in items],
                                           session_id=self.session_id)
-        try:
-            call = self._tasks.Submit.future(request)
-        except Exception as exc:  # channel closed underneath us
-            self._submit_done(items, shipped_now, None, exc, attempt, first_try)
-            return
-        call.add_done_callback(
-            lambda c: self._submit_done(items, shipped_now, c, None, attempt, first_try))
+        assert self._outgoing is not None
+        self._outgoing.put_nowait(tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=request)))
 
-    def _submit_done(self, items: list[_Pending], shipped_now: set[str], call: Any,
-                     failure: BaseException | None, attempt: int, first_try: float) -> None:
+    async def _writer(self, call: Any, outgoing: asyncio.Queue[tasks_pb2.ClientMessage]) -> None:
+        while True:
+            await call.write(await outgoing.get())
+
+    def _on_ack(self, ack: tasks_pb2.SubmitAck) -> None:
+        items = self._inflight.pop(ack.seq, None)
+        if items is None:
+            return  # a batch resent after a reconnect, acknowledged twice
+        for item in items:
+            self._shipped.add(item.function.digest)
+        refused = {a.task_id: a.error for a in ack.acks if not a.accepted}
+        for item in items:
+            error = refused.get(item.spec.task_id)
+            if error is not None:
+                self._forget(item.spec.task_id)
+                item.future._resolve(exc=error_from_wire(error))
+            item.future._acked.set()
+
+    async def _session_loop(self) -> None:
+        import grpc.aio
+
+        self._session_task = asyncio.current_task()
+        channel = grpc.aio.insecure_channel(self.address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        backoff = 0.05
+        lost_at: float | None = None
         try:
-            response = call.result() if call is not None else None
-        except grpc.RpcError as exc:
-            failure = exc
-        except Exception as exc:
-            failure = exc
-        if failure is not None:
-            retry = (isinstance(failure, grpc.RpcError) and _rpc.is_retryable(failure)
-                     and not self.closed and time.monotonic() - first_try < RECONNECT_TIMEOUT_S)
-            if retry:
-                # Submissions are idempotent by task id, so resending is safe.
-                self._shipped.clear()
-                delay = min(2.0, 0.05 * 2 ** attempt)
-                timer = threading.Timer(delay, self._send, (items, attempt + 1, first_try))
-                timer.daemon = True
-                timer.start()
-                return
-            error: errors.IntertieError
-            if isinstance(failure, grpc.RpcError):
-                error = _rpc.translate(failure, self.address)
-            elif isinstance(failure, errors.IntertieError):
-                error = failure
-            else:
-                error = errors.SiteUnavailableError(f"gateway {self.address}: {failure}")
+            while not self.closed:
+                call = stub.Connect()
+                writer: asyncio.Task[None] | None = None
+                try:
+                    await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id=self.session_id)))
+                    opened = await call.read()
+                    if opened is grpc.aio.EOF:
+                        raise ConnectionError("the gateway closed the session stream")
+                    if lost_at is not None:  # a reconnect: the gateway may have restarted
+                        await self._resubscribe(stub)
+                    lost_at = None
+                    backoff = 0.05
+                    outgoing: asyncio.Queue[tasks_pb2.ClientMessage] = asyncio.Queue()
+                    self._outgoing = outgoing
+                    self._shipped.clear()
+                    self._offered.clear()
+                    self._connected = True
+                    for seq in sorted(self._inflight):  # unacknowledged: resend (idempotent)
+                        self._write(seq, self._inflight[seq])
+                    writer = asyncio.create_task(self._writer(call, outgoing))
+                    self._ready.set()
+                    while True:
+                        message = await call.read()
+                        if message is grpc.aio.EOF:
+                            break
+                        if message.HasField("ack"):
+                            self._on_ack(message.ack)
+                        else:
+                            self._on_events(message.events.events)
+                except grpc.RpcError as exc:
+                    if self.closed:
+                        return
+                    if not _rpc.is_retryable(exc):
+                        self._fail_inflight(_rpc.translate(exc, self.address))
+                    logger.info("session stream to %s broke (%s); reconnecting", self.address,
+                                exc.code() if hasattr(exc, "code") else exc)
+                except (ConnectionError, OSError) as exc:
+                    logger.info("session stream to %s: %s; reconnecting", self.address, exc)
+                finally:
+                    self._connected = False
+                    if writer is not None:
+                        writer.cancel()
+                    call.cancel()
+                if self.closed:
+                    return
+                now = time.monotonic()
+                if lost_at is None:
+                    lost_at = now
+                elif now - lost_at > RECONNECT_TIMEOUT_S:
+                    self._fail_all(errors.SiteUnavailableError(
+                        f"gateway {self.address} unreachable for {RECONNECT_TIMEOUT_S:.0f} s"))
+                    lost_at = now
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        finally:
+            await channel.close()
+
+    async def _stop_session(self) -> None:
+        task = self._session_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    def _fail_inflight(self, error: errors.IntertieError) -> None:
+        batches, self._inflight = list(self._inflight.values()), {}
+        for items in batches:
             for item in items:
                 self._forget(item.spec.task_id)
                 item.future._resolve(exc=error)
                 item.future._acked.set()
-        elif response is not None:
-            self._shipped.update(shipped_now)
-            for ack in response.acks:
-                if not ack.accepted:
-                    self._forget(ack.task_id)
-                    fut = next((i.future for i in items if i.spec.task_id == ack.task_id), None)
-                    if fut is not None:
-                        fut._resolve(exc=error_from_wire(ack.error))
-            for item in items:
-                item.future._acked.set()
-        with self._lock:
-            if self._queue and not self.closed:
-                nxt = self._take_batch()
-            else:
-                self._sending = False
-                return
-        self._send(nxt, 0, time.monotonic())
 
     def _forget(self, task_id: str) -> None:
         with self._lock:
             self._futures.pop(task_id, None)
 
     # ------------------------------------------------------------------ results
-    def _watch_loop(self) -> None:
-        backoff = 0.05
-        reconnect_deadline: float | None = None
-        while not self.closed:
-            try:
-                call = self._tasks.Watch(tasks_pb2.WatchRequest(session_id=self.session_id))
-                self._watch_call = call
-                first = True
-                for message in call:
-                    if first:
-                        first = False
-                        backoff = 0.05
-                        if reconnect_deadline is not None:
-                            reconnect_deadline = None
-                            self._resubscribe()
-                        self._watch_ready.set()
-                    self._on_events(message.events)
-            except grpc.RpcError as exc:
-                if self.closed:
-                    return
-                logger.info("result stream from %s broke (%s); reconnecting", self.address,
-                            exc.code() if hasattr(exc, "code") else exc)
-            except Exception:  # never let the reader die silently
-                logger.exception("result stream from %s failed", self.address)
-            if self.closed:
-                return
-            if reconnect_deadline is None:
-                reconnect_deadline = time.monotonic() + RECONNECT_TIMEOUT_S
-                self._shipped.clear()
-            elif time.monotonic() > reconnect_deadline:
-                self._fail_all(errors.SiteUnavailableError(
-                    f"gateway {self.address} unreachable for {RECONNECT_TIMEOUT_S:.0f} s"))
-                reconnect_deadline = time.monotonic() + RECONNECT_TIMEOUT_S
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
-
     def _on_events(self, events: Iterable[tasks_pb2.TaskEvent]) -> None:
         for event in events:
             if event.state not in _TERMINAL:
@@ -290,21 +325,18 @@ class Federation:
             else:
                 future._resolve(exc=error_from_wire(event.error))
 
-    def _resubscribe(self) -> None:
+    async def _resubscribe(self, stub: Any) -> None:
         with self._lock:
             ids = list(self._futures)
         for start in range(0, len(ids), 10_000):
             chunk = ids[start:start + 10_000]
             try:
-                resp = self._tasks.Subscribe(tasks_pb2.SubscribeRequest(
-                    session_id=self.session_id, task_ids=chunk), timeout=30)
+                await stub.Subscribe(tasks_pb2.SubscribeRequest(session_id=self.session_id, task_ids=chunk), timeout=30)
             except grpc.RpcError as exc:
                 logger.warning("resubscribing to %d tasks at %s failed: %s", len(chunk), self.address, exc)
                 return
-            for task_id in resp.unknown_task_ids:
-                # Not journaled before the restart: its Submit was never acknowledged and
-                # is retried by _submit_done, which registers it again.
-                logger.debug("task %s unknown at %s after reconnect", task_id, self.address)
+            # Ids unknown there were never journaled: their batch was not acknowledged and
+            # is resent from _inflight.
 
     def _fail_all(self, exc: errors.IntertieError) -> None:
         with self._lock:
@@ -406,14 +438,20 @@ class Federation:
             return
         # Submissions already handed to us are sent and acknowledged before the channel goes.
         deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
-        while self._sending and time.monotonic() < deadline:
+        while (self._queue or self._inflight) and self._ready.is_set() and time.monotonic() < deadline:
             time.sleep(0.005)
         self.closed = True
         with _open_lock:
             if self in _open:
                 _open.remove(self)
-        if self._watch_call is not None:
-            self._watch_call.cancel()
+        try:
+            asyncio.run_coroutine_threadsafe(self._stop_session(), self._loop).result(timeout=10)
+        except Exception as exc:
+            logger.debug("stopping the session stream: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._io.join(timeout=5)
+        if not self._io.is_alive():
+            self._loop.close()
         self._channel.close()
         self._fail_all(errors.IntertieError("the connection was closed before the task finished"))
         if self._on_close is not None:

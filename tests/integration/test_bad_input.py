@@ -154,6 +154,48 @@ def test_malformed_bytes_do_not_harm_gateway(fed: intertie.Federation, gateway) 
     _still_serving(fed)
 
 
+def test_session_stream_refuses_bad_messages(fed: intertie.Federation, gateway) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(gateway.address) as channel:
+        connect = channel.stream_stream("/intertie.v1.TaskService/Connect",
+                                        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        opening = tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id="bad-stream")).SerializeToString()
+        cases = {
+            "first message is not an open": [tasks_pb2.ClientMessage(
+                submit=tasks_pb2.SubmitBatch(seq=1)).SerializeToString()],
+            "garbage after the open": [opening, b"\xff\xfe\x00garbage\x12\x34"],
+            "a second open": [opening, opening],
+        }
+        for case, messages in cases.items():
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in connect(iter(messages), timeout=10):
+                    pass
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+    _still_serving(fed)
+
+
+def test_session_stream_acknowledges_batches_in_order(fed: intertie.Federation, gateway) -> None:  # type: ignore[no-untyped-def]
+    fn = _function()
+    batches = [tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=tasks_pb2.SubmitRequest(
+        functions=[fn] if seq == 1 else [], tasks=[_spec(fn.digest, args=cloudpickle.dumps(((seq,), {})))])))
+        for seq in (1, 2, 3)]
+    opening = tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id=uuid.uuid4().hex))
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        acks, results = [], {}
+        stream = stub.Connect(iter([opening, *batches]), timeout=60)
+        for message in stream:
+            if message.HasField("ack"):
+                acks.append(message.ack.seq)
+                assert all(a.accepted for a in message.ack.acks)
+            for event in message.events.events:
+                results[event.task_id] = cloudpickle.loads(event.result)
+            if len(results) == 3:
+                break
+        stream.cancel()
+    assert acks == [1, 2, 3]
+    assert sorted(results.values()) == [1, 2, 3]
+
+
 def test_malformed_specs_get_per_task_errors(fed: intertie.Federation, raw) -> None:  # type: ignore[no-untyped-def]
     fn = _function()
     good = _spec(fn.digest, args=cloudpickle.dumps((("ok",), {})))

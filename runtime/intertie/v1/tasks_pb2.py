@@ -25,53 +25,61 @@ _sym_db = _symbol_database.Default()
 from intertie.v1 import common_pb2 as intertie_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17intertie/v1/tasks.proto\x12\x0bintertie.v1\x1a\x18intertie/v1/common.proto\"9\n\x08\x46unction\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8d\x02\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66unction_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12/\n\tresources\x18\x04 \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12\x13\n\x0bmax_retries\x18\x05 \x01(\x05\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x08\x12\x16\n\x0epython_version\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12-\n\x0b\x63onstraints\x18\n \x01(\x0b\x32\x18.intertie.v1.Constraints\x12\x0c\n\x04home\x18\x0b \x01(\t\"s\n\rSubmitRequest\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.intertie.v1.Function\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"O\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.intertie.v1.Error\"4\n\x0eSubmitResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"4\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x08\"\xa4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.intertie.v1.Error\x12\r\n\x05run_s\x18\x07 \x01(\x01\"4\n\nTaskEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.intertie.v1.TaskEvent\"8\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"-\n\x11SubscribeResponse\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"_\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"\xf9\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x06 \x01(\x05\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.intertie.v1.Error\x12\x14\n\x0csubmitted_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12/\n\tresources\x18\x0b \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.intertie.v1.Attempt\x12*\n\nplacements\x18\r \x03(\x0b\x32\x16.intertie.v1.Placement\x12\x0c\n\x04home\x18\x0e \x01(\t\"\x81\x01\n\x0ePlacementScore\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\r\n\x05run_s\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63\x61rbon_g\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\")\n\tRejection\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc8\x01\n\tPlacement\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.intertie.v1.PlacementScore\x12(\n\x08rejected\x18\x04 \x03(\x0b\x32\x16.intertie.v1.Rejection\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x65\x61sible_count\x18\x06 \x01(\x05\x12\x12\n\ndecided_at\x18\x07 \x01(\x01\"G\n\x0cQuoteRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nargs_bytes\x18\x02 \x01(\x03\"!\n\rCancelRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x03(\t*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\x99\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.intertie.v1.SubmitRequest\x1a\x1b.intertie.v1.SubmitResponse\x12=\n\x05Watch\x12\x19.intertie.v1.WatchRequest\x1a\x17.intertie.v1.TaskEvents0\x01\x12J\n\tSubscribe\x12\x1d.intertie.v1.SubscribeRequest\x1a\x1e.intertie.v1.SubscribeResponse\x12=\n\x07GetTask\x12\x1b.intertie.v1.GetTaskRequest\x1a\x15.intertie.v1.TaskInfo\x12\x41\n\x06\x43\x61ncel\x12\x1a.intertie.v1.CancelRequest\x1a\x1b.intertie.v1.CancelResponse\x12:\n\x05Quote\x12\x19.intertie.v1.QuoteRequest\x1a\x16.intertie.v1.Placementb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17intertie/v1/tasks.proto\x12\x0bintertie.v1\x1a\x18intertie/v1/common.proto\"9\n\x08\x46unction\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8d\x02\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66unction_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12/\n\tresources\x18\x04 \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12\x13\n\x0bmax_retries\x18\x05 \x01(\x05\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x08\x12\x16\n\x0epython_version\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12-\n\x0b\x63onstraints\x18\n \x01(\x0b\x32\x18.intertie.v1.Constraints\x12\x0c\n\x04home\x18\x0b \x01(\t\"s\n\rSubmitRequest\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.intertie.v1.Function\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"n\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.intertie.v1.WatchRequestH\x00\x12*\n\x06submit\x18\x02 \x01(\x0b\x32\x18.intertie.v1.SubmitBatchH\x00\x42\x06\n\x04kind\"G\n\x0bSubmitBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.intertie.v1.SubmitRequest\"<\n\tSubmitAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x04\x61\x63ks\x18\x02 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"i\n\rServerMessage\x12)\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x17.intertie.v1.TaskEventsH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.intertie.v1.SubmitAckH\x00\x42\x06\n\x04kind\"O\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.intertie.v1.Error\"4\n\x0eSubmitResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"4\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x08\"\xa4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.intertie.v1.Error\x12\r\n\x05run_s\x18\x07 \x01(\x01\"4\n\nTaskEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.intertie.v1.TaskEvent\"8\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"-\n\x11SubscribeResponse\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"_\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"\xf9\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x06 \x01(\x05\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.intertie.v1.Error\x12\x14\n\x0csubmitted_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12/\n\tresources\x18\x0b \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.intertie.v1.Attempt\x12*\n\nplacements\x18\r \x03(\x0b\x32\x16.intertie.v1.Placement\x12\x0c\n\x04home\x18\x0e \x01(\t\"\x81\x01\n\x0ePlacementScore\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\r\n\x05run_s\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63\x61rbon_g\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\")\n\tRejection\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc8\x01\n\tPlacement\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.intertie.v1.PlacementScore\x12(\n\x08rejected\x18\x04 \x03(\x0b\x32\x16.intertie.v1.Rejection\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x65\x61sible_count\x18\x06 \x01(\x05\x12\x12\n\ndecided_at\x18\x07 \x01(\x01\"G\n\x0cQuoteRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nargs_bytes\x18\x02 \x01(\x03\"!\n\rCancelRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x03(\t*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xe0\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.intertie.v1.SubmitRequest\x1a\x1b.intertie.v1.SubmitResponse\x12=\n\x05Watch\x12\x19.intertie.v1.WatchRequest\x1a\x17.intertie.v1.TaskEvents0\x01\x12\x45\n\x07\x43onnect\x12\x1a.intertie.v1.ClientMessage\x1a\x1a.intertie.v1.ServerMessage(\x01\x30\x01\x12J\n\tSubscribe\x12\x1d.intertie.v1.SubscribeRequest\x1a\x1e.intertie.v1.SubscribeResponse\x12=\n\x07GetTask\x12\x1b.intertie.v1.GetTaskRequest\x1a\x15.intertie.v1.TaskInfo\x12\x41\n\x06\x43\x61ncel\x12\x1a.intertie.v1.CancelRequest\x1a\x1b.intertie.v1.CancelResponse\x12:\n\x05Quote\x12\x19.intertie.v1.QuoteRequest\x1a\x16.intertie.v1.Placementb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'intertie.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=2065
-  _globals['_TASKSTATE']._serialized_end=2226
+  _globals['_TASKSTATE']._serialized_start=2419
+  _globals['_TASKSTATE']._serialized_end=2580
   _globals['_FUNCTION']._serialized_start=66
   _globals['_FUNCTION']._serialized_end=123
   _globals['_TASKSPEC']._serialized_start=126
   _globals['_TASKSPEC']._serialized_end=395
   _globals['_SUBMITREQUEST']._serialized_start=397
   _globals['_SUBMITREQUEST']._serialized_end=512
-  _globals['_TASKACK']._serialized_start=514
-  _globals['_TASKACK']._serialized_end=593
-  _globals['_SUBMITRESPONSE']._serialized_start=595
-  _globals['_SUBMITRESPONSE']._serialized_end=647
-  _globals['_WATCHREQUEST']._serialized_start=649
-  _globals['_WATCHREQUEST']._serialized_end=701
-  _globals['_TASKEVENT']._serialized_start=704
-  _globals['_TASKEVENT']._serialized_end=868
-  _globals['_TASKEVENTS']._serialized_start=870
-  _globals['_TASKEVENTS']._serialized_end=922
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=924
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=980
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=982
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1027
-  _globals['_GETTASKREQUEST']._serialized_start=1029
-  _globals['_GETTASKREQUEST']._serialized_end=1062
-  _globals['_ATTEMPT']._serialized_start=1064
-  _globals['_ATTEMPT']._serialized_end=1159
-  _globals['_TASKINFO']._serialized_start=1162
-  _globals['_TASKINFO']._serialized_end=1539
-  _globals['_PLACEMENTSCORE']._serialized_start=1542
-  _globals['_PLACEMENTSCORE']._serialized_end=1671
-  _globals['_REJECTION']._serialized_start=1673
-  _globals['_REJECTION']._serialized_end=1714
-  _globals['_PLACEMENT']._serialized_start=1717
-  _globals['_PLACEMENT']._serialized_end=1917
-  _globals['_QUOTEREQUEST']._serialized_start=1919
-  _globals['_QUOTEREQUEST']._serialized_end=1990
-  _globals['_CANCELREQUEST']._serialized_start=1992
-  _globals['_CANCELREQUEST']._serialized_end=2025
-  _globals['_CANCELRESPONSE']._serialized_start=2027
-  _globals['_CANCELRESPONSE']._serialized_end=2062
-  _globals['_TASKSERVICE']._serialized_start=2229
-  _globals['_TASKSERVICE']._serialized_end=2638
+  _globals['_CLIENTMESSAGE']._serialized_start=514
+  _globals['_CLIENTMESSAGE']._serialized_end=624
+  _globals['_SUBMITBATCH']._serialized_start=626
+  _globals['_SUBMITBATCH']._serialized_end=697
+  _globals['_SUBMITACK']._serialized_start=699
+  _globals['_SUBMITACK']._serialized_end=759
+  _globals['_SERVERMESSAGE']._serialized_start=761
+  _globals['_SERVERMESSAGE']._serialized_end=866
+  _globals['_TASKACK']._serialized_start=868
+  _globals['_TASKACK']._serialized_end=947
+  _globals['_SUBMITRESPONSE']._serialized_start=949
+  _globals['_SUBMITRESPONSE']._serialized_end=1001
+  _globals['_WATCHREQUEST']._serialized_start=1003
+  _globals['_WATCHREQUEST']._serialized_end=1055
+  _globals['_TASKEVENT']._serialized_start=1058
+  _globals['_TASKEVENT']._serialized_end=1222
+  _globals['_TASKEVENTS']._serialized_start=1224
+  _globals['_TASKEVENTS']._serialized_end=1276
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1278
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1334
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1336
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1381
+  _globals['_GETTASKREQUEST']._serialized_start=1383
+  _globals['_GETTASKREQUEST']._serialized_end=1416
+  _globals['_ATTEMPT']._serialized_start=1418
+  _globals['_ATTEMPT']._serialized_end=1513
+  _globals['_TASKINFO']._serialized_start=1516
+  _globals['_TASKINFO']._serialized_end=1893
+  _globals['_PLACEMENTSCORE']._serialized_start=1896
+  _globals['_PLACEMENTSCORE']._serialized_end=2025
+  _globals['_REJECTION']._serialized_start=2027
+  _globals['_REJECTION']._serialized_end=2068
+  _globals['_PLACEMENT']._serialized_start=2071
+  _globals['_PLACEMENT']._serialized_end=2271
+  _globals['_QUOTEREQUEST']._serialized_start=2273
+  _globals['_QUOTEREQUEST']._serialized_end=2344
+  _globals['_CANCELREQUEST']._serialized_start=2346
+  _globals['_CANCELREQUEST']._serialized_end=2379
+  _globals['_CANCELRESPONSE']._serialized_start=2381
+  _globals['_CANCELRESPONSE']._serialized_end=2416
+  _globals['_TASKSERVICE']._serialized_start=2583
+  _globals['_TASKSERVICE']._serialized_end=3063
 # @@protoc_insertion_point(module_scope)

@@ -69,6 +69,38 @@ class SubmitRequest(_message.Message):
     session_id: str
     def __init__(self, functions: _Optional[_Iterable[_Union[Function, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
+class ClientMessage(_message.Message):
+    __slots__ = ("open", "submit")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    open: WatchRequest
+    submit: SubmitBatch
+    def __init__(self, open: _Optional[_Union[WatchRequest, _Mapping]] = ..., submit: _Optional[_Union[SubmitBatch, _Mapping]] = ...) -> None: ...
+
+class SubmitBatch(_message.Message):
+    __slots__ = ("seq", "request")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    request: SubmitRequest
+    def __init__(self, seq: _Optional[int] = ..., request: _Optional[_Union[SubmitRequest, _Mapping]] = ...) -> None: ...
+
+class SubmitAck(_message.Message):
+    __slots__ = ("seq", "acks")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ACKS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    acks: _containers.RepeatedCompositeFieldContainer[TaskAck]
+    def __init__(self, seq: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[TaskAck, _Mapping]]] = ...) -> None: ...
+
+class ServerMessage(_message.Message):
+    __slots__ = ("events", "ack")
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    events: TaskEvents
+    ack: SubmitAck
+    def __init__(self, events: _Optional[_Union[TaskEvents, _Mapping]] = ..., ack: _Optional[_Union[SubmitAck, _Mapping]] = ...) -> None: ...
+
 class TaskAck(_message.Message):
     __slots__ = ("task_id", "accepted", "error")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -45,6 +45,11 @@ class TaskServiceStub:
                 request_serializer=intertie_dot_v1_dot_tasks__pb2.WatchRequest.SerializeToString,
                 response_deserializer=intertie_dot_v1_dot_tasks__pb2.TaskEvents.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/intertie.v1.TaskService/Connect',
+                request_serializer=intertie_dot_v1_dot_tasks__pb2.ClientMessage.SerializeToString,
+                response_deserializer=intertie_dot_v1_dot_tasks__pb2.ServerMessage.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_unary(
                 '/intertie.v1.TaskService/Subscribe',
                 request_serializer=intertie_dot_v1_dot_tasks__pb2.SubscribeRequest.SerializeToString,
@@ -84,6 +89,17 @@ class TaskServiceServicer:
         """One long-lived stream per client session: terminal events (and, if asked,
         state changes) of every task submitted or subscribed in that session.
         Events are batched so that a burst of results costs few messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Connect(self, request_iterator, context):
+        """Submit and Watch on one long-lived bidirectional stream, the SDK's hot path:
+        a message on an open stream costs a fraction of a new call. The first
+        client message opens the session; each later one is a batch of tasks,
+        answered by a SubmitAck with the same seq. Task events arrive on the same
+        stream, batched.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,6 +145,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=intertie_dot_v1_dot_tasks__pb2.WatchRequest.FromString,
                     response_serializer=intertie_dot_v1_dot_tasks__pb2.TaskEvents.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=intertie_dot_v1_dot_tasks__pb2.ClientMessage.FromString,
+                    response_serializer=intertie_dot_v1_dot_tasks__pb2.ServerMessage.SerializeToString,
             ),
             'Subscribe': grpc.unary_unary_rpc_method_handler(
                     servicer.Subscribe,
@@ -206,6 +227,33 @@ class TaskService:
             '/intertie.v1.TaskService/Watch',
             intertie_dot_v1_dot_tasks__pb2.WatchRequest.SerializeToString,
             intertie_dot_v1_dot_tasks__pb2.TaskEvents.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/intertie.v1.TaskService/Connect',
+            intertie_dot_v1_dot_tasks__pb2.ClientMessage.SerializeToString,
+            intertie_dot_v1_dot_tasks__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
