@@ -100,13 +100,34 @@ class RayRunner:
         else:
             self._functions[digest] = [self._ray.put(payload)]
 
+    @property
+    def pool_size(self) -> int:
+        return len(self._slots)
+
+    def pooled(self, request: Mapping[str, float]) -> bool:
+        """Whether tasks with this request run on the pool of long-lived workers."""
+        return bool(self._slots) and request == POOL_REQUEST
+
+    def _least_loaded(self) -> tuple[int, _Slot]:
+        index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
+        return index, self._slots[index]
+
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool]], request: Mapping[str, float]) -> Running:
+        """Several tasks of one function in one call to a pooled worker; the ref resolves to
+        their outcomes, in order."""
+        holder = self._functions[digest]
+        extra = () if holder is None else (holder,)
+        index, slot = self._least_loaded()
+        running = Running(slot.actor.execute_many.remote(digest, items, *extra), slot, index)
+        slot.inflight.append(running)
+        return running
+
     def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float]) -> Running:
         """Starts a task in Ray; the caller watches ``running.ref``."""
         holder = self._functions[digest]
         extra = () if holder is None else (holder,)
-        if self._slots and request == POOL_REQUEST:
-            index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
-            slot = self._slots[index]
+        if self.pooled(request):
+            index, slot = self._least_loaded()
             running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)
             slot.inflight.append(running)
         else:

@@ -42,6 +42,10 @@ INLINE_JOURNAL_BYTES = 1 << 20
 QUEUE_SCAN_DEPTH = 32
 # A placer (filtered, scored sites per task shape) is reused for this long.
 PLACER_REFRESH_S = 1.0
+# Fusing queued tasks of one function into one Ray call: only when this site's tasks run
+# shorter than this on average, and at most this many per call.
+FUSE_MAX_RUN_S = 0.005
+FUSE_MAX_TASKS = 32
 # Run-time estimates per function: weight of the newest run, and how many functions are kept.
 RUN_EWMA_ALPHA = 0.2
 MAX_RUN_ESTIMATES = 10_000
@@ -51,7 +55,7 @@ THROUGHPUT_WINDOW_S = 60
 
 class Task:
     __slots__ = ("task_id", "spec", "request", "state", "attempts", "site", "submitted_at", "started_at",
-                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent")
+                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent", "fuse")
 
     def __init__(self, spec: tasks_pb2.TaskSpec, submitted_at: float) -> None:
         self.task_id = spec.task_id
@@ -70,6 +74,7 @@ class Task:
         self.placements: list[tasks_pb2.Placement] = []
         self.exclude: set[str] = set()  # sites that refused it
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
+        self.fuse = spec.timeout_s == 0  # may share one Ray call with others of its function
 
     def demand(self, run_s: float | None = None) -> Demand:
         c = self.spec.constraints
@@ -277,6 +282,8 @@ class Scheduler:
         assert self.membership is not None
         peer = self.membership.peer_for(site_id)
         if peer is None:
+            for task in batch:
+                task.exclude.add(site_id)
             self.on_forward_failed(None, batch, f"site {site_id} is not a peer of {self.site_id}")
             return
         peer.forward(batch)
@@ -437,7 +444,11 @@ class Scheduler:
                 return
             if self.capacity.fits(task.request):
                 queue.popleft()
-                self._start(task)
+                group = self._fusable_behind(task)
+                if group:
+                    self._start_group([task, *group])
+                else:
+                    self._start(task)
                 continue
             # The head waits (e.g. for a GPU); let a smaller task behind it through.
             for i in range(1, min(len(queue), QUEUE_SCAN_DEPTH)):
@@ -449,16 +460,85 @@ class Scheduler:
             else:
                 return
 
-    def _start(self, task: Task) -> None:
-        spec = task.spec
-        digest = spec.function_digest
+    def _fusable_behind(self, head: Task) -> list[Task]:
+        """Tasks right behind ``head`` in the queue that may run in the same Ray call.
+
+        Only while the queue is long and tasks of this site are short (a fused call runs its
+        tasks one after another): then one call per several tasks saves most of Ray's
+        per-call cost, and each worker still gets work. Removed from the queue."""
+        mean = self.capacity.mean_run_s
+        slots = self.runner.pool_size
+        if (not head.fuse or not slots or mean is None or mean > FUSE_MAX_RUN_S
+                or len(self.queue) < 2 * slots or not self.runner.pooled(head.request)):
+            return []
+        # Keep several calls queued per worker, so none idles while its results come back.
+        size = min(FUSE_MAX_TASKS, len(self.queue) // slots, self.capacity.max_count // (slots * 4)) - 1
+        group: list[Task] = []
+        queue = self.queue
+        while queue and len(group) < size:
+            other = queue[0]
+            if (other.state != jr.QUEUED or not other.fuse or other.spec.function_digest != head.spec.function_digest
+                    or other.request != head.request or not self.capacity.fits(other.request)):
+                break
+            group.append(queue.popleft())
+            self.capacity.acquire(other.request)  # counted now so fits() sees it; released per task
+        for other in group:
+            self.capacity.release(other.request)
+        return group
+
+    def _ensure_function(self, task: Task) -> bool:
+        digest = task.spec.function_digest
         if not self.runner.has_function(digest):
             payload = self._fresh_functions.pop(digest, None) or self.journal.function_payload(digest)
             if payload is None:
                 self._finish(task, jr.FAILED, error=common_pb2.Error(
                     kind=K.ERROR_KIND_INTERNAL, message=f"function {digest[:12]} is missing from the journal"))
-                return
+                return False
             self.runner.put_function(digest, payload)
+        return True
+
+    def _mark_started(self, task: Task) -> int:
+        task.attempts += 1
+        task.state = jr.RUNNING
+        task.site = self.site_id
+        task.started_at = time.time()
+        task.holding = True
+        self.capacity.acquire(task.request)
+        self.running += 1
+        self._write(jr.Journal.started(task.task_id, task.attempts, self.site_id, task.started_at))
+        if task.sessions:
+            self.hub.push(task.sessions, tasks_pb2.TaskEvent(
+                task_id=task.task_id, state=jr.RUNNING, site=self.site_id, attempt=task.attempts), progress=True)
+        return task.attempts
+
+    def _start_group(self, tasks: list[Task]) -> None:
+        """Several queued tasks of one function in one call to a pooled worker."""
+        if not self._ensure_function(tasks[0]):
+            for task in tasks[1:]:
+                self.queue.appendleft(task)
+            return
+        attempts = [self._mark_started(t) for t in tasks]
+        loop = self._loop
+        try:
+            running = self.runner.submit_many(tasks[0].spec.function_digest,
+                                              [(t.spec.name, t.spec.args, t.spec.batch) for t in tasks],
+                                              tasks[0].request)
+        except Exception as exc:
+            logger.exception("a group of %d tasks: Ray did not take it", len(tasks))
+            for task in tasks:
+                self._finish(task, jr.FAILED, error=common_pb2.Error(
+                    kind=K.ERROR_KIND_INTERNAL, message=f"site {self.site_id!r} could not start the task: {exc}"))
+            return
+        for task in tasks:
+            task.ref = running
+        running.ref.future().add_done_callback(
+            lambda fut: loop.call_soon_threadsafe(self._on_group_done, tasks, attempts, running, fut))
+
+    def _start(self, task: Task) -> None:
+        spec = task.spec
+        digest = spec.function_digest
+        if not self._ensure_function(task):
+            return
         task.attempts += 1
         task.state = jr.RUNNING
         task.site = self.site_id
@@ -507,36 +587,66 @@ class Scheduler:
         if task.state != jr.RUNNING or task.attempts != attempt:
             return  # cancelled, timed out or retried meanwhile: a late duplicate
         self._release(task)
-        self.capacity.observe(time.time() - task.started_at)
-        if verdict != "ok":
-            exc = outcome
-            if verdict == PREEMPTED:  # waited on a worker stopped for another task: costs nothing
-                task.attempts -= 1
-                task.state = jr.QUEUED
-                task.ref = None
-                self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
-                self.queue.appendleft(task)
-            elif verdict == RETRY:
-                self._retry_or_fail(task, f"worker failed: {type(exc).__name__}: {str(exc)[:500]}")
-            else:
-                logger.error("task %s: unexpected failure from Ray: %s", task.task_id, exc)
+        if verdict == "ok":
+            run_s = outcome[7]  # measured in the worker: without the wait in Ray's queues
+            self.capacity.observe(run_s)
+            self._apply(task, outcome, run_s)
+        else:
+            self._failed_in_ray(task, verdict, outcome)
+        self.pump()
+
+    def _on_group_done(self, tasks: list[Task], attempts: list[int], running: Running, fut: Future[Any]) -> None:
+        try:
+            verdict, outcome = self.runner.outcome(running, fut)
+            for i, task in enumerate(tasks):
+                if task.state != jr.RUNNING or task.attempts != attempts[i]:
+                    continue
+                self._release(task)
+                if verdict == "ok":
+                    self.capacity.observe(outcome[i][7])
+                    self._apply(task, outcome[i], outcome[i][7])
+                elif verdict in (RETRY, PREEMPTED):
+                    # Which of the fused tasks took the worker down is unknown: all of them run
+                    # again, alone and free; the culprit then fails alone and is charged.
+                    task.fuse = False
+                    self._failed_in_ray(task, PREEMPTED, outcome)
+                else:
+                    self._failed_in_ray(task, verdict, outcome)
+        except Exception as exc:
+            logger.exception("settling a group of %d tasks failed", len(tasks))
+            for task in tasks:
                 self._finish(task, jr.FAILED, error=common_pb2.Error(
                     kind=K.ERROR_KIND_INTERNAL, message=f"site {self.site_id!r}: {type(exc).__name__}: {exc}"))
-            self.pump()
-            return
-        ok, data, kind, etype, message, tb, pickled = outcome
+        self.pump()
+
+    def _failed_in_ray(self, task: Task, verdict: str, exc: BaseException) -> None:
+        if verdict == PREEMPTED:  # waited on a worker stopped for another task: costs nothing
+            task.attempts -= 1
+            task.state = jr.QUEUED
+            task.ref = None
+            self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
+            self.queue.appendleft(task)
+        elif verdict == RETRY:
+            self._retry_or_fail(task, f"worker failed: {type(exc).__name__}: {str(exc)[:500]}")
+        else:
+            logger.error("task %s: unexpected failure from Ray: %s", task.task_id, exc)
+            self._finish(task, jr.FAILED, error=common_pb2.Error(
+                kind=K.ERROR_KIND_INTERNAL, message=f"site {self.site_id!r}: {type(exc).__name__}: {exc}"))
+
+    def _apply(self, task: Task, outcome: Any, run_s: float) -> None:
+        """Finishes a task with what its worker returned."""
+        ok, data, kind, etype, message, tb, pickled, _ = outcome
         if ok:
             if len(data) > self.config.max_payload_bytes:
-                self._finish(task, jr.FAILED, error=common_pb2.Error(
+                self._finish(task, jr.FAILED, run_s=run_s, error=common_pb2.Error(
                     kind=K.ERROR_KIND_PAYLOAD_TOO_LARGE,
                     message=f"task {task.task_id}: result is {len(data)} bytes, over this site's limit of "
                             f"{self.config.max_payload_bytes} bytes"))
             else:
-                self._finish(task, jr.SUCCEEDED, result=data)
+                self._finish(task, jr.SUCCEEDED, result=data, run_s=run_s)
         else:
-            self._finish(task, jr.FAILED, error=common_pb2.Error(
+            self._finish(task, jr.FAILED, run_s=run_s, error=common_pb2.Error(
                 kind=kind, message=message, exception_type=etype, exception=pickled, traceback=tb))
-        self.pump()
 
     def _on_timeout(self, task: Task, attempt: int) -> None:
         if task.state != jr.RUNNING or task.attempts != attempt:
@@ -574,7 +684,7 @@ class Scheduler:
         if task.state in jr.TERMINAL:
             return
         now = time.time()
-        if task.ref is not None and task.started_at:  # ran here
+        if not run_s and task.ref is not None and task.started_at:  # ran here
             run_s = now - task.started_at
         if run_s > 0 and state != jr.CANCELLED:
             self._observe_run(task.spec.function_digest, run_s)

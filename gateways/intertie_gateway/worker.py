@@ -7,6 +7,7 @@ never calls it itself.
 from __future__ import annotations
 
 import pickle
+import time
 import traceback
 from collections import OrderedDict
 from typing import Any
@@ -22,8 +23,9 @@ _FUNCTION_CACHE_SIZE = 256
 _functions: OrderedDict[str, Any] = OrderedDict()
 
 # What execute returns: (ok, result bytes, error kind, exception type, message, traceback,
-# pickled exception). Ray carries the tuple; the gateway reads only the plain fields.
-Outcome = tuple[bool, bytes, int, str, str, str, bytes]
+# pickled exception, seconds it ran in the worker). Ray carries the tuple; the gateway
+# reads only the plain fields.
+Outcome = tuple[bool, bytes, int, str, str, str, bytes, float]
 
 
 def _qualified(cls: type) -> str:
@@ -45,7 +47,7 @@ def _pickle_exception(exc: BaseException) -> bytes:
 
 def _failure(kind: int, exc: BaseException, message: str) -> Outcome:
     pickled = _pickle_exception(exc)
-    return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled)
+    return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled, 0.0)
 
 
 # Small functions live in the GCS key-value store under this prefix (as Ray exports its
@@ -78,6 +80,12 @@ def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
 
 
 def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None) -> Outcome:
+    started = time.perf_counter()
+    outcome = _execute(digest, args, name, batch, holder)
+    return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
+
+
+def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None) -> Outcome:
     try:
         fn = _function(digest, holder, name)
     except Exception as exc:
@@ -98,7 +106,7 @@ def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] 
     except BaseException as exc:  # SystemExit from user code is an error of the task too
         return _failure(KIND_REMOTE, exc, str(exc))
     try:
-        return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"")
+        return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"", 0.0)
     except Exception as exc:
         return _failure(KIND_SERIALIZATION, exc,
                         f"the result of {name} could not be pickled: {type(exc).__name__}: {exc}")
@@ -110,3 +118,8 @@ class PoolWorker:
     def execute(self, digest: str, args: bytes, name: str, batch: bool,
                 holder: list[Any] | None = None) -> Outcome:
         return execute(digest, args, name, batch, holder)
+
+    def execute_many(self, digest: str, items: list[tuple[str, bytes, bool]],
+                     holder: list[Any] | None = None) -> list[Outcome]:
+        """Several queued tasks of one function, one after another (fused by the gateway)."""
+        return [execute(digest, args, name, batch, holder) for name, args, batch in items]
