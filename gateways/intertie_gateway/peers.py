@@ -33,8 +33,6 @@ FORWARD_BATCH_TASKS = 1000
 PEER_MESSAGE_BYTES = 1 << 30
 # The session under which a gateway's forwarded tasks are watched at a peer.
 SESSION_PREFIX = "peer:"
-# How long a forward waits for the peer's result stream to be open.
-STREAM_WAIT_S = 5.0
 
 
 class Peer:
@@ -58,8 +56,12 @@ class Peer:
         self.site = site_pb2_grpc.SiteServiceStub(self._channel)
         self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)
         self._watch: asyncio.Task[None] | None = None
-        # Set while the result stream from the peer is open: a task is sent only then, so
-        # its events have somewhere to go (the peer does not buffer for absent sessions).
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._seq = 0
+        self.inflight: dict[int, list[Task]] = {}  # batches written, not yet acknowledged
+        self.offered: set[str] = set()  # function digests sent on this stream, not yet acknowledged
+        # Set while the session stream to the peer is open: tasks are sent on it, and their
+        # events come back on it (the peer does not buffer for absent sessions).
         self.watching = asyncio.Event()
 
     @property
@@ -125,7 +127,7 @@ class Peer:
             self.shipped.clear()  # it may have restarted with a fresh function store
             self.membership.by_site[self.site_id] = self
             if self._watch is None or self._watch.done():
-                self._watch = asyncio.create_task(self._watch_loop())
+                self._watch = asyncio.create_task(self._session_loop())
             self.membership.scheduler.on_peer_up(self)
 
     # ------------------------------------------------------------------ forwarding
@@ -137,38 +139,55 @@ class Peer:
             asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
-        scheduler = self.membership.scheduler
+        """Writes the outbox to the peer's session stream as batches; acks come back on it."""
         try:
-            try:
-                await asyncio.wait_for(self.watching.wait(), timeout=STREAM_WAIT_S)
-            except asyncio.TimeoutError:
-                pass  # send anyway: the resubscription on (re)open reports these tasks
             while self.outbox:
-                batch, self.outbox = self.outbox[:FORWARD_BATCH_TASKS], self.outbox[FORWARD_BATCH_TASKS:]
-                functions: list[tasks_pb2.Function] = []
-                offered: set[str] = set()
-                for task in batch:
-                    digest = task.spec.function_digest
-                    if digest not in self.shipped and digest not in offered:
-                        payload = scheduler.function_bytes(digest)
-                        if payload is not None:
-                            offered.add(digest)
-                            functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
-                request = tasks_pb2.SubmitRequest(
-                    functions=functions, tasks=[_forwarded(t.spec, scheduler.site_id) for t in batch],
-                    session_id=self.membership.session_id)
-                try:
-                    response = await self.tasks.Submit(request, timeout=60)
-                except grpc.RpcError as exc:
-                    logger.warning("forwarding %d tasks to %s failed: %s", len(batch), self.site_id, exc.code())
-                    scheduler.on_forward_failed(self, batch, f"site {self.site_id} did not take it: {exc.code().name}")
+                await self.watching.wait()  # the stream is open (a peer that goes down is handled apart)
+                call = self._call
+                batch = [t for t in self.outbox[:FORWARD_BATCH_TASKS] if t.site == self.site_id]
+                self.outbox = self.outbox[FORWARD_BATCH_TASKS:]
+                if not batch or call is None:
                     continue
-                self.shipped.update(offered)
-                if any(not a.accepted and a.error.kind == 6 for a in response.acks):  # NOT_FOUND: function
-                    self.shipped.clear()
-                scheduler.on_forward_acks(self, batch, response.acks)
+                self._seq += 1
+                self.inflight[self._seq] = batch
+                try:
+                    await call.write(self._message(self._seq, batch))
+                except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+                    # Still in flight: resent when the stream opens again.
+                    logger.info("writing to peer %s failed: %s", self.site_id, exc)
         finally:
             self.sending = False
+
+    def _message(self, seq: int, batch: Sequence[Task]) -> tasks_pb2.ClientMessage:
+        scheduler = self.membership.scheduler
+        functions: list[tasks_pb2.Function] = []
+        for task in batch:
+            digest = task.spec.function_digest
+            if digest not in self.shipped and digest not in self.offered:
+                payload = scheduler.function_bytes(digest)
+                if payload is not None:
+                    self.offered.add(digest)
+                    functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
+        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[_forwarded(t.spec, scheduler.site_id)
+                                                                      for t in batch])
+        return tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=request))
+
+    def _on_ack(self, ack: tasks_pb2.SubmitAck) -> None:
+        batch = self.inflight.pop(ack.seq, None)
+        if batch is None:
+            return
+        self.shipped.update(t.spec.function_digest for t in batch)
+        if any(not a.accepted and a.error.kind == 6 for a in ack.acks):  # NOT_FOUND: its function store was lost
+            self.shipped.clear()
+            self.offered.clear()
+        self.membership.scheduler.on_forward_acks(self, batch, ack.acks)
+
+    def abandon(self) -> list[Task]:
+        """The peer went down: what was on its way there is placed elsewhere by the caller."""
+        lost = [t for batch in self.inflight.values() for t in batch] + self.outbox
+        self.inflight.clear()
+        self.outbox = []
+        return lost
 
     async def cancel(self, task_ids: Sequence[str]) -> None:
         try:
@@ -186,32 +205,50 @@ class Peer:
             return 0
         return response.moved
 
-    # ------------------------------------------------------------------ results
-    async def _watch_loop(self) -> None:
+    # ------------------------------------------------------------------ the session stream
+    async def _session_loop(self) -> None:
+        """One Connect stream to the peer: our batches go up, their acks and the tasks'
+        events come down. Reopened with backoff while the peer is configured."""
         scheduler = self.membership.scheduler
         backoff = 0.05
         while not self.membership.closed:
+            call = self.tasks.Connect()
             try:
-                call = self.tasks.Watch(tasks_pb2.WatchRequest(session_id=self.membership.session_id,
-                                                               progress=True))
-                opened = False
-                async for message in call:
-                    if not opened:
-                        opened = True
-                        backoff = 0.05
-                        self.watching.set()
-                        # Events sent while no stream was open were dropped: ask again.
-                        await self._resubscribe()
-                    scheduler.on_peer_events(self, message.events)
+                await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(
+                    session_id=self.membership.session_id, progress=True)))
+                opened = await call.read()
+                if opened is grpc.aio.EOF:
+                    raise ConnectionError("the peer closed the stream")
+                backoff = 0.05
+                self.shipped.clear()  # what the peer has is unknown after a (re)connect
+                self.offered.clear()
+                self._call = call
+                for seq in sorted(self.inflight):  # unacknowledged: resend (idempotent there)
+                    await call.write(self._message(seq, self.inflight[seq]))
+                self.watching.set()
+                # Events sent while no stream was open were dropped: ask again.
+                await self._resubscribe()
+                while True:
+                    message = await call.read()
+                    if message is grpc.aio.EOF:
+                        break
+                    if message.HasField("ack"):
+                        self._on_ack(message.ack)
+                    else:
+                        scheduler.on_peer_events(self, message.events.events)
             except grpc.RpcError as exc:
                 if self.membership.closed:
                     return
-                logger.info("result stream from peer %s broke: %s", self.site_id, exc.code())
+                logger.info("session stream to peer %s broke: %s", self.site_id, exc.code())
             except asyncio.CancelledError:
+                call.cancel()
                 raise
             except Exception:
-                logger.exception("result stream from peer %s failed", self.site_id)
-            self.watching.clear()
+                logger.exception("session stream to peer %s failed", self.site_id)
+            finally:
+                self.watching.clear()
+                self._call = None
+            call.cancel()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

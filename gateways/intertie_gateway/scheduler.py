@@ -349,6 +349,7 @@ class Scheduler:
     def on_peer_down(self, peer: Peer) -> None:
         """Every unfinished task at a peer that went down is placed again (attempt + 1)."""
         self._placer = None
+        peer.abandon()
         lost = [t for t in self.tasks.values() if t.site == peer.site_id and t.home_here
                 and t.state in (jr.QUEUED, jr.RUNNING)]
         for task in lost:
