@@ -151,10 +151,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())  # the session is open
             while not session.closed:
                 await session.wakeup.wait()
-                session.wakeup.clear()
-                for ack in session.take_acks():
+                # Take everything before yielding: what arrives while a message is being
+                # sent sets the wakeup again and is taken on the next turn.
+                acks = session.take_acks()
+                events = session.take()  # clears the wakeup
+                for ack in acks:
                     yield tasks_pb2.ServerMessage(ack=ack)
-                for batch in _batches(session.take()):
+                for batch in _batches(events):
                     yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents(events=batch))
                 if session.failure is not None:
                     code = (grpc.StatusCode.UNAVAILABLE if self._scheduler.draining

@@ -377,23 +377,34 @@ class Federation:
                     self._queue.remove(item)
                     self._futures.pop(task_id, None)
                     return True
-        if task_id in self._futures and not future._acked.wait(RECONNECT_TIMEOUT_S):
-            raise errors.SiteUnavailableError(f"gateway {self.address} did not acknowledge task {task_id}")
+        self._wait_acked([task_id])
         try:
             resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=[task_id]), timeout=30)
         except grpc.RpcError as exc:
             raise _rpc.translate(exc, self.address) from None
         return task_id in resp.cancelled
 
+    def _wait_acked(self, task_ids: Sequence[str]) -> None:
+        """Read-your-writes: a call about a task this client submitted waits until the
+        gateway has acknowledged it (submissions travel asynchronously)."""
+        deadline = time.monotonic() + RECONNECT_TIMEOUT_S
+        for task_id in task_ids:
+            with self._lock:
+                future = self._futures.get(task_id)
+            if future is not None and not future._acked.wait(max(0.0, deadline - time.monotonic())):
+                raise errors.SiteUnavailableError(f"gateway {self.address} did not acknowledge task {task_id}")
+
     @_rpc.translated
     def cancel(self, task_ids: Sequence[str]) -> list[str]:
         """Cancels tasks by id; returns the ids that were still queued or running."""
+        self._wait_acked(task_ids)
         resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=list(task_ids)), timeout=30)
         return list(resp.cancelled)
 
     @_rpc.translated
     def task(self, task_id: str) -> TaskInfo:
         """What the gateway knows of one task: state, site, attempts, error."""
+        self._wait_acked([task_id])
         return TaskInfo.from_proto(self._tasks.GetTask(tasks_pb2.GetTaskRequest(task_id=task_id),
                                                        timeout=30))
 

@@ -196,6 +196,26 @@ def test_session_stream_acknowledges_batches_in_order(fed: intertie.Federation, 
     assert sorted(results.values()) == [1, 2, 3]
 
 
+def test_session_stream_delivers_every_ack_even_without_events(gateway) -> None:  # type: ignore[no-untyped-def]
+    # Refused tasks produce no events: each batch's ack is all the client will hear, so
+    # none may be held back behind another message.
+    bad = tasks_pb2.TaskSpec(task_id="x", function_digest="not-a-digest")
+    batches = [tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=tasks_pb2.SubmitRequest(
+        tasks=[bad]))) for seq in range(1, 201)]
+    opening = tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id=uuid.uuid4().hex))
+    with grpc.insecure_channel(gateway.address) as channel:
+        stream = tasks_pb2_grpc.TaskServiceStub(channel).Connect(iter([opening, *batches]), timeout=30)
+        acks = []
+        for message in stream:
+            if message.HasField("ack"):
+                assert not message.ack.acks[0].accepted
+                acks.append(message.ack.seq)
+                if len(acks) == len(batches):
+                    break
+        stream.cancel()
+    assert acks == list(range(1, 201))
+
+
 def test_malformed_specs_get_per_task_errors(fed: intertie.Federation, raw) -> None:  # type: ignore[no-untyped-def]
     fn = _function()
     good = _spec(fn.digest, args=cloudpickle.dumps((("ok",), {})))
