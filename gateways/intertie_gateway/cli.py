@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
+    run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
+    run.add_argument("--flight-listen", metavar="HOST:PORT", help="Arrow Flight endpoint for datasets (default: a free port)")
+    run.add_argument("--dataset-quota", type=int, metavar="BYTES", help="most bytes of datasets kept (default: no limit)")
     run.add_argument("--peer", action="append", metavar="HOST:PORT", help="a peer gateway (repeatable)")
     run.add_argument("--heartbeat", type=float, metavar="SECONDS", help="how often peers' status is pulled")
     run.add_argument("--no-steal", dest="steal", action="store_false", default=None,
@@ -52,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
         "worker_pool": args.worker_pool,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "data_url": args.data_url, "flight_listen": args.flight_listen,
+        "dataset_quota_bytes": args.dataset_quota,
     }
     return GatewayConfig.build(file_values, overrides)
 

@@ -56,6 +56,12 @@ class GatewayConfig:
     # Forward task stdout/stderr from Ray workers into the gateway's log.
     log_to_driver: bool = False
     log_level: str = "INFO"
+    # Datasets: where they are stored (any fsspec URL; default <state_dir>/datasets), the
+    # Arrow Flight endpoint that serves them (default: the listen host, a free port), and
+    # how many bytes of datasets the site keeps at most (0: no limit).
+    data_url: str = ""
+    flight_listen: str = ""
+    dataset_quota_bytes: int = 0
     # Federation: peers' HOST:PORT, how often their status is pulled, and how many missed
     # answers in a row mark a peer down (its unfinished tasks are then placed elsewhere).
     peers: tuple[str, ...] = ()

@@ -103,6 +103,7 @@ class Scheduler:
         self.site_id = config.site_id
         self.python = python_version()
         self.address = ""
+        self.flight_address = ""
         self.capacity = Capacity(runner.total_resources(), config.admission_overcommit)
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
@@ -827,7 +828,7 @@ class Scheduler:
             max_payload_bytes=self.config.max_payload_bytes, version=_version(),
             movable=len(self._movable()), mean_run_s=self.capacity.mean_run_s or 0.0,
             accelerators=sorted(k.split(":", 1)[1] for k in self.capacity.total if k.startswith("accelerator_type:")),
-            last_seen=time.time())
+            last_seen=time.time(), flight_address=self.flight_address)
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:
         """This site, then its peers as last seen."""

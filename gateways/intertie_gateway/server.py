@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.config import GatewayConfig
+from intertie_gateway.datasets import DatasetStore, FlightService
 from intertie_gateway.journal import Journal
 from intertie_gateway.peers import Membership
 from intertie_gateway.runner import RayRunner
@@ -63,6 +64,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     host = config.listen.rpartition(":")[0]
     address = f"{host}:{port}"
     scheduler.address = address
+    store = DatasetStore(config.data_url or str(state / "datasets"), config.site_id,
+                         quota_bytes=config.dataset_quota_bytes)
+    flight_server = FlightService(f"grpc://{config.flight_listen or host + ':0'}", store)
+    flight_host = config.flight_listen.rpartition(":")[0] if config.flight_listen else host
+    scheduler.flight_address = f"{flight_host}:{flight_server.port}"
 
     requeued, failed = scheduler.recover()
     if requeued or failed:
@@ -125,6 +131,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
                 with contextlib.suppress(asyncio.CancelledError):
                     await job
         (state / "address").unlink(missing_ok=True)
+        flight_server.shutdown()
         runner.shutdown()
         journal.close()
         logger.info("site %s stopped", config.site_id)

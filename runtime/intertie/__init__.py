@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from intertie.client import Federation
+from intertie.datasets import DatasetRef
 from intertie.errors import (
     AuthenticationError,
+    DatasetNotFoundError,
     IntertieError,
     InvalidRequestError,
     PayloadTooLargeError,
@@ -61,6 +63,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
 __all__ = [
     "AuthenticationError",
+    "DatasetNotFoundError",
+    "DatasetRef",
     "Federation",
     "FederationExecutor",
     "IntertieError",

@@ -113,6 +113,53 @@ def cmd_task(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     return 0
 
 
+class _Progress:
+    """One line on stderr, rewritten as batches go by."""
+
+    def __init__(self, verb: str) -> None:
+        self.verb = verb
+        self.started = time.monotonic()
+
+    def __call__(self, rows: int, nbytes: int) -> None:
+        rate = nbytes / max(time.monotonic() - self.started, 1e-6) / 2**20
+        print(f"\r{self.verb} {rows:,} rows, {nbytes / 2**20:,.1f} MiB ({rate:,.1f} MiB/s)", end="",
+              file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        print(file=sys.stderr)
+
+
+def cmd_datasets(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    if args.action == "ls":
+        refs = fed.datasets(site=args.site)
+        print(table(("NAME", "ID", "SITE", "ROWS", "BYTES", "COLUMNS"),
+                    [(r.name, r.id, r.site, f"{r.num_rows:,}", f"{r.num_bytes:,}", ",".join(r.schema.names))
+                     for r in refs]))
+    elif args.action == "put":
+        progress = _Progress("uploaded")
+        ref = fed.put_dataset(args.source, name=args.name, site=args.site, progress=progress)
+        progress.done()
+        print(f"{ref.name} {ref.id} at {ref.site}: {ref.num_rows:,} rows, {ref.num_bytes:,} bytes")
+    elif args.action == "get":
+        import pyarrow as pa
+
+        progress = _Progress("downloaded")
+        data = fed.get_dataset(args.dataset, site=args.site, progress=progress)
+        progress.done()
+        if args.output.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
+            pq.write_table(data, args.output)
+        else:
+            with pa.OSFile(args.output, "wb") as fh, pa.ipc.new_file(fh, data.schema) as writer:
+                writer.write_table(data)
+        print(f"wrote {data.num_rows:,} rows to {args.output}")
+    elif args.action == "rm":
+        ref = fed.delete_dataset(args.dataset, site=args.site)
+        print(f"deleted {ref.name} ({ref.id}) at {ref.site}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="intertie", description="Use an Intertie federation.")
     parser.add_argument("--address", default=os.environ.get("INTERTIE_ADDRESS"),
@@ -123,6 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     task.add_argument("task_id")
     explain = sub.add_parser("explain", help="why a task was placed where it was, and every move")
     explain.add_argument("task_id")
+    datasets = sub.add_parser("datasets", help="datasets at a site: ls, put, get, rm")
+    dsub = datasets.add_subparsers(dest="action", required=True)
+    for action in ("ls", "put", "get", "rm"):
+        p = dsub.add_parser(action)
+        p.add_argument("--site", help="the site (default: the home gateway's)")
+        if action == "put":
+            p.add_argument("source", help="a Parquet, Arrow IPC or CSV file (path or fsspec URL)")
+            p.add_argument("--name")
+        elif action == "get":
+            p.add_argument("dataset", help="id or name")
+            p.add_argument("output", help="file to write (.parquet, else Arrow IPC)")
+        elif action == "rm":
+            p.add_argument("dataset", help="id or name")
     quote = sub.add_parser("quote", help="rank the sites for a task shape without running anything")
     quote.add_argument("--cpus", type=float, default=1.0)
     quote.add_argument("--gpus", type=float, default=0.0)
@@ -139,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with Federation(args.address, connect_timeout=10) as fed:
-            commands = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote}
+            commands = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote,
+                        "datasets": cmd_datasets}
             return commands[args.command](fed, args)
     except IntertieError as exc:
         print(f"intertie: {type(exc).__name__}: {exc}", file=sys.stderr)

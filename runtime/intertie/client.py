@@ -16,6 +16,7 @@ import grpc
 
 from intertie import _rpc, errors, serialization
 from intertie._wire import error_from_wire
+from intertie.datasets import DatasetClient, DatasetRef
 from intertie.futures import TaskFuture
 from intertie.spec import PlacementInfo, Quote, SiteStatus, TaskInfo, TaskOptions, python_version
 from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -88,6 +89,8 @@ class Federation:
             raise _rpc.translate(exc, address) from None
         self.site_id = status.site_id
         self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
+        self._flight_address = status.flight_address
+        self._data = DatasetClient(self._flight_for)
 
         self._lock = threading.Lock()
         self._futures: dict[str, TaskFuture] = {}
@@ -289,6 +292,10 @@ class Federation:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        # gRPC's own tasks for the cancelled call finish within a turn or two.
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=1.0)
 
     def _fail_inflight(self, error: errors.IntertieError) -> None:
         batches, self._inflight = list(self._inflight.values()), {}
@@ -436,6 +443,42 @@ class Federation:
         placement = self._tasks.Quote(tasks_pb2.QuoteRequest(task=spec, args_bytes=args_bytes), timeout=30)
         return Quote(PlacementInfo.from_proto(placement))
 
+    # ------------------------------------------------------------------ datasets
+    def _flight_for(self, site: str | None) -> tuple[str, str]:
+        if site is None or site == self.site_id:
+            return self.site_id, self._flight_address
+        for status in self.sites():
+            if status.site_id == site:
+                if status.state != "up":
+                    raise errors.SiteUnavailableError(f"site {site!r} is {status.state}")
+                return site, status.flight_address
+        raise errors.PlacementError(f"no site {site!r} in the federation of {self.site_id}")
+
+    def put_dataset(self, data: Any, name: str | None = None, site: str | None = None, *,
+                    progress: Callable[[int, int], None] | None = None) -> DatasetRef:
+        """Stores ``data`` at a site (default: the home) and returns its :class:`DatasetRef`.
+
+        ``data`` is a ``pyarrow.Table``, a ``RecordBatchReader``, or a path/fsspec URL of
+        Parquet, Arrow IPC or CSV; it is streamed in record batches (``progress(rows, bytes)``
+        is called after each)."""
+        return self._data.put(data, name, site, progress)
+
+    def get_dataset(self, ref: DatasetRef | str, *, site: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Any:
+        """The dataset as a ``pyarrow.Table``; ``ref`` is a DatasetRef, an id or a name."""
+        return self._data.get(ref, site, progress)
+
+    def datasets(self, site: str | None = None) -> list[DatasetRef]:
+        """The datasets at a site (default: the home)."""
+        return self._data.list(site)
+
+    def dataset(self, ref: DatasetRef | str, *, site: str | None = None) -> DatasetRef:
+        """A dataset's ref by id or name."""
+        return self._data.action("get", ref, site)
+
+    def delete_dataset(self, ref: DatasetRef | str, *, site: str | None = None) -> DatasetRef:
+        return self._data.action("delete", ref, site)
+
     def executor(self, max_workers: int | None = None) -> Any:
         """A ``concurrent.futures.Executor`` whose ``map`` batches fine-grained work."""
         from intertie.executor import FederationExecutor
@@ -461,6 +504,7 @@ class Federation:
             logger.debug("stopping the session stream: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._io.join(timeout=5)
+        self._data.close()
         if not self._io.is_alive():
             self._loop.close()
         self._channel.close()

@@ -51,6 +51,13 @@ class TaskNotFoundError(IntertieError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DatasetNotFoundError(IntertieError, KeyError):
+    """No dataset with that id or name at the site asked."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class InvalidRequestError(IntertieError, ValueError):
     """The request was malformed or had values of the wrong kind."""
 

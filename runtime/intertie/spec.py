@@ -151,6 +151,7 @@ class SiteStatus:
     mean_run_s: float = 0.0
     last_seen: float = 0.0  # when the reporting gateway last heard from it
     rtt_s: float = 0.0
+    flight_address: str = ""  # where its datasets are served (Arrow Flight)
 
     @classmethod
     def from_proto(cls, msg: site_pb2.SiteStatus) -> SiteStatus:
@@ -160,7 +161,7 @@ class SiteStatus:
                    queued=msg.queued, running=msg.running, throughput=msg.throughput,
                    labels=dict(msg.labels), max_payload_bytes=msg.max_payload_bytes, version=msg.version,
                    accelerators=tuple(msg.accelerators), movable=msg.movable, mean_run_s=msg.mean_run_s,
-                   last_seen=msg.last_seen, rtt_s=msg.rtt_s)
+                   last_seen=msg.last_seen, rtt_s=msg.rtt_s, flight_address=msg.flight_address)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import intertie
 
 EXPECTED = [
-    "AuthenticationError", "Federation", "FederationExecutor", "IntertieError", "InvalidRequestError",
+    "AuthenticationError", "DatasetNotFoundError", "DatasetRef", "Federation", "FederationExecutor", "IntertieError", "InvalidRequestError",
     "PayloadTooLargeError", "PermissionDeniedError", "PlacementError", "RemoteFunction", "RemoteTaskError",
     "Resources", "SerializationError", "SiteFailureError", "SiteStatus", "SiteUnavailableError",
     "TaskCancelledError", "TaskFuture", "TaskInfo", "TaskNotFoundError", "TaskOptions", "TaskTimeoutError",

@@ -1,0 +1,188 @@
+"""Datasets: Arrow tables that live at a site, uploaded and fetched over Arrow Flight.
+
+``fed.put_dataset(table)`` streams record batches to a site's Flight endpoint and returns
+a :class:`DatasetRef`; ``fed.get_dataset(ref)`` streams them back. Nothing here pickles:
+the wire is Arrow IPC.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from intertie import errors
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+# Batches of this many rows when a table is uploaded (bounded memory per message).
+UPLOAD_BATCH_ROWS = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset at a site. Picklable; pass it around instead of the data."""
+
+    id: str
+    name: str
+    site: str
+    num_rows: int
+    num_bytes: int
+    schema_ipc: bytes  # the Arrow schema, IPC-serialized
+
+    @property
+    def schema(self) -> pa.Schema:
+        import pyarrow as pa
+
+        return pa.ipc.read_schema(pa.py_buffer(self.schema_ipc))
+
+    @classmethod
+    def from_json(cls, data: bytes) -> DatasetRef:
+        meta = json.loads(data)
+        return cls(id=meta["id"], name=meta["name"], site=meta["site"], num_rows=int(meta["num_rows"]),
+                   num_bytes=int(meta["num_bytes"]), schema_ipc=bytes.fromhex(meta["schema"]))
+
+    def __repr__(self) -> str:
+        return (f"DatasetRef({self.name!r} at {self.site}: {self.num_rows} rows, {self.num_bytes} bytes, "
+                f"id {self.id[:12]})")
+
+
+def _translate(exc: Exception, what: str) -> errors.IntertieError:
+    import pyarrow.flight as flight
+
+    text = str(exc)
+    for kind, cls in (("ERROR_KIND_NOT_FOUND", errors.DatasetNotFoundError),
+                      ("ERROR_KIND_INVALID_ARGUMENT", errors.InvalidRequestError),
+                      ("ERROR_KIND_PAYLOAD_TOO_LARGE", errors.PayloadTooLargeError)):
+        if kind in text:
+            message = text.split(kind + ": ", 1)[-1].split(". Detail:", 1)[0].strip()
+            return cls(message)
+    if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError, ConnectionError)):
+        return errors.SiteUnavailableError(f"{what}: {text}")
+    return errors.IntertieError(f"{what}: {text}")
+
+
+def as_reader(data: Any) -> pa.RecordBatchReader:
+    """A RecordBatchReader over a Table, a RecordBatchReader, or a path/fsspec URL of
+    Parquet, Arrow IPC (.arrow/.feather/.ipc) or CSV."""
+    import pyarrow as pa
+
+    if isinstance(data, pa.Table):
+        return pa.RecordBatchReader.from_batches(data.schema, data.to_batches(max_chunksize=UPLOAD_BATCH_ROWS))
+    if isinstance(data, pa.RecordBatchReader):
+        return data
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        import os
+
+        import pyarrow.dataset as ds
+
+        path = os.fspath(data) if not isinstance(data, str) else data
+        lowered = str(path).lower()
+        fmt = ("parquet" if lowered.endswith((".parquet", ".pq")) else
+               "csv" if lowered.endswith((".csv", ".csv.gz")) else
+               "ipc" if lowered.endswith((".arrow", ".feather", ".ipc")) else None)
+        if fmt is None:
+            raise errors.InvalidRequestError(f"{path}: expected a .parquet, .arrow/.feather/.ipc or .csv file")
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(path))
+        try:
+            dataset = ds.dataset(root, format=fmt, filesystem=fs)
+            return dataset.scanner(batch_size=UPLOAD_BATCH_ROWS).to_reader()
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise errors.InvalidRequestError(f"cannot read {path} as {fmt}: {exc}") from None
+    raise errors.InvalidRequestError(
+        f"put_dataset takes a pyarrow.Table, a RecordBatchReader or a file path/URL, not {type(data).__name__}")
+
+
+class DatasetClient:
+    """Flight clients per site address, opened lazily."""
+
+    def __init__(self, resolve: Callable[[str | None], tuple[str, str]]) -> None:
+        self._resolve = resolve  # site id (None: home) -> (site id, flight address)
+        self._clients: dict[str, flight.FlightClient] = {}
+
+    def _client(self, site: str | None) -> tuple[str, flight.FlightClient]:
+        import pyarrow.flight as flight
+
+        site_id, address = self._resolve(site)
+        if not address:
+            raise errors.SiteUnavailableError(f"site {site_id!r} serves no datasets")
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = flight.FlightClient(f"grpc://{address}")
+        return site_id, client
+
+    def put(self, data: Any, name: str | None, site: str | None,
+            progress: Callable[[int, int], None] | None = None) -> DatasetRef:
+        import pyarrow.flight as flight
+
+        reader = as_reader(data)
+        site_id, client = self._client(site)
+        descriptor = flight.FlightDescriptor.for_command(json.dumps({"name": name or ""}).encode())
+        try:
+            writer, metadata = client.do_put(descriptor, reader.schema)
+            rows = sent = 0
+            with writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+                    sent += batch.nbytes
+                    if progress is not None:
+                        progress(rows, sent)
+                writer.done_writing()
+                answer = metadata.read()
+        except flight.FlightError as exc:
+            raise _translate(exc, f"upload to site {site_id}") from None
+        if answer is None:
+            raise errors.IntertieError(f"site {site_id} did not confirm the upload")
+        return DatasetRef.from_json(answer.to_pybytes())
+
+    def get(self, ref: DatasetRef | str, site: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> pa.Table:
+        import pyarrow as pa
+        import pyarrow.flight as flight
+
+        key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
+        site_id, client = self._client(where)
+        try:
+            reader = client.do_get(flight.Ticket(key.encode()))
+            batches = []
+            rows = got = 0
+            for chunk in reader:
+                batches.append(chunk.data)
+                rows += chunk.data.num_rows
+                got += chunk.data.nbytes
+                if progress is not None:
+                    progress(rows, got)
+            return pa.Table.from_batches(batches, schema=reader.schema)
+        except flight.FlightError as exc:
+            raise _translate(exc, f"download from site {site_id}") from None
+
+    def list(self, site: str | None = None) -> list[DatasetRef]:
+        import pyarrow.flight as flight
+
+        site_id, client = self._client(site)
+        try:
+            return [DatasetRef.from_json(info.descriptor.command) for info in client.list_flights()]
+        except flight.FlightError as exc:
+            raise _translate(exc, f"listing datasets at site {site_id}") from None
+
+    def action(self, kind: str, ref: DatasetRef | str, site: str | None = None) -> DatasetRef:
+        import pyarrow.flight as flight
+
+        key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
+        site_id, client = self._client(where)
+        try:
+            results: Iterator[Any] = client.do_action(flight.Action(kind, key.encode()))
+            return DatasetRef.from_json(next(iter(results)).body.to_pybytes())
+        except flight.FlightError as exc:
+            raise _translate(exc, f"{kind} of dataset {key!r} at site {site_id}") from None
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
