@@ -85,7 +85,7 @@ class DatasetStore:
     def used_bytes(self) -> int:
         return sum(m.num_bytes for m in self._meta.values())
 
-    def list(self) -> list[DatasetMeta]:
+    def listing(self) -> list[DatasetMeta]:
         with self._lock:
             return sorted(self._meta.values(), key=lambda m: m.created_at)
 
@@ -100,12 +100,37 @@ class DatasetStore:
             raise DatasetError("ERROR_KIND_NOT_FOUND", f"site {self.site_id!r} has no dataset {key!r}")
         return meta
 
-    def write(self, name: str, reader: Any) -> DatasetMeta:
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._meta)
+
+    def location(self, dataset_id: str) -> str | None:
+        """Where a worker on this machine reads the dataset: a local path, or an fsspec URL."""
+        with self._lock:
+            if dataset_id not in self._meta:
+                return None
+        path = self._path(dataset_id, "arrow")
+        if isinstance(self.fs, LocalFileSystem):
+            return path
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return f"{protocol}://{path}"
+
+    def pull(self, dataset_id: str, address: str) -> DatasetMeta:
+        """Copies a dataset from another site's Flight endpoint, keeping its id (a replica)."""
+        client = flight.FlightClient(f"grpc://{address}")
+        try:
+            info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))))
+            name = json.loads(info.body.to_pybytes())["name"]
+            return self.write(name, client.do_get(flight.Ticket(dataset_id.encode())), dataset_id=dataset_id)
+        finally:
+            client.close()
+
+    def write(self, name: str, reader: Any, dataset_id: str | None = None) -> DatasetMeta:
         """Stores a stream of record batches (``reader.read_chunk()`` or iteration)."""
         if name and not _NAME.match(name):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
                                f"dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
-        dataset_id = uuid.uuid4().hex
+        dataset_id = dataset_id or uuid.uuid4().hex
         part = self._path(dataset_id, "arrow.part")
         rows = nbytes = 0
         schema = reader.schema
@@ -198,7 +223,7 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         return flight.GeneratorStream(file_reader.schema, batches)
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
-        for meta in self.store.list():
+        for meta in self.store.listing():
             schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
             yield flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
                                     [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes)

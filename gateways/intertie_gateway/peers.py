@@ -78,7 +78,8 @@ class Peer:
             free=dict(status.resources_free), queued=status.queued, running=status.running,
             mean_run_s=status.mean_run_s or None, labels=dict(status.labels),
             max_payload_bytes=status.max_payload_bytes, rtt_s=self.rtt_s,
-            bandwidth=self.membership.scheduler.config.bandwidth.get(status.site_id, 0.0), pending=self.pending)
+            bandwidth=self.membership.scheduler.config.bandwidth.get(status.site_id, 0.0), pending=self.pending,
+            resident=dict.fromkeys(status.datasets, 0))
 
     def catalogue_entry(self) -> site_pb2.SiteStatus:
         entry = site_pb2.SiteStatus()

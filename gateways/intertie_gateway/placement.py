@@ -76,6 +76,7 @@ class Demand:
     labels: Mapping[str, str] = field(default_factory=dict)
     input_bytes: int = 0  # arguments, carried from the home gateway
     inputs: Mapping[str, int] = field(default_factory=dict)  # dataset id -> bytes
+    holders: Mapping[str, str] = field(default_factory=dict)  # dataset id -> the site its ref names
     exclude: frozenset[str] = frozenset()  # sites already tried and refused
     run_s: float | None = None  # expected run time (from earlier runs of the function), if known
 
@@ -83,7 +84,7 @@ class Demand:
         """Demands of one shape have the same candidates (and the same scores)."""
         return (tuple(sorted(self.resources.items())), self.python_version, self.arch, self.site,
                 tuple(sorted(self.labels.items())), self.input_bytes, tuple(sorted(self.inputs.items())),
-                self.exclude, self.run_s)
+                tuple(sorted(self.holders.items())), self.exclude, self.run_s)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,8 @@ def score(site: SiteView, demand: Demand, weights: Weights) -> Score:
     mix = (there * site_run + site.pending * run_s) / ahead if ahead else run_s
     wait_s = max(0.0, ahead + 1 - slots) / slots * mix
     bandwidth = site.bandwidth or weights.default_bandwidth
-    missing = sum(n for d, n in demand.inputs.items() if d not in site.resident)
+    missing = sum(n for d, n in demand.inputs.items()
+                  if d not in site.resident and demand.holders.get(d) != site.site_id)
     transfer_s = missing / bandwidth
     if not site.local:  # arguments travel from the home gateway, one forwarding round trip
         transfer_s += site.rtt_s + demand.input_bytes / bandwidth

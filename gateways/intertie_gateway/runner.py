@@ -122,10 +122,12 @@ class RayRunner:
         slot.inflight.append(running)
         return running
 
-    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float]) -> Running:
-        """Starts a task in Ray; the caller watches ``running.ref``."""
+    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
+               inputs: dict[str, str] | None = None) -> Running:
+        """Starts a task in Ray; the caller watches ``running.ref``. ``inputs`` maps the
+        dataset ids in its arguments to where the worker reads them."""
         holder = self._functions[digest]
-        extra = () if holder is None else (holder,)
+        extra: tuple[Any, ...] = (holder, inputs) if inputs else (() if holder is None else (holder,))
         if self.pooled(request):
             index, slot = self._least_loaded()
             running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)

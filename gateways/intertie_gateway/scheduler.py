@@ -30,6 +30,7 @@ from intertie_gateway.sessions import SessionHub
 from intertie_gateway.validate import check_spec, ray_request
 
 if TYPE_CHECKING:
+    from intertie_gateway.datasets import DatasetStore
     from intertie_gateway.peers import Membership, Peer
 
 logger = logging.getLogger(__name__)
@@ -74,13 +75,14 @@ class Task:
         self.placements: list[tasks_pb2.Placement] = []
         self.exclude: set[str] = set()  # sites that refused it
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
-        self.fuse = spec.timeout_s == 0  # may share one Ray call with others of its function
+        self.fuse = spec.timeout_s == 0 and not spec.inputs  # may share one Ray call with others
 
     def demand(self, run_s: float | None = None) -> Demand:
         c = self.spec.constraints
         return Demand(self.request, python_version=self.spec.python_version, arch=c.arch, site=c.site,
                       labels=dict(c.labels), input_bytes=len(self.spec.args), exclude=frozenset(self.exclude),
-                      run_s=run_s)
+                      run_s=run_s, inputs={i.id: i.num_bytes for i in self.spec.inputs},
+                      holders={i.id: i.site for i in self.spec.inputs})
 
     @property
     def home_here(self) -> bool:
@@ -104,6 +106,8 @@ class Scheduler:
         self.python = python_version()
         self.address = ""
         self.flight_address = ""
+        self.store: DatasetStore | None = None
+        self._pulling: set[str] = set()  # tasks waiting for a dataset to arrive
         self.capacity = Capacity(runner.total_resources(), config.admission_overcommit)
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
@@ -222,7 +226,8 @@ class Scheduler:
             site_id=self.site_id, state="draining" if self.draining else "up", arch=_ARCH,
             python_version=self.python, total=self.capacity.total, free=self.capacity.free(),
             queued=len(self.queue), running=self.running, mean_run_s=self.capacity.mean_run_s,
-            labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True)
+            labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True,
+            resident=dict.fromkeys(self.store.ids(), 0) if self.store is not None else {})
 
     def _current_placer(self) -> Placer:
         """The placer of this catalogue epoch. Rebuilt from fresh views at most every
@@ -446,6 +451,11 @@ class Scheduler:
                 return
             if self.capacity.fits(task.request):
                 queue.popleft()
+                if task.spec.inputs:
+                    paths = self._inputs_for(task)
+                    if paths is not None:
+                        self._start(task, paths)
+                    continue  # else parked until its data is here
                 group = self._fusable_behind(task)
                 if group:
                     self._start_group([task, *group])
@@ -536,7 +546,53 @@ class Scheduler:
         running.ref.future().add_done_callback(
             lambda fut: loop.call_soon_threadsafe(self._on_group_done, tasks, attempts, running, fut))
 
-    def _start(self, task: Task) -> None:
+    def _inputs_for(self, task: Task) -> dict[str, str] | None:
+        """Where the worker reads each dataset argument; None while some are being fetched
+        from the sites that hold them (the task waits, still QUEUED, and comes back)."""
+        paths: dict[str, str] = {}
+        missing = []
+        for item in task.spec.inputs:
+            where = self.store.location(item.id) if self.store is not None else None
+            if where is None:
+                missing.append(item)
+            else:
+                paths[item.id] = where
+        if not missing:
+            return paths
+        if task.task_id not in self._pulling:
+            self._pulling.add(task.task_id)
+            self._loop.create_task(self._fetch(task, missing))
+        return None
+
+    async def _fetch(self, task: Task, missing: list[tasks_pb2.DatasetInput]) -> None:
+        try:
+            for item in missing:
+                peer = self.membership.peer_for(item.site) if self.membership is not None else None
+                address = peer.status.flight_address if peer is not None and peer.status is not None else ""
+                if item.site == self.site_id or not address or self.store is None:
+                    self._finish(task, jr.FAILED, error=common_pb2.Error(
+                        kind=K.ERROR_KIND_DATASET_NOT_FOUND, message=(
+                            f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}"
+                            + ("" if item.site == self.site_id else f" and its holder {item.site!r} is not reachable"))))
+                    return
+                started = time.monotonic()
+                meta = await self._loop.run_in_executor(None, self.store.pull, item.id, address)
+                logger.info("pulled dataset %s (%d bytes) from %s in %.2f s for task %s", item.id, meta.num_bytes,
+                            item.site, time.monotonic() - started, task.task_id)
+        except Exception as exc:
+            logger.warning("task %s: fetching its data failed: %s", task.task_id, exc)
+            self._finish(task, jr.FAILED, error=common_pb2.Error(
+                kind=K.ERROR_KIND_SITE_FAILURE,
+                message=f"task {task.task_id}: its dataset could not be fetched to site {self.site_id!r}: {exc}"))
+        else:
+            if task.state == jr.QUEUED:
+                self.queue.appendleft(task)
+        finally:
+            self._pulling.discard(task.task_id)
+            self.flush()
+            self.pump()
+
+    def _start(self, task: Task, inputs: dict[str, str] | None = None) -> None:
         spec = task.spec
         digest = spec.function_digest
         if not self._ensure_function(task):
@@ -551,7 +607,7 @@ class Scheduler:
         attempt = task.attempts
         loop = self._loop
         try:
-            task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request)
+            task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs)
             running.ref.future().add_done_callback(
                 lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, running, fut))
         except Exception as exc:  # e.g. Ray rejected the options
@@ -828,7 +884,8 @@ class Scheduler:
             max_payload_bytes=self.config.max_payload_bytes, version=_version(),
             movable=len(self._movable()), mean_run_s=self.capacity.mean_run_s or 0.0,
             accelerators=sorted(k.split(":", 1)[1] for k in self.capacity.total if k.startswith("accelerator_type:")),
-            last_seen=time.time(), flight_address=self.flight_address)
+            last_seen=time.time(), flight_address=self.flight_address,
+            datasets=self.store.ids() if self.store is not None else [])
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:
         """This site, then its peers as last seen."""

@@ -67,6 +67,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     store = DatasetStore(config.data_url or str(state / "datasets"), config.site_id,
                          quota_bytes=config.dataset_quota_bytes)
     flight_server = FlightService(f"grpc://{config.flight_listen or host + ':0'}", store)
+    scheduler.store = store
     flight_host = config.flight_listen.rpartition(":")[0] if config.flight_listen else host
     scheduler.flight_address = f"{flight_host}:{flight_server.port}"
 

@@ -79,13 +79,52 @@ def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
     return fn
 
 
-def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None) -> Outcome:
+def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
+            inputs: dict[str, str] | None = None) -> Outcome:
     started = time.perf_counter()
-    outcome = _execute(digest, args, name, batch, holder)
+    outcome = _execute(digest, args, name, batch, holder, inputs)
     return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
 
 
-def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None) -> Outcome:
+def _tables(call: Any, inputs: dict[str, str]) -> Any:
+    """The call's (args, kwargs) with each DatasetRef replaced by its table, read from the
+    site's copy (memory-mapped when the store is a local folder: no copy)."""
+    import pyarrow as pa
+
+    from intertie.datasets import DatasetRef
+
+    cache: dict[str, Any] = {}
+
+    def table(ref: DatasetRef) -> Any:
+        if ref.id not in cache:
+            location = inputs[ref.id]
+            if "://" in location:
+                import fsspec
+
+                with fsspec.open(location, "rb") as fh:
+                    source: Any = pa.BufferReader(fh.read())
+            else:
+                source = pa.memory_map(location)
+            cache[ref.id] = pa.ipc.open_file(source).read_all()
+        return cache[ref.id]
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, DatasetRef):
+            return table(value)
+        if isinstance(value, list):
+            return [table(v) if isinstance(v, DatasetRef) else v for v in value]
+        if isinstance(value, tuple):
+            return tuple(table(v) if isinstance(v, DatasetRef) else v for v in value)
+        if isinstance(value, dict):
+            return {k: table(v) if isinstance(v, DatasetRef) else v for k, v in value.items()}
+        return value
+
+    args, kwargs = call
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
+def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None,
+             inputs: dict[str, str] | None = None) -> Outcome:
     try:
         fn = _function(digest, holder, name)
     except Exception as exc:
@@ -96,6 +135,12 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
     except Exception as exc:
         return _failure(KIND_SERIALIZATION, exc,
                         f"arguments of {name} could not be unpickled on this site: {type(exc).__name__}: {exc}")
+    if inputs:
+        try:
+            call = [_tables(c, inputs) for c in call] if batch else _tables(call, inputs)
+        except Exception as exc:
+            return _failure(KIND_SERIALIZATION, exc,
+                            f"a dataset argument of {name} could not be read on this site: {type(exc).__name__}: {exc}")
     try:
         if batch:
             value: Any = [fn(*a, **k) for a, k in call]
@@ -116,8 +161,8 @@ class PoolWorker:
     """A long-lived worker of the gateway's pool (a Ray actor): runs one task at a time."""
 
     def execute(self, digest: str, args: bytes, name: str, batch: bool,
-                holder: list[Any] | None = None) -> Outcome:
-        return execute(digest, args, name, batch, holder)
+                holder: list[Any] | None = None, inputs: dict[str, str] | None = None) -> Outcome:
+        return execute(digest, args, name, batch, holder, inputs)
 
     def execute_many(self, digest: str, items: list[tuple[str, bytes, bool]],
                      holder: list[Any] | None = None) -> list[Outcome]:

@@ -22,6 +22,7 @@ _KIND_TO_CLASS: dict[int, type[errors.IntertieError]] = {
     ErrorKind.ERROR_KIND_PLACEMENT: errors.PlacementError,
     ErrorKind.ERROR_KIND_PAYLOAD_TOO_LARGE: errors.PayloadTooLargeError,
     ErrorKind.ERROR_KIND_NOT_FOUND: errors.TaskNotFoundError,
+    ErrorKind.ERROR_KIND_DATASET_NOT_FOUND: errors.DatasetNotFoundError,
     ErrorKind.ERROR_KIND_INVALID_ARGUMENT: errors.InvalidRequestError,
     ErrorKind.ERROR_KIND_SERIALIZATION: errors.SerializationError,
     ErrorKind.ERROR_KIND_SITE_FAILURE: errors.SiteFailureError,

@@ -16,7 +16,7 @@ import grpc
 
 from intertie import _rpc, errors, serialization
 from intertie._wire import error_from_wire
-from intertie.datasets import DatasetClient, DatasetRef
+from intertie.datasets import DatasetClient, DatasetRef, refs_in
 from intertie.futures import TaskFuture
 from intertie.spec import PlacementInfo, Quote, SiteStatus, TaskInfo, TaskOptions, python_version
 from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -128,11 +128,12 @@ class Federation:
         if isinstance(fn, RemoteFunction):
             return fn.submit_to(self, args, kwargs)
         return self._submit(serialization.pickle_function(fn), TaskOptions(),
-                            serialization.dumps_call(args, kwargs), batch=False)
+                            serialization.dumps_call(args, kwargs), batch=False, inputs=refs_in(args, kwargs))
 
     def _submit(self, function: serialization.PickledFunction, options: TaskOptions, args: bytes,
                 *, batch: bool, resources: common_pb2.ResourceRequest | None = None,
-                constraints: common_pb2.Constraints | None = None) -> TaskFuture:
+                constraints: common_pb2.Constraints | None = None,
+                inputs: Sequence[DatasetRef] = ()) -> TaskFuture:
         if self.closed:
             raise errors.IntertieError("this connection is closed")
         task_id = uuid.uuid4().hex
@@ -153,6 +154,8 @@ class Federation:
             constraints = options.constraints()
         if constraints is not None:
             spec.constraints.CopyFrom(constraints)
+        for ref in inputs:
+            spec.inputs.add(id=ref.id, site=ref.site, num_bytes=ref.num_bytes)
         pending = _Pending(future, spec, function)
         with self._lock:
             self._futures[task_id] = future

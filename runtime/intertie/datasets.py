@@ -186,3 +186,16 @@ class DatasetClient:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
+
+
+def refs_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[DatasetRef]:
+    """The DatasetRefs among a call's arguments: top level, and one level inside lists,
+    tuples and dict values (where a task finds them as tables)."""
+    found: dict[str, DatasetRef] = {}
+    for value in (*args, *kwargs.values()):
+        items = (value.values() if isinstance(value, dict) else value
+                 if isinstance(value, (list, tuple)) else (value,))
+        for item in items:
+            if isinstance(item, DatasetRef):
+                found.setdefault(item.id, item)
+    return list(found.values())

@@ -61,9 +61,12 @@ class RemoteFunction:
                 raise PlacementError(f"the quote has no site that can run the task: "
                                      f"{quote.placement.rejected[:3]}")
             return self.options(site=quote[0].site).submit_to(fed, args, kwargs)
+        from intertie.datasets import refs_in
+
         return fed._submit(serialization.pickle_function(self._fn), self._options,
                            serialization.dumps_call(args, kwargs), batch=False,
-                           resources=self._resources_proto, constraints=self._constraints_proto)
+                           resources=self._resources_proto, constraints=self._constraints_proto,
+                           inputs=refs_in(args, kwargs))
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {serialization.function_name(self._fn)} {self._options}>"

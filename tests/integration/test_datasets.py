@@ -102,3 +102,17 @@ def test_any_fsspec_filesystem_and_the_cli(gateway_factory, tmp_path: Path) -> N
     assert cli("rm", "cli-set").returncode == 0
     missing = cli("get", "cli-set", str(tmp_path / "again.parquet"))
     assert missing.returncode == 1 and "DatasetNotFoundError" in missing.stderr
+
+
+def count_rows(tables: list, extra=None) -> int:  # type: ignore[no-untyped-def,type-arg]
+    return sum(t.num_rows for t in tables) + (extra.num_rows if extra is not None else 0)
+
+
+def test_refs_in_arguments_arrive_as_tables(fed: intertie.Federation) -> None:
+    a = fed.put_dataset(sample(1_000))
+    b = fed.put_dataset(sample(2_000))
+    assert fed.submit(count_rows, [a, b], extra=a).result(timeout=60) == 4_000
+    gone = fed.put_dataset(sample(10))
+    fed.delete_dataset(gone)
+    with pytest.raises(intertie.DatasetNotFoundError, match=f"dataset {gone.id} is not at site"):
+        fed.submit(count_rows, [gone]).result(timeout=60)

@@ -146,6 +146,37 @@ def test_federated_example_runs(home: intertie.Federation) -> None:
     assert "at gamma" in out.stdout  # the GPU task
 
 
+def column_sum(table, column: str) -> float:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    assert isinstance(table, pa.Table)  # the ref arrived as a table
+    return pc.sum(table.column(column)).as_py()
+
+
+def test_a_task_on_a_dataset_runs_where_the_data_is(home: intertie.Federation) -> None:
+    import pyarrow as pa
+
+    table = pa.table({"v": pa.array(range(1_000_000), pa.int64())})  # 8 MB
+    ref = home.put_dataset(table, name="big", site="beta")
+    assert ref.site == "beta"
+    f = intertie.remote(column_sum)
+    fut = f.submit(ref, "v")
+    assert fut.result(timeout=60) == sum(range(1_000_000))
+    assert fut.site == "beta"
+    placement = fut.placement
+    assert placement is not None
+    transfer = {c.site: c.transfer_s for c in placement.candidates}
+    assert transfer["alpha"] > transfer["beta"]  # the 8 MB would have to move to alpha
+
+    # Pinned elsewhere: gamma pulls it from beta over Flight, keeps a replica, and runs.
+    pinned = f.options(site="gamma").submit(ref, "v")
+    assert pinned.result(timeout=60) == sum(range(1_000_000)) and pinned.site == "gamma"
+    assert ref.id in {r.id for r in home.datasets(site="gamma")}
+    again = f.options(site="gamma").submit(ref, "v")
+    assert again.result(timeout=60) == sum(range(1_000_000))
+
+
 def test_killed_site_work_moves_and_late_duplicates_change_nothing(
         home: intertie.Federation, federation: LocalFederation) -> None:
     beta = federation.site("beta")

@@ -148,3 +148,10 @@ def test_tasks_placed_this_round_count_with_their_own_run_time() -> None:
     assert counts["quick"] == pytest.approx(50, abs=2)
     assert score(quick_past, Demand(CPU1, run_s=2.0), Weights()).run_s == 2.0
     assert score(quick_past, Demand(CPU1), Weights()).run_s == 0.001  # no estimate: the site's own
+
+
+def test_the_site_a_ref_names_counts_as_holding_it_before_the_catalogue_says_so() -> None:
+    holder, other = site("holder", rtt_s=0.001), site("other", rtt_s=0.001)
+    demand = Demand(CPU1, inputs={"ds": 10**9}, holders={"ds": "holder"})
+    assert score(holder, demand, Weights()).transfer_s < 0.01
+    assert place_all([other, holder], [demand])[0].site_id == "holder"

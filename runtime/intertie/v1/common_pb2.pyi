@@ -20,6 +20,7 @@ class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_KIND_SERIALIZATION: _ClassVar[ErrorKind]
     ERROR_KIND_SITE_FAILURE: _ClassVar[ErrorKind]
     ERROR_KIND_INTERNAL: _ClassVar[ErrorKind]
+    ERROR_KIND_DATASET_NOT_FOUND: _ClassVar[ErrorKind]
 ERROR_KIND_UNSPECIFIED: ErrorKind
 ERROR_KIND_REMOTE: ErrorKind
 ERROR_KIND_CANCELLED: ErrorKind
@@ -31,6 +32,7 @@ ERROR_KIND_INVALID_ARGUMENT: ErrorKind
 ERROR_KIND_SERIALIZATION: ErrorKind
 ERROR_KIND_SITE_FAILURE: ErrorKind
 ERROR_KIND_INTERNAL: ErrorKind
+ERROR_KIND_DATASET_NOT_FOUND: ErrorKind
 
 class ResourceRequest(_message.Message):
     __slots__ = ("cpus", "gpus", "memory_bytes", "custom")

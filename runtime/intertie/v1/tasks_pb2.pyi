@@ -34,7 +34,7 @@ class Function(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., payload: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home")
+    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home", "inputs")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class TaskSpec(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     HOME_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     function_digest: str
     args: bytes
@@ -57,7 +58,18 @@ class TaskSpec(_message.Message):
     name: str
     constraints: _common_pb2.Constraints
     home: str
-    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[DatasetInput]
+    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[DatasetInput, _Mapping]]] = ...) -> None: ...
+
+class DatasetInput(_message.Message):
+    __slots__ = ("id", "site", "num_bytes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    site: str
+    num_bytes: int
+    def __init__(self, id: _Optional[str] = ..., site: _Optional[str] = ..., num_bytes: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("functions", "tasks", "session_id")
