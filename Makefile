@@ -27,6 +27,7 @@ proto: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/quickstart.py
 	$(PY) examples/federated_map.py
+	$(PY) examples/datasets.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -177,6 +177,14 @@ def test_a_task_on_a_dataset_runs_where_the_data_is(home: intertie.Federation) -
     assert again.result(timeout=60) == sum(range(1_000_000))
 
 
+def test_datasets_example_runs(home: intertie.Federation) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "datasets.py")], capture_output=True,
+                         text=True, timeout=240, env={**os.environ, "INTERTIE_ADDRESS": home.address})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "computed at beta (submitted to alpha)" in out.stdout
+    assert "pinned to gamma: mean fare 14.750" in out.stdout and "gamma now holds: ['trips']" in out.stdout
+
+
 def test_killed_site_work_moves_and_late_duplicates_change_nothing(
         home: intertie.Federation, federation: LocalFederation) -> None:
     beta = federation.site("beta")
