@@ -597,14 +597,7 @@ class Scheduler:
         digest = spec.function_digest
         if not self._ensure_function(task):
             return
-        task.attempts += 1
-        task.state = jr.RUNNING
-        task.site = self.site_id
-        task.started_at = time.time()
-        task.holding = True
-        self.capacity.acquire(task.request)
-        self.running += 1
-        attempt = task.attempts
+        attempt = self._mark_started(task)
         loop = self._loop
         try:
             task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs)
@@ -617,10 +610,6 @@ class Scheduler:
             return
         if spec.timeout_s > 0:
             task.timer = loop.call_later(spec.timeout_s, self._on_timeout, task, attempt)
-        self._write(jr.Journal.started(task.task_id, attempt, self.site_id, task.started_at))
-        if task.sessions:
-            self.hub.push(task.sessions, tasks_pb2.TaskEvent(
-                task_id=task.task_id, state=jr.RUNNING, site=self.site_id, attempt=attempt), progress=True)
 
     def _release(self, task: Task) -> None:
         if task.holding:
