@@ -7,7 +7,14 @@ import asyncio
 import logging
 import sys
 
-from intertie_gateway.config import ConfigError, GatewayConfig, load_toml, parse_labels, parse_resources
+from intertie_gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    load_toml,
+    parse_bandwidth,
+    parse_labels,
+    parse_resources,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
     run.add_argument("--flight-listen", metavar="HOST:PORT", help="Arrow Flight endpoint for datasets (default: a free port)")
     run.add_argument("--dataset-quota", type=int, metavar="BYTES", help="most bytes of datasets kept (default: no limit)")
+    run.add_argument("--replica-cache", type=int, metavar="BYTES",
+                     help="most bytes of replicas pulled from other sites (default 8 GiB; 0: no bound)")
+    run.add_argument("--result-dataset-bytes", type=int, metavar="BYTES",
+                     help="a Table result this large stays at the site as a dataset (default 64 MiB; 0: never)")
+    run.add_argument("--pull-timeout", type=float, metavar="SECONDS",
+                     help="how long a transfer of a task's data may stall before the task fails (default 120)")
+    run.add_argument("--flight-max-rate", type=float, metavar="BYTES_PER_S",
+                     help="cap on the rate each dataset transfer is served at (default: none)")
+    run.add_argument("--bandwidth", action="append", metavar="SITE=BYTES_PER_S",
+                     help="link bandwidth to a peer site, for placement (repeatable)")
+    run.add_argument("--default-bandwidth", type=float, metavar="BYTES_PER_S",
+                     help="link bandwidth assumed to peers not given by --bandwidth (default 100e6)")
     run.add_argument("--peer", action="append", metavar="HOST:PORT", help="a peer gateway (repeatable)")
     run.add_argument("--heartbeat", type=float, metavar="SECONDS", help="how often peers' status is pulled")
     run.add_argument("--no-steal", dest="steal", action="store_false", default=None,
@@ -56,7 +75,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "worker_pool": args.worker_pool,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
         "log_level": args.log_level, "data_url": args.data_url, "flight_listen": args.flight_listen,
-        "dataset_quota_bytes": args.dataset_quota,
+        "dataset_quota_bytes": args.dataset_quota, "replica_cache_bytes": args.replica_cache,
+        "result_dataset_bytes": args.result_dataset_bytes, "pull_timeout_s": args.pull_timeout,
+        "flight_max_rate": args.flight_max_rate, "bandwidth": parse_bandwidth(args.bandwidth),
+        "default_bandwidth": args.default_bandwidth,
     }
     return GatewayConfig.build(file_values, overrides)
 

@@ -58,10 +58,21 @@ class GatewayConfig:
     log_level: str = "INFO"
     # Datasets: where they are stored (any fsspec URL; default <state_dir>/datasets), the
     # Arrow Flight endpoint that serves them (default: the listen host, a free port), and
-    # how many bytes of datasets the site keeps at most (0: no limit).
+    # how many bytes of datasets the site keeps at most (0: no limit; replicas not counted).
     data_url: str = ""
     flight_listen: str = ""
     dataset_quota_bytes: int = 0
+    # Replicas pulled for tasks that ran here: a cache of at most this many bytes (0: no
+    # bound); the least recently used is evicted first.
+    replica_cache_bytes: int = 8 << 30
+    # A task result that is a pyarrow.Table of at least this many bytes stays at the site
+    # as a dataset and the caller gets a DatasetRef (0: only for returns="dataset").
+    result_dataset_bytes: int = 64 << 20
+    # How long a dataset transfer to this site may stall (no batch arriving) before the
+    # tasks waiting for it fail; interrupted transfers are resumed and retried meanwhile.
+    pull_timeout_s: float = 120.0
+    # Bytes/s this site serves to each dataset transfer (0: no cap): protects its uplink.
+    flight_max_rate: float = 0.0
     # Federation: peers' HOST:PORT, how often their status is pulled, and how many missed
     # answers in a row mark a peer down (its unfinished tasks are then placed elsewhere).
     peers: tuple[str, ...] = ()
@@ -95,6 +106,10 @@ class GatewayConfig:
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0 \
                     or math.isnan(amount):
                 raise ConfigError(f"resources.{name}: expected a number >= 0, got {amount!r}")
+        for key in ("dataset_quota_bytes", "replica_cache_bytes", "result_dataset_bytes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{key}: expected a whole number of bytes >= 0, got {value!r}")
         for key in ("object_store_memory", "max_payload_bytes"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -118,10 +133,11 @@ class GatewayConfig:
             host, sep, port = peer.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
                 raise ConfigError(f"peers: expected HOST:PORT, got {peer!r}")
-        for name in ("heartbeat_s", "price_weight", "carbon_weight", "default_bandwidth"):
+        for name in ("heartbeat_s", "price_weight", "carbon_weight", "default_bandwidth", "pull_timeout_s",
+                     "flight_max_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
-                    or value < 0 or (value == 0 and name in ("heartbeat_s", "default_bandwidth")):
+                    or value < 0 or (value == 0 and name in ("heartbeat_s", "default_bandwidth", "pull_timeout_s")):
                 raise ConfigError(f"{name}: expected a positive number, got {value!r}")
         if not isinstance(self.down_after, int) or isinstance(self.down_after, bool) or self.down_after < 1:
             raise ConfigError(f"down_after: expected an integer >= 1, got {self.down_after!r}")
@@ -209,3 +225,19 @@ def parse_labels(items: list[str] | None) -> dict[str, str] | None:
             raise ConfigError(f"--label: expected KEY=VALUE, got {item!r}")
         labels[key] = value
     return labels
+
+
+def parse_bandwidth(items: list[str] | None) -> dict[str, float] | None:
+    """``--bandwidth beta=1e9`` (repeatable): bytes/s to a peer site."""
+    if not items:
+        return None
+    table = {}
+    for item in items:
+        site, sep, value = item.partition("=")
+        try:
+            table[site] = float(value)
+        except ValueError:
+            table[site] = -1.0
+        if not sep or not site or not table[site] > 0:
+            raise ConfigError(f"--bandwidth: expected SITE=BYTES_PER_S (> 0), got {item!r}")
+    return table

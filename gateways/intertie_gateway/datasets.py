@@ -5,12 +5,20 @@ written as ``<id>.arrow.part`` and renamed when complete) and ``<id>.json`` (its
 metadata, written last). A dataset exists once its metadata does, so a crash in the
 middle of an upload leaves at most a ``.part`` file, removed at the next start.
 
+A dataset is a *primary* (uploaded here, or a task result stored here) or a *replica*
+(pulled from another site for a task that ran here, same id). Replicas are a cache:
+bounded by ``replica_cache_bytes``, the least recently used one is evicted first, and
+never one a task is reading. The quota bounds primaries only.
+
 Flight surface (the gateway never unpickles anything here; it is all Arrow):
-- ``do_put`` with descriptor command ``{"name": ...}``: stores a stream of record
-  batches; answers with the dataset's metadata as JSON in the put result.
-- ``do_get`` with ticket = dataset id or name: streams the batches back.
+- ``do_put`` with descriptor command ``{"name": ..., "id": ...}`` (the id is optional;
+  a task's stored result names its own, so a rerun replaces it): stores a stream of
+  record batches; answers with the dataset's metadata as JSON in the put result.
+- ``do_get`` with ticket = dataset id or name, or ``{"id": ..., "from_batch": k}`` to
+  resume an interrupted transfer at batch k: streams the batches back.
 - ``list_flights``: one FlightInfo per dataset (its metadata JSON in the descriptor).
-- actions ``get`` (metadata of an id or name) and ``delete``.
+- actions ``get`` (metadata of an id or name), ``delete`` (which also asks the up
+  peers to drop their replicas) and ``delete-replica``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import fsspec
@@ -30,6 +40,10 @@ import pyarrow.flight as flight
 from fsspec.implementations.local import LocalFileSystem
 
 logger = logging.getLogger(__name__)
+
+# A peer that does not answer a replica deletion in this time keeps its copy until it
+# is evicted from its cache.
+REPLICA_DELETE_TIMEOUT_S = 5.0
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -43,6 +57,11 @@ class DatasetMeta:
     num_bytes: int
     created_at: float
     schema: str  # the Arrow schema, IPC-serialized, hex
+    origin: str = ""  # for a replica: the site it was pulled from; "" for a primary
+
+    @property
+    def replica(self) -> bool:
+        return bool(self.origin)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -59,31 +78,36 @@ class DatasetError(Exception):
 class DatasetStore:
     """Arrow IPC datasets under an fsspec URL (a local folder, ``memory://``, object stores)."""
 
-    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0) -> None:
+    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0, replica_cache_bytes: int = 0) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.url = url
         self.site_id = site_id
         self.quota_bytes = quota_bytes
+        self.replica_cache_bytes = replica_cache_bytes  # 0: no bound
         self._lock = threading.Lock()
+        self._used_at: dict[str, float] = {}  # last read, for eviction of replicas (not persisted)
         self.fs.makedirs(self.root, exist_ok=True)
         self._meta: dict[str, DatasetMeta] = {}
-        for path in self.fs.glob(f"{self.root}/*.arrow.part"):
+        for path in self.fs.glob(f"{self.root}/*.part"):
             logger.info("removing an unfinished upload: %s", path)
             self.fs.rm(path)
         for path in self.fs.glob(f"{self.root}/*.json"):
             try:
                 with self.fs.open(path, "rb") as fh:
-                    meta = DatasetMeta(**json.loads(fh.read()))
+                    raw = json.loads(fh.read())
+                    meta = DatasetMeta(**{f.name: raw[f.name] for f in fields(DatasetMeta) if f.name in raw})
             except Exception as exc:
                 logger.error("ignoring unreadable dataset metadata %s: %s", path, exc)
                 continue
             self._meta[meta.id] = meta
+            self._used_at[meta.id] = meta.created_at
 
     def _path(self, dataset_id: str, suffix: str) -> str:
         return f"{self.root}/{dataset_id}.{suffix}"
 
-    def used_bytes(self) -> int:
-        return sum(m.num_bytes for m in self._meta.values())
+    def used_bytes(self, *, replicas: bool = False) -> int:
+        """Bytes of primaries (what the quota bounds), or of replicas."""
+        return sum(m.num_bytes for m in list(self._meta.values()) if m.replica == replicas)
 
     def listing(self) -> list[DatasetMeta]:
         with self._lock:
@@ -104,61 +128,157 @@ class DatasetStore:
         with self._lock:
             return list(self._meta)
 
+    @property
+    def local(self) -> bool:
+        """Whether workers on this machine can memory-map the files (else they read over Flight)."""
+        return isinstance(self.fs, LocalFileSystem)
+
     def location(self, dataset_id: str) -> str | None:
-        """Where a worker on this machine reads the dataset: a local path, or an fsspec URL."""
+        """The local path a worker memory-maps ("" when the store is not a local folder:
+        the worker then reads over Flight); None when the dataset is not here."""
         with self._lock:
             if dataset_id not in self._meta:
                 return None
-        path = self._path(dataset_id, "arrow")
-        if isinstance(self.fs, LocalFileSystem):
-            return path
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return f"{protocol}://{path}"
+            self._used_at[dataset_id] = time.time()
+        return self._path(dataset_id, "arrow") if self.local else ""
 
-    def pull(self, dataset_id: str, address: str) -> DatasetMeta:
-        """Copies a dataset from another site's Flight endpoint, keeping its id (a replica)."""
-        client = flight.FlightClient(f"grpc://{address}")
+    def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
+             timeout_s: float = 120.0, retry_s: float = 0.5) -> DatasetMeta:
+        """Copies a dataset from other sites' Flight endpoints, keeping its id (a replica).
+
+        ``sources()`` gives (site id, Flight address) of the sites that hold it, best first;
+        it is asked again after each failure. An interrupted transfer resumes at the next
+        batch, from the same or another source (replicas keep their holder's batches), and
+        is retried with backoff until no batch has arrived for ``timeout_s``."""
+        part = self._path(dataset_id, "arrow.part")
+        deadline = time.monotonic() + timeout_s
+        delay = retry_s
+        done = 0  # batches received so far
+        rows = nbytes = 0
+        expected: dict[str, Any] | None = None
+        fh: Any = None
+        writer: Any = None
+        failures: list[str] = []
         try:
-            info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))))
-            name = json.loads(info.body.to_pybytes())["name"]
-            return self.write(name, client.do_get(flight.Ticket(dataset_id.encode())), dataset_id=dataset_id)
+            while True:
+                for site, address in sources():
+                    client = flight.FlightClient(f"grpc://{address}")
+                    try:
+                        if expected is None:
+                            info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))))
+                            expected = json.loads(info.body.to_pybytes())
+                        ticket = json.dumps({"id": dataset_id, "from_batch": done}).encode()
+                        reader = client.do_get(flight.Ticket(ticket))
+                        if writer is None:
+                            fh = self.fs.open(part, "wb")
+                            writer = pa.ipc.new_file(fh, reader.schema)
+                        if done:
+                            logger.info("resuming the transfer of dataset %s at batch %d from %s", dataset_id,
+                                        done, site)
+                        for chunk in reader:
+                            writer.write_batch(chunk.data)
+                            deadline = time.monotonic() + timeout_s  # progress: a stall is what times out
+                            done += 1
+                            rows += chunk.data.num_rows
+                            nbytes += chunk.data.nbytes
+                        if expected is not None and rows != expected["num_rows"]:
+                            raise DatasetError("ERROR_KIND_INTERNAL", f"dataset {dataset_id} from {site}: "
+                                               f"{rows} rows arrived, {expected['num_rows']} expected")
+                        writer.close()
+                        fh.close()
+                        writer = fh = None
+                        self.fs.mv(part, self._path(dataset_id, "arrow"))
+                        return self._commit(dataset_id, str(expected["name"]), rows, nbytes, reader.schema,
+                                            origin=site)
+                    except flight.FlightError as exc:
+                        if "ERROR_KIND_NOT_FOUND" in str(exc) and done == 0:
+                            failures.append(f"{site}: does not hold it")
+                        else:
+                            failures.append(f"{site}: {_first_line(exc)}")
+                        logger.warning("pulling dataset %s from %s stopped after %d batches: %s", dataset_id, site,
+                                       done, _first_line(exc))
+                    finally:
+                        client.close()
+                if time.monotonic() + delay > deadline:
+                    tried = "; ".join(dict.fromkeys(failures[-6:])) or "no site that holds it is reachable"
+                    raise DatasetError("ERROR_KIND_SITE_FAILURE",
+                                       f"dataset {dataset_id} could not be fetched to site {self.site_id!r} "
+                                       f"(nothing arrived for {timeout_s:.0f} s; {done} batches before): {tried}")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         finally:
-            client.close()
+            if writer is not None:
+                _close_quietly(writer)
+                _close_quietly(fh)
+            if self.fs.exists(part):
+                self.fs.rm(part)
 
     def write(self, name: str, reader: Any, dataset_id: str | None = None) -> DatasetMeta:
-        """Stores a stream of record batches (``reader.read_chunk()`` or iteration)."""
+        """Stores a stream of record batches (``reader.read_chunk()`` or iteration) as a
+        primary; a given id replaces the dataset of that id (a rerun task's result)."""
         if name and not _NAME.match(name):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
                                f"dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+        if dataset_id is not None and not _NAME.match(dataset_id):
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                               f"dataset id {dataset_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
         dataset_id = dataset_id or uuid.uuid4().hex
-        part = self._path(dataset_id, "arrow.part")
+        part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = nbytes = 0
         schema = reader.schema
+        previous = self._meta.get(dataset_id)
+        in_use = self.used_bytes() - (previous.num_bytes if previous is not None and not previous.replica else 0)
         try:
             with self.fs.open(part, "wb") as fh, pa.ipc.new_file(fh, schema) as writer:
                 for batch in _batches(reader):
                     rows += batch.num_rows
                     nbytes += batch.nbytes
-                    if self.quota_bytes and self.used_bytes() + nbytes > self.quota_bytes:
+                    if self.quota_bytes and in_use + nbytes > self.quota_bytes:
                         raise DatasetError("ERROR_KIND_PAYLOAD_TOO_LARGE",
                                            f"site {self.site_id!r}: the dataset would exceed the site's quota of "
-                                           f"{self.quota_bytes} bytes ({self.used_bytes()} in use)")
+                                           f"{self.quota_bytes} bytes ({in_use} in use)")
                     writer.write_batch(batch)
             self.fs.mv(part, self._path(dataset_id, "arrow"))
         except BaseException:
             if self.fs.exists(part):
                 self.fs.rm(part)
             raise
-        meta = DatasetMeta(id=dataset_id, name=name or dataset_id, site=self.site_id, num_rows=rows,
-                           num_bytes=nbytes, created_at=time.time(), schema=schema.serialize().to_pybytes().hex())
+        return self._commit(dataset_id, name or dataset_id, rows, nbytes, schema)
+
+    def _commit(self, dataset_id: str, name: str, rows: int, nbytes: int, schema: pa.Schema,
+                origin: str = "") -> DatasetMeta:
+        meta = DatasetMeta(id=dataset_id, name=name, site=self.site_id, num_rows=rows, num_bytes=nbytes,
+                           created_at=time.time(), schema=schema.serialize().to_pybytes().hex(), origin=origin)
         with self.fs.open(self._path(dataset_id, "json"), "wb") as fh:
             fh.write(meta.to_json())  # the dataset exists from here on
         with self._lock:
             self._meta[dataset_id] = meta
+            self._used_at[dataset_id] = meta.created_at
         return meta
+
+    def evict(self, keep: Collection[str] = ()) -> list[DatasetMeta]:
+        """Drops least recently used replicas (none in ``keep``) until the replicas fit
+        ``replica_cache_bytes``; returns what it dropped."""
+        if not self.replica_cache_bytes:
+            return []
+        with self._lock:
+            replicas = sorted((m for m in self._meta.values() if m.replica and m.id not in keep),
+                              key=lambda m: self._used_at.get(m.id, 0.0))
+        over = self.used_bytes(replicas=True) - self.replica_cache_bytes
+        dropped = []
+        for meta in replicas:
+            if over <= 0:
+                break
+            self.delete(meta.id)
+            over -= meta.num_bytes
+            dropped.append(meta)
+            logger.info("evicted replica %s (%s, %d bytes) from the cache", meta.id, meta.name, meta.num_bytes)
+        return dropped
 
     def open(self, key: str) -> tuple[DatasetMeta, pa.ipc.RecordBatchFileReader]:
         meta = self.resolve(key)
+        with self._lock:
+            self._used_at[meta.id] = time.time()
         path = self._path(meta.id, "arrow")
         if isinstance(self.fs, LocalFileSystem):
             source: Any = pa.memory_map(path)  # zero copy for local files
@@ -170,10 +290,22 @@ class DatasetStore:
         meta = self.resolve(key)
         with self._lock:
             self._meta.pop(meta.id, None)
+            self._used_at.pop(meta.id, None)
         self.fs.rm(self._path(meta.id, "json"))  # gone from here on
         if self.fs.exists(self._path(meta.id, "arrow")):
             self.fs.rm(self._path(meta.id, "arrow"))
         return meta
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).split("\n", 1)[0].split(". Detail:", 1)[0][:300]
+
+
+def _close_quietly(thing: Any) -> None:
+    try:
+        thing.close()
+    except Exception as exc:
+        logger.debug("closing %r: %s", thing, exc)
 
 
 def _batches(reader: Any) -> Any:
@@ -189,12 +321,50 @@ def _batches(reader: Any) -> Any:
         yield from reader
 
 
+def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
+    """Yields batches no faster than ``rate`` bytes/s (an operator's cap on what a site's
+    uplink gives to one transfer)."""
+    started = time.monotonic()
+    sent = 0
+    for batch in batches:
+        ahead = sent / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+        yield batch
+        sent += batch.nbytes
+
+
 class FlightService(flight.FlightServerBase):  # type: ignore[misc]
     """The site's dataset endpoint (its own port, in the site's status as flight_address)."""
 
-    def __init__(self, location: str, store: DatasetStore) -> None:
+    def __init__(self, location: str, store: DatasetStore, *, max_rate: float = 0.0,
+                 peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
         super().__init__(location)
         self.store = store
+        self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
+        self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
+
+    def _drop_replicas(self, meta: DatasetMeta) -> int:
+        """Asks every up peer to delete its replica of a deleted primary; how many did."""
+        def drop(address: str) -> int:
+            client = flight.FlightClient(f"grpc://{address}")
+            try:
+                options = flight.FlightCallOptions(timeout=REPLICA_DELETE_TIMEOUT_S)
+                list(client.do_action(flight.Action("delete-replica", meta.id.encode()), options))
+                return 1
+            except flight.FlightError as exc:
+                if "ERROR_KIND_NOT_FOUND" not in str(exc):
+                    logger.warning("could not delete the replica of %s at %s: %s", meta.id, address,
+                                   _first_line(exc))
+                return 0
+            finally:
+                client.close()
+
+        addresses = list(self.peers())
+        if not addresses:
+            return 0
+        with ThreadPoolExecutor(min(16, len(addresses))) as pool:
+            return sum(pool.map(drop, addresses))
 
     def _fail(self, exc: DatasetError) -> Exception:
         # The client maps the kind prefix onto the Intertie error hierarchy.
@@ -208,18 +378,28 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         except ValueError as exc:
             raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad put descriptor: {exc}") from None
         try:
-            meta = self.store.write(str(request.get("name") or ""), reader)
+            meta = self.store.write(str(request.get("name") or ""), reader, dataset_id=request.get("id") or None)
         except DatasetError as exc:
             raise self._fail(exc) from None
         writer.write(pa.py_buffer(meta.to_json()))
         logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        key, start = ticket.ticket.decode(), 0
+        if key.startswith("{"):
+            try:
+                request = json.loads(key)
+                key, start = str(request["id"]), int(request.get("from_batch", 0))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad ticket: {exc}") from None
         try:
-            _, file_reader = self.store.open(ticket.ticket.decode())
+            _, file_reader = self.store.open(key)
         except DatasetError as exc:
             raise self._fail(exc) from None
-        batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+        batches: Iterator[pa.RecordBatch] = (file_reader.get_batch(i)
+                                             for i in range(max(0, start), file_reader.num_record_batches))
+        if self.max_rate > 0:
+            batches = _paced(batches, self.max_rate)
         return flight.GeneratorStream(file_reader.schema, batches)
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
@@ -235,6 +415,14 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                 meta = self.store.resolve(key)
             elif action.type == "delete":
                 meta = self.store.delete(key)
+                if not meta.replica:
+                    dropped = self._drop_replicas(meta)
+                    if dropped:
+                        logger.info("deleted dataset %s and %d replicas of it", meta.id, dropped)
+            elif action.type == "delete-replica":
+                if not self.store.resolve(key).replica:
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{key!r} is a primary at {self.store.site_id!r}")
+                meta = self.store.delete(key)
             else:
                 raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type!r}")
         except DatasetError as exc:
@@ -242,4 +430,6 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         yield flight.Result(pa.py_buffer(meta.to_json()))
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
-        return [("get", "metadata of a dataset (id or name)"), ("delete", "delete a dataset (id or name)")]
+        return [("get", "metadata of a dataset (id or name)"),
+                ("delete", "delete a dataset (id or name), and the federation's replicas of it"),
+                ("delete-replica", "delete this site's replica of a dataset (by id)")]

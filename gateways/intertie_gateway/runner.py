@@ -123,11 +123,13 @@ class RayRunner:
         return running
 
     def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
-               inputs: dict[str, str] | None = None) -> Running:
+               inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Running:
         """Starts a task in Ray; the caller watches ``running.ref``. ``inputs`` maps the
-        dataset ids in its arguments to where the worker reads them."""
-        holder = self._functions[digest]
-        extra: tuple[Any, ...] = (holder, inputs) if inputs else (() if holder is None else (holder,))
+        dataset ids in its arguments to where the worker reads them; ``stored`` says when a
+        Table result stays at the site (see :func:`intertie_gateway.worker.execute`)."""
+        extra: tuple[Any, ...] = (self._functions[digest], inputs or None, stored)
+        while extra and extra[-1] is None:  # nothing to send for plain tasks
+            extra = extra[:-1]
         if self.pooled(request):
             index, slot = self._least_loaded()
             running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import platform
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from intertie.v1 import common_pb2, site_pb2, tasks_pb2
 from intertie_gateway import journal as jr
 from intertie_gateway.admission import Capacity
 from intertie_gateway.config import GatewayConfig
+from intertie_gateway.datasets import DatasetError
 from intertie_gateway.journal import Journal
 from intertie_gateway.placement import Decision, Demand, Placer, SiteView, Weights, rejection
 from intertie_gateway.runner import PREEMPTED, RETRY, RayRunner, Running
@@ -108,6 +110,8 @@ class Scheduler:
         self.flight_address = ""
         self.store: DatasetStore | None = None
         self._pulling: set[str] = set()  # tasks waiting for a dataset to arrive
+        self._pulls: dict[str, asyncio.Future[Any]] = {}  # dataset id -> its transfer here, under way
+        self._reading: Counter[str] = Counter()  # dataset id -> running tasks that read it
         self.capacity = Capacity(runner.total_resources(), config.admission_overcommit)
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
@@ -451,11 +455,9 @@ class Scheduler:
                 return
             if self.capacity.fits(task.request):
                 queue.popleft()
-                if task.spec.inputs:
-                    paths = self._inputs_for(task)
-                    if paths is not None:
-                        self._start(task, paths)
-                    continue  # else parked until its data is here
+                if task.spec.inputs or task.spec.returns_dataset:
+                    self._launch(task)
+                    continue
                 group = self._fusable_behind(task)
                 if group:
                     self._start_group([task, *group])
@@ -467,10 +469,17 @@ class Scheduler:
                 other = queue[i]
                 if other.state == jr.QUEUED and self.capacity.fits(other.request):
                     del queue[i]
-                    self._start(other)
+                    self._launch(other)
                     break
             else:
                 return
+
+    def _launch(self, task: Task) -> None:
+        """Starts a task alone, once its dataset arguments are here (else it is parked,
+        still QUEUED, while they are fetched)."""
+        paths = self._inputs_for(task) if task.spec.inputs else {}
+        if paths is not None:
+            self._start(task, paths)
 
     def _fusable_behind(self, head: Task) -> list[Task]:
         """Tasks right behind ``head`` in the queue that may run in the same Ray call.
@@ -490,7 +499,8 @@ class Scheduler:
         while queue and len(group) < size:
             other = queue[0]
             if (other.state != jr.QUEUED or not other.fuse or other.spec.function_digest != head.spec.function_digest
-                    or other.request != head.request or not self.capacity.fits(other.request)):
+                    or other.request != head.request or other.spec.inputs or other.spec.returns_dataset
+                    or not self.capacity.fits(other.request)):
                 break
             group.append(queue.popleft())
             self.capacity.acquire(other.request)  # counted now so fits() sees it; released per task
@@ -547,7 +557,8 @@ class Scheduler:
             lambda fut: loop.call_soon_threadsafe(self._on_group_done, tasks, attempts, running, fut))
 
     def _inputs_for(self, task: Task) -> dict[str, str] | None:
-        """Where the worker reads each dataset argument; None while some are being fetched
+        """Where the worker reads each dataset argument (a local path it memory-maps, or
+        ``flight://HOST:PORT`` of this site's endpoint); None while some are being fetched
         from the sites that hold them (the task waits, still QUEUED, and comes back)."""
         paths: dict[str, str] = {}
         missing = []
@@ -556,7 +567,7 @@ class Scheduler:
             if where is None:
                 missing.append(item)
             else:
-                paths[item.id] = where
+                paths[item.id] = where or f"flight://{self.flight_address}"
         if not missing:
             return paths
         if task.task_id not in self._pulling:
@@ -564,26 +575,46 @@ class Scheduler:
             self._loop.create_task(self._fetch(task, missing))
         return None
 
+    def dataset_sources(self, dataset_id: str, holder: str) -> list[tuple[str, str]]:
+        """(site, Flight address) of the up peers that hold a dataset: the site its ref
+        names first, then those that list a replica."""
+        if self.membership is None:
+            return []
+        found = []
+        for peer in self.membership.peers:
+            status = peer.status
+            if (peer.state == "self" or not peer.up or status is None or not status.flight_address
+                    or (status.site_id != holder and dataset_id not in status.datasets)):
+                continue
+            found.append((status.site_id != holder, status.site_id, status.flight_address))
+        return [(site, address) for _, site, address in sorted(found)]
+
+    def peer_flight_addresses(self) -> list[str]:
+        """The dataset endpoints of the up peers (read from the Flight server's threads)."""
+        if self.membership is None:
+            return []
+        return [p.status.flight_address for p in list(self.membership.peers)
+                if p.state != "self" and p.up and p.status is not None and p.status.flight_address]
+
     async def _fetch(self, task: Task, missing: list[tasks_pb2.DatasetInput]) -> None:
         try:
             for item in missing:
-                peer = self.membership.peer_for(item.site) if self.membership is not None else None
-                address = peer.status.flight_address if peer is not None and peer.status is not None else ""
-                if item.site == self.site_id or not address or self.store is None:
-                    self._finish(task, jr.FAILED, error=common_pb2.Error(
-                        kind=K.ERROR_KIND_DATASET_NOT_FOUND, message=(
-                            f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}"
-                            + ("" if item.site == self.site_id else f" and its holder {item.site!r} is not reachable"))))
-                    return
-                started = time.monotonic()
-                meta = await self._loop.run_in_executor(None, self.store.pull, item.id, address)
-                logger.info("pulled dataset %s (%d bytes) from %s in %.2f s for task %s", item.id, meta.num_bytes,
-                            item.site, time.monotonic() - started, task.task_id)
+                if self.store is None:
+                    raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND", f"site {self.site_id!r} keeps no datasets")
+                if item.site == self.site_id and not self.dataset_sources(item.id, item.site):
+                    raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND",
+                                       f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}")
+                pull = self._pulls.get(item.id)
+                if pull is None:  # one transfer per dataset, however many tasks wait for it
+                    pull = self._pulls[item.id] = self._loop.create_task(self._pull(item))
+                await asyncio.shield(pull)
         except Exception as exc:
+            kind = getattr(exc, "kind", "")
             logger.warning("task %s: fetching its data failed: %s", task.task_id, exc)
             self._finish(task, jr.FAILED, error=common_pb2.Error(
-                kind=K.ERROR_KIND_SITE_FAILURE,
-                message=f"task {task.task_id}: its dataset could not be fetched to site {self.site_id!r}: {exc}"))
+                kind=kind if kind in K.keys() else "ERROR_KIND_SITE_FAILURE",
+                message=str(exc) if isinstance(exc, DatasetError)
+                else f"task {task.task_id}: its dataset could not be fetched to site {self.site_id!r}: {exc}"))
         else:
             if task.state == jr.QUEUED:
                 self.queue.appendleft(task)
@@ -592,15 +623,35 @@ class Scheduler:
             self.flush()
             self.pump()
 
+    async def _pull(self, item: tasks_pb2.DatasetInput) -> None:
+        assert self.store is not None
+        try:
+            started = time.monotonic()
+            meta = await self._loop.run_in_executor(
+                None, functools.partial(self.store.pull, item.id,
+                                        lambda: self.dataset_sources(item.id, item.site),
+                                        timeout_s=self.config.pull_timeout_s))
+            elapsed = time.monotonic() - started
+            logger.info("pulled dataset %s (%d bytes) from %s in %.2f s (%.0f MB/s)", item.id, meta.num_bytes,
+                        meta.origin, elapsed, meta.num_bytes / max(elapsed, 1e-9) / 1e6)
+            await self._loop.run_in_executor(None, self.store.evict, set(self._reading) | {item.id})
+        finally:
+            self._pulls.pop(item.id, None)
+
     def _start(self, task: Task, inputs: dict[str, str] | None = None) -> None:
         spec = task.spec
         digest = spec.function_digest
         if not self._ensure_function(task):
             return
         attempt = self._mark_started(task)
+        for item in spec.inputs:
+            self._reading[item.id] += 1
         loop = self._loop
+        stored = ((self.flight_address, self.config.result_dataset_bytes, spec.returns_dataset, task.task_id)
+                  if self.store is not None else None)
         try:
-            task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs)
+            task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs,
+                                                    stored)
             running.ref.future().add_done_callback(
                 lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, running, fut))
         except Exception as exc:  # e.g. Ray rejected the options
@@ -613,6 +664,10 @@ class Scheduler:
 
     def _release(self, task: Task) -> None:
         if task.holding:
+            for item in task.spec.inputs:
+                self._reading[item.id] -= 1
+                if self._reading[item.id] <= 0:
+                    del self._reading[item.id]
             task.holding = False
             self.capacity.release(task.request)
             self.running -= 1

@@ -65,8 +65,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     address = f"{host}:{port}"
     scheduler.address = address
     store = DatasetStore(config.data_url or str(state / "datasets"), config.site_id,
-                         quota_bytes=config.dataset_quota_bytes)
-    flight_server = FlightService(f"grpc://{config.flight_listen or host + ':0'}", store)
+                         quota_bytes=config.dataset_quota_bytes, replica_cache_bytes=config.replica_cache_bytes)
+    flight_server = FlightService(f"grpc://{config.flight_listen or host + ':0'}", store,
+                                  max_rate=config.flight_max_rate, peers=scheduler.peer_flight_addresses)
     scheduler.store = store
     flight_host = config.flight_listen.rpartition(":")[0] if config.flight_listen else host
     scheduler.flight_address = f"{flight_host}:{flight_server.port}"

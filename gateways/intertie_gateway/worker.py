@@ -6,7 +6,10 @@ never calls it itself.
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
+import sys
 import time
 import traceback
 from collections import OrderedDict
@@ -16,7 +19,12 @@ import cloudpickle
 
 # Values of intertie.v1.ErrorKind, repeated here so workers need no protobuf import.
 KIND_REMOTE = 1
+KIND_PAYLOAD_TOO_LARGE = 5
 KIND_SERIALIZATION = 8
+KIND_SITE_FAILURE = 9
+
+# Rows per record batch when a result table is stored at the site.
+STORE_BATCH_ROWS = 64 * 1024
 
 # Unpickled functions per worker process; a worker serves many tasks of few functions.
 _FUNCTION_CACHE_SIZE = 256
@@ -80,10 +88,73 @@ def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
 
 
 def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
-            inputs: dict[str, str] | None = None) -> Outcome:
+            inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
+    """Runs one task. ``inputs``: dataset id -> a local path to memory-map, or
+    ``flight://HOST:PORT`` of the site's dataset endpoint. ``stored``: (that endpoint, a
+    size threshold, whether the function is declared ``returns="dataset"``, the task id)
+    - a Table result over the threshold, or any result of such a function, is stored at
+    the site and the task returns its DatasetRef."""
     started = time.perf_counter()
-    outcome = _execute(digest, args, name, batch, holder, inputs)
+    outcome = _execute(digest, args, name, batch, holder, inputs, stored)
     return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
+
+
+_flight_clients: dict[str, Any] = {}
+
+
+def _flight(address: str) -> Any:
+    import pyarrow.flight as flight
+
+    client = _flight_clients.get(address)
+    if client is None:
+        client = _flight_clients[address] = flight.FlightClient(f"grpc://{address}")
+    return client
+
+
+def _is_table(value: Any) -> bool:
+    pa = sys.modules.get("pyarrow")  # a function that made a Table has imported pyarrow
+    return pa is not None and isinstance(value, (pa.Table, pa.RecordBatch))
+
+
+class ResultNotATable(TypeError):
+    pass
+
+
+def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[str, int, bool, str]) -> Any:
+    """The result with its (large, or declared) tables stored at the site as datasets."""
+    address, threshold, declared, task_id = stored
+
+    def keep(item: Any, index: int | None) -> Any:
+        if _is_table(item) and (declared or (threshold and item.nbytes >= threshold)):
+            return _store(item, address, name, task_id if index is None else f"{task_id}-{index}")
+        if declared:
+            raise ResultNotATable(f"{name} is declared returns='dataset' but returned {type(item).__name__}, "
+                                  f"not a pyarrow.Table")
+        return item
+
+    if batch:
+        return [keep(item, i) for i, item in enumerate(value)]
+    return keep(value, None)
+
+
+def _store(table: Any, address: str, name: str, dataset_id: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+    from intertie.datasets import DatasetRef
+
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", name.rsplit(".", 1)[-1]).strip("._-")[:80] or "result"
+    # The task id names the dataset: a rerun of the task replaces it rather than adding one.
+    descriptor = flight.FlightDescriptor.for_command(
+        json.dumps({"name": f"{label}-{dataset_id[:12]}", "id": dataset_id}).encode())
+    writer, answers = _flight(address).do_put(descriptor, table.schema)
+    with writer:
+        writer.write_table(table, max_chunksize=STORE_BATCH_ROWS)
+        writer.done_writing()
+        answer = answers.read()
+    return DatasetRef.from_json(answer.to_pybytes())
 
 
 def _tables(call: Any, inputs: dict[str, str]) -> Any:
@@ -98,14 +169,13 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
     def table(ref: DatasetRef) -> Any:
         if ref.id not in cache:
             location = inputs[ref.id]
-            if "://" in location:
-                import fsspec
+            if location.startswith("flight://"):  # a store workers cannot open: ask the gateway
+                import pyarrow.flight as flight
 
-                with fsspec.open(location, "rb") as fh:
-                    source: Any = pa.BufferReader(fh.read())
+                reader = _flight(location[len("flight://"):]).do_get(flight.Ticket(ref.id.encode()))
+                cache[ref.id] = reader.read_all()
             else:
-                source = pa.memory_map(location)
-            cache[ref.id] = pa.ipc.open_file(source).read_all()
+                cache[ref.id] = pa.ipc.open_file(pa.memory_map(location)).read_all()
         return cache[ref.id]
 
     def swap(value: Any) -> Any:
@@ -124,7 +194,7 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
 
 
 def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None,
-             inputs: dict[str, str] | None = None) -> Outcome:
+             inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
     try:
         fn = _function(digest, holder, name)
     except Exception as exc:
@@ -150,6 +220,16 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
         raise  # Ray's way of cancelling a task
     except BaseException as exc:  # SystemExit from user code is an error of the task too
         return _failure(KIND_REMOTE, exc, str(exc))
+    if stored is not None:
+        try:
+            value = _keep_at_site(value, name, batch, stored)
+        except ResultNotATable as exc:
+            return _failure(KIND_REMOTE, exc, str(exc))
+        except Exception as exc:
+            text = str(exc).split(". Detail:", 1)[0]
+            kind = KIND_PAYLOAD_TOO_LARGE if "ERROR_KIND_PAYLOAD_TOO_LARGE" in text else KIND_SITE_FAILURE
+            return _failure(kind, exc, f"the result of {name} could not be stored at the site: "
+                                       f"{text.split('ERROR_KIND_PAYLOAD_TOO_LARGE: ')[-1]}")
     try:
         return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"", 0.0)
     except Exception as exc:
@@ -160,9 +240,9 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
 class PoolWorker:
     """A long-lived worker of the gateway's pool (a Ray actor): runs one task at a time."""
 
-    def execute(self, digest: str, args: bytes, name: str, batch: bool,
-                holder: list[Any] | None = None, inputs: dict[str, str] | None = None) -> Outcome:
-        return execute(digest, args, name, batch, holder, inputs)
+    def execute(self, digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
+                inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
+        return execute(digest, args, name, batch, holder, inputs, stored)
 
     def execute_many(self, digest: str, items: list[tuple[str, bytes, bool]],
                      holder: list[Any] | None = None) -> list[Outcome]:

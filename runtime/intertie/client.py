@@ -149,7 +149,8 @@ class Federation:
             task_id=task_id, function_digest=function.digest, args=args,
             resources=resources if resources is not None else options.resources.to_proto(),
             max_retries=options.max_retries, timeout_s=options.timeout or 0.0, batch=batch,
-            python_version=self._py, name=options.name or function.name)
+            python_version=self._py, name=options.name or function.name,
+            returns_dataset=options.returns == "dataset")
         if constraints is None and (options.accelerator or options.arch or options.site or options.labels):
             constraints = options.constraints()
         if constraints is not None:

@@ -32,6 +32,7 @@ class DatasetRef:
     num_rows: int
     num_bytes: int
     schema_ipc: bytes  # the Arrow schema, IPC-serialized
+    origin: str = ""  # in a site's listing: where a replica was pulled from ("" for the original)
 
     @property
     def schema(self) -> pa.Schema:
@@ -43,11 +44,13 @@ class DatasetRef:
     def from_json(cls, data: bytes) -> DatasetRef:
         meta = json.loads(data)
         return cls(id=meta["id"], name=meta["name"], site=meta["site"], num_rows=int(meta["num_rows"]),
-                   num_bytes=int(meta["num_bytes"]), schema_ipc=bytes.fromhex(meta["schema"]))
+                   num_bytes=int(meta["num_bytes"]), schema_ipc=bytes.fromhex(meta["schema"]),
+                   origin=str(meta.get("origin") or ""))
 
     def __repr__(self) -> str:
+        copy = f", replica of {self.origin}" if self.origin else ""
         return (f"DatasetRef({self.name!r} at {self.site}: {self.num_rows} rows, {self.num_bytes} bytes, "
-                f"id {self.id[:12]})")
+                f"id {self.id[:12]}{copy})")
 
 
 def _translate(exc: Exception, what: str) -> errors.IntertieError:

@@ -76,13 +76,13 @@ def make_options(cpus: float | None = None, gpus: float = 0.0, memory: int = 0,
                  resources: Mapping[str, float] | None = None, max_retries: int | None = None,
                  timeout: float | None = None, name: str | None = None, accelerator: str | None = None,
                  arch: str | None = None, site: str | None = None,
-                 labels: Mapping[str, str] | None = None) -> TaskOptions:
+                 labels: Mapping[str, str] | None = None, returns: str = "value") -> TaskOptions:
     res = Resources(cpus=Resources.cpus if cpus is None else cpus, gpus=gpus, memory=memory,
                     custom=dict(resources or {}))
     base = TaskOptions()
     return TaskOptions(resources=res, max_retries=base.max_retries if max_retries is None else max_retries,
                        timeout=timeout, name=name, accelerator=accelerator, arch=arch, site=site,
-                       labels=dict(labels or {}))
+                       labels=dict(labels or {}), returns=returns)
 
 
 @overload
@@ -92,19 +92,22 @@ def remote(*, cpus: float | None = ..., gpus: float = ..., memory: int = ...,
            resources: Mapping[str, float] | None = ..., max_retries: int | None = ...,
            timeout: float | None = ..., name: str | None = ..., accelerator: str | None = ...,
            arch: str | None = ..., site: str | None = ...,
-           labels: Mapping[str, str] | None = ...) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
+           labels: Mapping[str, str] | None = ..., returns: str = ...) -> Callable[[Callable[..., Any]], RemoteFunction]: ...
 
 
 def remote(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
     """Marks a function to run in the federation.
 
     ``@intertie.remote`` or ``@intertie.remote(cpus=, gpus=, memory=, resources=,
-    max_retries=, timeout=, accelerator=, arch=, site=, labels=)``. ``memory`` is in
+    max_retries=, timeout=, accelerator=, arch=, site=, labels=, returns=)``. ``memory`` is in
     bytes; ``resources`` are custom Ray resources; ``timeout`` is seconds of running
     time; ``max_retries`` counts reruns after a worker or site failure (an exception
     raised by the function is not retried). ``accelerator`` is a Ray accelerator type
     (e.g. "T4"), ``arch`` a machine architecture (e.g. "x86_64"), ``site`` pins a site,
-    and ``labels`` are operator labels that must all match.
+    and ``labels`` are operator labels that must all match. ``returns="dataset"``: the
+    function returns a pyarrow.Table that stays at the site where it ran, and the future's
+    result is a :class:`~intertie.DatasetRef` to it (pass that to the next task, which then
+    runs where the data is).
     """
     if fn is not None:
         if options:

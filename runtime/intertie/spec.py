@@ -96,9 +96,14 @@ class TaskOptions:
     arch: str | None = None
     site: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
+    # "value": the result comes back to the caller; "dataset": the function returns a
+    # pyarrow.Table that stays at the executing site, and the caller gets a DatasetRef.
+    returns: str = "value"
 
     def __post_init__(self) -> None:
         _number("max_retries", self.max_retries, integer=True)
+        if self.returns not in ("value", "dataset"):
+            raise ValueError(f"returns must be 'value' or 'dataset', got {self.returns!r}")
         if self.timeout is not None and (_number("timeout", self.timeout) == 0):
             raise ValueError("timeout must be > 0 seconds (or None for no limit)")
         for key in ("accelerator", "arch", "site", "name"):

@@ -84,7 +84,8 @@ def test_datasets_survive_restart_and_quota_is_enforced(gateway_factory, tmp_pat
 
 
 def test_any_fsspec_filesystem_and_the_cli(gateway_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    site = gateway_factory("--data-url", "memory://intertie-test", site_id="inmemory", num_cpus=1).start()
+    site = gateway_factory("--data-url", "memory://intertie-test", "--result-dataset-bytes", "100000",
+                           site_id="inmemory", num_cpus=1).start()
     pq.write_table(sample(5_000), tmp_path / "in.parquet")
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -103,6 +104,17 @@ def test_any_fsspec_filesystem_and_the_cli(gateway_factory, tmp_path: Path) -> N
     missing = cli("get", "cli-set", str(tmp_path / "again.parquet"))
     assert missing.returncode == 1 and "DatasetNotFoundError" in missing.stderr
 
+    # Workers cannot open a memory:// store: they read and write over the site's Flight endpoint.
+    with intertie.connect(site.address) as fed:
+        ref = fed.put_dataset(sample(20_000))
+        assert fed.submit(count_rows, [ref]).result(timeout=60) == 20_000
+        # A Table result over the site's threshold (100 kB here) stays there; a small one comes back.
+        big = fed.submit(head, ref, 20_000).result(timeout=60)
+        assert isinstance(big, intertie.DatasetRef) and big.site == "inmemory" and big.num_rows == 20_000
+        assert fed.get_dataset(big).equals(sample(20_000))
+        small = fed.submit(head, ref, 10).result(timeout=60)
+        assert isinstance(small, pa.Table) and small.equals(sample(10))
+
 
 def count_rows(tables: list, extra=None) -> int:  # type: ignore[no-untyped-def,type-arg]
     return sum(t.num_rows for t in tables) + (extra.num_rows if extra is not None else 0)
@@ -116,3 +128,31 @@ def test_refs_in_arguments_arrive_as_tables(fed: intertie.Federation) -> None:
     fed.delete_dataset(gone)
     with pytest.raises(intertie.DatasetNotFoundError, match=f"dataset {gone.id} is not at site"):
         fed.submit(count_rows, [gone]).result(timeout=60)
+
+
+def head(table: pa.Table, rows: int) -> pa.Table:
+    return table.slice(0, rows)
+
+
+def scaled(table: pa.Table, factor: float) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return table.set_column(2, "value", pc.multiply(table.column("value"), factor))
+
+
+def test_a_chain_of_dataset_results_stays_at_the_site(fed: intertie.Federation) -> None:
+    step = intertie.remote(returns="dataset")(scaled)
+    ref = fed.put_dataset(sample(30_000), name="chain-input")
+    first = step.submit(ref, 2.0)
+    once = first.result(timeout=60)
+    assert isinstance(once, intertie.DatasetRef) and once.site == fed.site_id == first.site
+    twice = step.submit(once, 3.0).result(timeout=60)  # a ref in, a ref out: no table crossed the client
+    assert isinstance(twice, intertie.DatasetRef) and twice.num_rows == 30_000 and twice.id != once.id
+    assert fed.get_dataset(twice).column("value").to_pylist() == [i * 0.5 * 6.0 for i in range(30_000)]
+    assert {once.id, twice.id} <= {r.id for r in fed.datasets()}
+    assert once.name.startswith("scaled-")
+    # A function declared returns="dataset" that returns something else fails with a clear error.
+    with pytest.raises(intertie.RemoteTaskError, match="declared returns='dataset' but returned int"):
+        intertie.remote(returns="dataset")(count_rows).submit([ref]).result(timeout=60)
+    with pytest.raises(ValueError, match="returns must be"):
+        intertie.remote(returns="table")(scaled)

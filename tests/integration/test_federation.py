@@ -22,6 +22,8 @@ from intertie.embedded import EmbeddedGateway, LocalFederation, free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 HEARTBEAT_S = 0.3
+# Each site keeps at most this many bytes of replicas pulled from others.
+REPLICA_CACHE_BYTES = 48 << 20
 
 
 def square(x: int) -> int:
@@ -35,7 +37,8 @@ def nap_square(x: int, seconds: float = 0.01) -> int:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    with LocalFederation(3, base_dir=tmp_path_factory.mktemp("fed"), heartbeat_s=HEARTBEAT_S) as local:
+    with LocalFederation(3, base_dir=tmp_path_factory.mktemp("fed"), heartbeat_s=HEARTBEAT_S,
+                         extra_args=["--replica-cache", str(REPLICA_CACHE_BYTES)]) as local:
         yield local
 
 
@@ -180,6 +183,47 @@ def test_a_task_on_a_dataset_runs_where_the_data_is(home: intertie.Federation) -
     assert again.result(timeout=60) == sum(range(4_000_000))
 
 
+def add_one(table):  # type: ignore[no-untyped-def]
+    import pyarrow.compute as pc
+
+    return table.set_column(0, "v", pc.add(table.column("v"), 1))
+
+
+def test_a_chain_of_dataset_results_runs_where_the_data_is(home: intertie.Federation) -> None:
+    import pyarrow as pa
+
+    wait_for(lambda: all(s.queued == 0 for s in home.sites()), "sites never drained")
+    ref = home.put_dataset(pa.table({"v": pa.array(range(3_000_000), pa.int64())}), site="gamma")  # 24 MB
+    step = intertie.remote(returns="dataset")(add_one)
+    for _ in range(3):
+        fut = step.submit(ref)
+        ref = fut.result(timeout=60)
+        # Each result stays where it was made, and pulls the next step there.
+        assert isinstance(ref, intertie.DatasetRef) and ref.site == fut.site == "gamma", fut.placement
+    assert home.get_dataset(ref).column("v").to_pylist()[:3] == [3, 4, 5]
+    column_total = intertie.remote(column_sum)
+    assert column_total.submit(ref, "v").result(timeout=60) == sum(range(3_000_000)) + 3 * 3_000_000
+
+
+def test_replicas_are_a_bounded_cache_and_deleting_the_original_drops_them(home: intertie.Federation) -> None:
+    import pyarrow as pa
+
+    refs = [home.put_dataset(pa.table({"v": pa.array(range(i, i + 2_500_000), pa.int64())}), site="beta")
+            for i in range(3)]  # 20 MB each
+    pinned = intertie.remote(site="gamma")(column_sum)
+    for ref in refs:
+        assert pinned.submit(ref, "v").result(timeout=60) == sum(range(ref.num_rows)) + refs.index(ref) * ref.num_rows
+    at_gamma = {r.id: r for r in home.datasets(site="gamma")}
+    # Three 20 MB replicas do not fit in 48 MB: the least recently used one went.
+    assert refs[0].id not in at_gamma and refs[1].id in at_gamma and refs[2].id in at_gamma
+    assert at_gamma[refs[2].id].origin == "beta"
+    assert sum(r.num_bytes for r in at_gamma.values() if r.origin) <= REPLICA_CACHE_BYTES
+    # Deleting the original also deletes the replicas elsewhere.
+    home.delete_dataset(refs[2])
+    assert refs[2].id not in {r.id for r in home.datasets(site="gamma")}
+    assert refs[2].id not in {r.id for r in home.datasets(site="beta")}
+
+
 def test_datasets_example_runs(home: intertie.Federation) -> None:
     out = subprocess.run([sys.executable, str(REPO / "examples" / "datasets.py")], capture_output=True,
                          text=True, timeout=240, env={**os.environ, "INTERTIE_ADDRESS": home.address})
@@ -191,7 +235,12 @@ def test_datasets_example_runs(home: intertie.Federation) -> None:
 
 def test_killed_site_work_moves_and_late_duplicates_change_nothing(
         home: intertie.Federation, federation: LocalFederation) -> None:
+    import pyarrow as pa
+
     beta = federation.site("beta")
+    # A dataset held by beta, with a replica at gamma: it stays usable while beta is down.
+    kept = home.put_dataset(pa.table({"v": pa.array(range(100_000), pa.int64())}), site="beta")
+    assert intertie.remote(site="gamma")(column_sum).submit(kept, "v").result(timeout=60) == sum(range(100_000))
     f = intertie.remote(max_retries=3)(nap_square)
     futures = [f.submit(i, 0.05) for i in range(500)]
     wait_for(lambda: sum(home.task(fut.task_id).site == "beta" for fut in futures[:100:5]) > 0,
@@ -206,6 +255,8 @@ def test_killed_site_work_moves_and_late_duplicates_change_nothing(
     assert info.history[0].site == "beta" and "site beta went down" in info.history[0].outcome
     assert info.state == "SUCCEEDED"
     wait_for(lambda: {s.site_id: s.state for s in home.sites()}["beta"] == "down", "beta never marked down")
+    on_replica = intertie.remote(column_sum).submit(kept, "v")
+    assert on_replica.result(timeout=60) == sum(range(100_000)) and on_replica.site != "beta"
 
     # Beta comes back with its journal and reruns what it had; alpha ignores those late results.
     beta.launch()

@@ -34,7 +34,7 @@ class Function(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., payload: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home", "inputs")
+    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home", "inputs", "returns_dataset")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class TaskSpec(_message.Message):
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     HOME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURNS_DATASET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     function_digest: str
     args: bytes
@@ -59,7 +60,8 @@ class TaskSpec(_message.Message):
     constraints: _common_pb2.Constraints
     home: str
     inputs: _containers.RepeatedCompositeFieldContainer[DatasetInput]
-    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[DatasetInput, _Mapping]]] = ...) -> None: ...
+    returns_dataset: bool
+    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[DatasetInput, _Mapping]]] = ..., returns_dataset: _Optional[bool] = ...) -> None: ...
 
 class DatasetInput(_message.Message):
     __slots__ = ("id", "site", "num_bytes")
