@@ -5,7 +5,9 @@
 
 The dataset is stored at a site other than the home. A task on it is placed where it
 is (its placement shows the transfer the others would need); a task pinned elsewhere
-makes that site fetch the data over Arrow Flight and keep a replica.
+makes that site fetch the data over Arrow Flight and keep a replica. A function declared
+``returns="dataset"`` leaves its result table where it ran, so the next step of a chain
+runs there too, and no table crosses the client.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ def mean_fare(trips: pa.Table) -> float:
     import pyarrow.compute as pc
 
     return pc.mean(trips.column("fare")).as_py()
+
+
+@intertie.remote(returns="dataset")
+def long_trips(trips: pa.Table) -> pa.Table:
+    """Its result stays at the site where it ran; the caller gets a DatasetRef."""
+    import pyarrow.compute as pc
+
+    return trips.filter(pc.greater(trips.column("fare"), 20.0))
 
 
 def make_trips(rows: int) -> pa.Table:
@@ -56,7 +66,15 @@ def main(fed: intertie.Federation) -> None:
     print(f"\npinned to {elsewhere}: mean fare {pinned.result():.3f} in {time.monotonic() - started:.2f} s "
           f"(fetched the data from {holder} first)")
     print(f"   {elsewhere} now holds: {[r.name for r in fed.datasets(site=elsewhere)]}")
-    fed.delete_dataset(ref)
+
+    step = long_trips.submit(ref)
+    long_ref = step.result()
+    mean = mean_fare.submit(long_ref)
+    print(f"\nchain: long_trips ran at {step.site} and left {long_ref!r} there;")
+    print(f"   mean fare of long trips {mean.result():.3f}, computed at {mean.site}")
+    fed.delete_dataset(long_ref)
+    fed.delete_dataset(ref)  # its replicas elsewhere go with it
+    print(f"   after deleting: {elsewhere} holds {[r.name for r in fed.datasets(site=elsewhere)]}")
 
 
 if __name__ == "__main__":

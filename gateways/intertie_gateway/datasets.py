@@ -133,6 +133,11 @@ class DatasetStore:
         """Whether workers on this machine can memory-map the files (else they read over Flight)."""
         return isinstance(self.fs, LocalFileSystem)
 
+    def _sink(self, path: str) -> Any:
+        """A file to write Arrow IPC into: a native one for a local folder (no Python in
+        the write path), else the filesystem's."""
+        return pa.OSFile(path, "wb") if self.local else self.fs.open(path, "wb")
+
     def location(self, dataset_id: str) -> str | None:
         """The local path a worker memory-maps ("" when the store is not a local folder:
         the worker then reads over Flight); None when the dataset is not here."""
@@ -170,7 +175,7 @@ class DatasetStore:
                         ticket = json.dumps({"id": dataset_id, "from_batch": done}).encode()
                         reader = client.do_get(flight.Ticket(ticket))
                         if writer is None:
-                            fh = self.fs.open(part, "wb")
+                            fh = self._sink(part)
                             writer = pa.ipc.new_file(fh, reader.schema)
                         if done:
                             logger.info("resuming the transfer of dataset %s at batch %d from %s", dataset_id,
@@ -229,7 +234,7 @@ class DatasetStore:
         previous = self._meta.get(dataset_id)
         in_use = self.used_bytes() - (previous.num_bytes if previous is not None and not previous.replica else 0)
         try:
-            with self.fs.open(part, "wb") as fh, pa.ipc.new_file(fh, schema) as writer:
+            with self._sink(part) as fh, pa.ipc.new_file(fh, schema) as writer:
                 for batch in _batches(reader):
                     rows += batch.num_rows
                     nbytes += batch.nbytes

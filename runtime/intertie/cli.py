@@ -132,9 +132,9 @@ class _Progress:
 def cmd_datasets(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     if args.action == "ls":
         refs = fed.datasets(site=args.site)
-        print(table(("NAME", "ID", "SITE", "ROWS", "BYTES", "COLUMNS"),
-                    [(r.name, r.id, r.site, f"{r.num_rows:,}", f"{r.num_bytes:,}", ",".join(r.schema.names))
-                     for r in refs]))
+        print(table(("NAME", "ID", "SITE", "COPY", "ROWS", "BYTES", "COLUMNS"),
+                    [(r.name, r.id, r.site, f"replica of {r.origin}" if r.origin else "original", f"{r.num_rows:,}",
+                      f"{r.num_bytes:,}", ",".join(r.schema.names)) for r in refs]))
     elif args.action == "put":
         progress = _Progress("uploaded")
         ref = fed.put_dataset(args.source, name=args.name, site=args.site, progress=progress)

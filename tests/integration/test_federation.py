@@ -231,6 +231,8 @@ def test_datasets_example_runs(home: intertie.Federation) -> None:
     assert "computed at beta (submitted to alpha)" in out.stdout
     assert "pinned to gamma: mean fare 14.750" in out.stdout
     assert "'trips'" in out.stdout.split("gamma now holds:")[1]
+    assert "chain: long_trips ran at beta" in out.stdout and "computed at beta" in out.stdout.split("chain:")[1]
+    assert "'trips'" not in out.stdout.split("after deleting: gamma holds")[1]
 
 
 def test_killed_site_work_moves_and_late_duplicates_change_nothing(
