@@ -1,0 +1,113 @@
+"""The site's dataset store and its Flight endpoint, in process (real Flight on loopback, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+
+from intertie_gateway.datasets import DatasetError, DatasetStore, FlightService
+
+
+def table(rows: int, start: int = 0) -> pa.Table:
+    return pa.table({"v": pa.array(range(start, start + rows), pa.int64())})
+
+
+def batches(t: pa.Table, rows: int = 1000) -> pa.RecordBatchReader:
+    return pa.RecordBatchReader.from_batches(t.schema, t.to_batches(max_chunksize=rows))
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[tuple[DatasetStore, str]]:
+    store = DatasetStore(str(tmp_path / "holder"), "holder")
+    server = FlightService("grpc://127.0.0.1:0", store)
+    try:
+        yield store, f"127.0.0.1:{server.port}"
+    finally:
+        server.shutdown()
+
+
+def test_pull_keeps_the_id_marks_a_replica_and_skips_sources_that_fail(
+        holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    source, address = holder
+    meta = source.write("numbers", batches(table(10_000)))
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    dead = "127.0.0.1:1"  # nothing listens there
+    replica = here.pull(meta.id, lambda: [("gone", dead), ("holder", address)], timeout_s=5)
+    assert (replica.id, replica.name, replica.origin, replica.num_rows) == (meta.id, "numbers", "holder", 10_000)
+    path = here.location(meta.id)
+    assert path and pa.ipc.open_file(pa.memory_map(path)).read_all().equals(table(10_000))
+    assert here.used_bytes() == 0 and here.used_bytes(replicas=True) == meta.num_bytes
+    assert not list((tmp_path / "here").glob("*.part"))
+
+
+def test_pull_with_no_source_fails_with_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="could not be fetched to site 'here'.*nothing arrived for 1 s") as err:
+        here.pull("abc", lambda: [], timeout_s=1, retry_s=0.1)
+    assert err.value.kind == "ERROR_KIND_SITE_FAILURE" and time.monotonic() - started < 5
+    assert here.ids() == [] and not list((tmp_path / "here").iterdir())
+
+
+def test_a_transfer_resumes_at_a_batch(holder: tuple[DatasetStore, str]) -> None:
+    source, address = holder
+    meta = source.write("", batches(table(10_000), rows=1000))
+    client = flight.FlightClient(f"grpc://{address}")
+    try:
+        ticket = flight.Ticket(json.dumps({"id": meta.id, "from_batch": 7}).encode())
+        assert client.do_get(ticket).read_all().equals(table(3_000, start=7_000))
+        with pytest.raises(flight.FlightServerError, match="ERROR_KIND_INVALID_ARGUMENT: bad ticket"):
+            client.do_get(flight.Ticket(b'{"from_batch": 1}')).read_all()
+    finally:
+        client.close()
+
+
+def test_replicas_evict_least_recently_used_first_never_one_in_use(
+        holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    source, address = holder
+    metas = [source.write(f"d{i}", batches(table(1000, start=i))) for i in range(4)]  # 8000 bytes each
+    here = DatasetStore(str(tmp_path / "here"), "here", replica_cache_bytes=24_000)
+    mine = here.write("mine", batches(table(5000)))  # originals are never evicted
+    for meta in metas[:3]:
+        here.pull(meta.id, lambda: [("holder", address)])
+        time.sleep(0.01)
+    here.location(metas[0].id)  # read by a task: now the most recently used
+    here.pull(metas[3].id, lambda: [("holder", address)])
+    dropped = here.evict(keep={metas[1].id})  # d1 is being read, d2 is the oldest free one
+    assert [m.id for m in dropped] == [metas[2].id]
+    assert set(here.ids()) == {mine.id, metas[0].id, metas[1].id, metas[3].id}
+    here.replica_cache_bytes = 16_000
+    dropped = here.evict()  # d1 no longer in use: the least recently used now
+    assert [m.id for m in dropped] == [metas[1].id] and here.used_bytes(replicas=True) <= 16_000
+    assert mine.id in here.ids()
+
+
+def test_quota_counts_originals_and_a_rewrite_replaces(tmp_path: Path) -> None:
+    store = DatasetStore(str(tmp_path / "s"), "s", quota_bytes=20_000)
+    first = store.write("r", batches(table(2000)), dataset_id="task-1")
+    again = store.write("r", batches(table(2000, start=5)), dataset_id="task-1")  # a rerun: replaces
+    assert first.id == again.id == "task-1" and store.used_bytes() == 16_000
+    with pytest.raises(DatasetError, match="exceed the site's quota of 20000 bytes"):
+        store.write("big", batches(table(1000)))
+    with pytest.raises(DatasetError, match="dataset id"):
+        store.write("x", batches(table(10)), dataset_id="../escape")
+    reopened = DatasetStore(str(tmp_path / "s"), "s")
+    _, reader = reopened.open("task-1")
+    assert reader.read_all().equals(table(2000, start=5))
+
+
+def test_unfinished_writes_are_removed_at_start(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / f"{uuid.uuid4().hex}.arrow.part").write_bytes(b"half")
+    (root / "x.1234abcd.arrow.part").write_bytes(b"half")
+    (root / "broken.json").write_text("{not json")
+    store = DatasetStore(str(root), "s")
+    assert store.ids() == [] and sorted(p.name for p in root.iterdir()) == ["broken.json"]
