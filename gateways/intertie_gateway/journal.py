@@ -33,7 +33,7 @@ FAILED = tasks_pb2.TASK_STATE_FAILED
 CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS functions (
 );
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
-    spec BLOB NOT NULL,          -- intertie.v1.TaskSpec, serialized; args are opaque bytes
+    spec BLOB NOT NULL,          -- schema 2 kept the spec here; since 3 it is in specs (this is empty)
     state INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     site TEXT NOT NULL DEFAULT '',
@@ -55,6 +55,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     error BLOB,                  -- intertie.v1.Error, serialized
     history TEXT NOT NULL DEFAULT '[]',
     placements BLOB              -- intertie.v1.TaskInfo holding only its placements, serialized
+);
+-- The spec (with the arguments, up to the payload limit) apart from the task's state: SQLite
+-- rewrites a whole row on UPDATE, and a task's state changes several times.
+CREATE TABLE IF NOT EXISTS specs (
+    task_id TEXT PRIMARY KEY,
+    spec BLOB NOT NULL           -- intertie.v1.TaskSpec, serialized; args are opaque bytes
 );
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state) WHERE state IN (1, 2);
 CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state IN (3, 4, 5);
@@ -77,8 +83,9 @@ class TaskRow:
     placements: bytes | None = None
 
 
-_ROW_COLUMNS = ("task_id, spec, state, attempts, site, submitted_at, started_at, finished_at, "
-                "result, error, history, placements")
+_ROW_COLUMNS = ("t.task_id, coalesce(s.spec, t.spec), state, attempts, site, submitted_at, started_at, "
+                "finished_at, result, error, history, placements")
+_ROWS = "tasks t LEFT JOIN specs s ON s.task_id = t.task_id"
 
 
 def _row(values: tuple) -> TaskRow:  # type: ignore[type-arg]
@@ -100,8 +107,10 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) == 1:  # version 2 added where a task was placed and why
-                self._db.execute("ALTER TABLE tasks ADD COLUMN placements BLOB")
+            elif int(row[0]) in (1, 2):
+                if int(row[0]) == 1:  # version 2 added where a task was placed and why
+                    self._db.execute("ALTER TABLE tasks ADD COLUMN placements BLOB")
+                # version 3 keeps new specs in their own table; older rows keep theirs inline
                 self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION}")
@@ -145,10 +154,12 @@ class Journal:
                                      [(d, n, p, now) for d, n, p in functions])
                 for task_id, spec in tasks:
                     cur = self._db.execute(
-                        "INSERT OR IGNORE INTO tasks (task_id, spec, state, submitted_at) VALUES (?, ?, ?, ?)",
-                        (task_id, spec, QUEUED, now))
+                        "INSERT OR IGNORE INTO tasks (task_id, spec, state, submitted_at) VALUES (?, x'', ?, ?)",
+                        (task_id, QUEUED, now))
                     if cur.rowcount == 0:
                         existed.add(task_id)
+                    else:
+                        self._db.execute("INSERT INTO specs VALUES (?, ?)", (task_id, spec))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -186,7 +197,7 @@ class Journal:
 
     def get(self, task_id: str) -> TaskRow | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM {_ROWS} WHERE t.task_id=?", (task_id,)).fetchone()
         return None if row is None else _row(row)
 
     def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskRow]:
@@ -195,7 +206,7 @@ class Journal:
             chunk = task_ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             with self._lock:
-                rows = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM tasks WHERE task_id IN ({marks})",
+                rows = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM {_ROWS} WHERE t.task_id IN ({marks})",
                                         tuple(chunk)).fetchall()
             for r in rows:
                 out[r[0]] = _row(r)
@@ -203,15 +214,23 @@ class Journal:
 
     def unfinished(self) -> Iterator[TaskRow]:
         with self._lock:
-            rows = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM tasks WHERE state IN (1, 2) "
+            rows = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM {_ROWS} WHERE state IN (1, 2) "
                                     "ORDER BY submitted_at").fetchall()
         return (_row(r) for r in rows)
 
     def expire(self, older_than: float) -> int:
         """Deletes finished tasks (and their results) that finished before ``older_than``."""
         with self._lock:
-            cur = self._db.execute("DELETE FROM tasks WHERE state IN (3, 4, 5) AND finished_at < ?",
-                                   (older_than,))
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute("DELETE FROM specs WHERE task_id IN (SELECT task_id FROM tasks "
+                                 "WHERE state IN (3, 4, 5) AND finished_at < ?)", (older_than,))
+                cur = self._db.execute("DELETE FROM tasks WHERE state IN (3, 4, 5) AND finished_at < ?",
+                                       (older_than,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             return cur.rowcount
 
     def counts(self) -> dict[int, int]:

@@ -71,3 +71,31 @@ def test_committed_rows_are_readable_by_another_connection(tmp_path: Path) -> No
     other = sqlite3.connect(tmp_path / "j.sqlite")
     assert other.execute("SELECT task_id FROM tasks").fetchall() == [("a",)]
     other.close()
+
+
+def test_expire_also_removes_specs(tmp_path: Path) -> None:
+    j = make(tmp_path)
+    j.accept([], [("old", b"big spec")], now=1.0)
+    j.write([Journal.finished("old", jr.SUCCEEDED, 1, "s", 10.0, b"r", None, [])])
+    assert j.expire(older_than=50.0) == 1
+    assert j._db.execute("SELECT count(*) FROM specs").fetchone()[0] == 0
+
+
+def test_a_schema_2_journal_is_read_and_upgraded(tmp_path: Path) -> None:
+    # Schema 2 kept each spec inline in the tasks row; such rows stay readable.
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema', '2');"
+        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL, state INTEGER NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, site TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL,"
+        " started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0, result BLOB, error BLOB,"
+        " history TEXT NOT NULL DEFAULT '[]', placements BLOB);"
+        "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'0102', 1, 1.0);")
+    db.commit()
+    db.close()
+    j = Journal(path)
+    j.accept([], [("new", b"\x03")], now=2.0)
+    assert {r.task_id: r.spec for r in j.unfinished()} == {"old": b"\x01\x02", "new": b"\x03"}
+    assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(jr.SCHEMA_VERSION)
