@@ -86,6 +86,7 @@ class DatasetStore:
         self.replica_cache_bytes = replica_cache_bytes  # 0: no bound
         self._lock = threading.Lock()
         self._used_at: dict[str, float] = {}  # last read, for eviction of replicas (not persisted)
+        self._closing = threading.Event()  # set at shutdown: transfers under way give up
         self.fs.makedirs(self.root, exist_ok=True)
         self._meta: dict[str, DatasetMeta] = {}
         for path in self.fs.glob(f"{self.root}/*.part"):
@@ -132,6 +133,10 @@ class DatasetStore:
     def local(self) -> bool:
         """Whether workers on this machine can memory-map the files (else they read over Flight)."""
         return isinstance(self.fs, LocalFileSystem)
+
+    def close(self) -> None:
+        """Stops transfers under way (at their next batch or retry) so the gateway can stop."""
+        self._closing.set()
 
     def _sink(self, path: str) -> Any:
         """A file to write Arrow IPC into: a native one for a local folder (no Python in
@@ -181,6 +186,9 @@ class DatasetStore:
                             logger.info("resuming the transfer of dataset %s at batch %d from %s", dataset_id,
                                         done, site)
                         for chunk in reader:
+                            if self._closing.is_set():
+                                raise DatasetError("ERROR_KIND_SITE_FAILURE",
+                                                   f"site {self.site_id!r} stopped during the transfer")
                             writer.write_batch(chunk.data)
                             deadline = time.monotonic() + timeout_s  # progress: a stall is what times out
                             done += 1
@@ -209,7 +217,8 @@ class DatasetStore:
                     raise DatasetError("ERROR_KIND_SITE_FAILURE",
                                        f"dataset {dataset_id} could not be fetched to site {self.site_id!r} "
                                        f"(nothing arrived for {timeout_s:.0f} s; {done} batches before): {tried}")
-                time.sleep(delay)
+                if self._closing.wait(delay):
+                    raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r} stopped during the transfer")
                 delay = min(delay * 2, 5.0)
         finally:
             if writer is not None:

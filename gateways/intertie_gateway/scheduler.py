@@ -16,7 +16,7 @@ import platform
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from intertie.spec import python_version
@@ -54,6 +54,8 @@ RUN_EWMA_ALPHA = 0.2
 MAX_RUN_ESTIMATES = 10_000
 # Throughput is reported over this window.
 THROUGHPUT_WINDOW_S = 60
+# Datasets fetched from other sites at once (each transfer holds a thread).
+MAX_TRANSFERS = 4
 
 
 class Task:
@@ -112,6 +114,9 @@ class Scheduler:
         self._pulling: set[str] = set()  # tasks waiting for a dataset to arrive
         self._pulls: dict[str, asyncio.Future[Any]] = {}  # dataset id -> its transfer here, under way
         self._reading: Counter[str] = Counter()  # dataset id -> running tasks that read it
+        # Transfers block a thread each while they last; their own pool keeps them from
+        # starving the journal's (the loop's default executor).
+        self._transfers = ThreadPoolExecutor(MAX_TRANSFERS, thread_name_prefix="intertie-pull")
         self.capacity = Capacity(runner.total_resources(), config.admission_overcommit)
         self.tasks: dict[str, Task] = {}
         self.queue: deque[Task] = deque()
@@ -609,6 +614,8 @@ class Scheduler:
                     pull = self._pulls[item.id] = self._loop.create_task(self._pull(item))
                 await asyncio.shield(pull)
         except Exception as exc:
+            if self.draining:  # stopping: the task stays QUEUED in the journal and fetches again
+                return
             kind = getattr(exc, "kind", "")
             logger.warning("task %s: fetching its data failed: %s", task.task_id, exc)
             self._finish(task, jr.FAILED, error=common_pb2.Error(
@@ -628,7 +635,7 @@ class Scheduler:
         try:
             started = time.monotonic()
             meta = await self._loop.run_in_executor(
-                None, functools.partial(self.store.pull, item.id,
+                self._transfers, functools.partial(self.store.pull, item.id,
                                         lambda: self.dataset_sources(item.id, item.site),
                                         timeout_s=self.config.pull_timeout_s))
             elapsed = time.monotonic() - started
@@ -980,6 +987,7 @@ class Scheduler:
                 task.state = jr.QUEUED
                 task.attempts -= 1
                 self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
+        self._transfers.shutdown(wait=False, cancel_futures=True)
         self.flush()
 
     def expire_results(self) -> int:

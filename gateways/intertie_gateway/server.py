@@ -123,6 +123,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         logger.info("stopping: draining site %s", config.site_id)
         await health_servicer.enter_graceful_shutdown()
         scheduler.drain()
+        store.close()  # after drain: tasks waiting for data stay queued rather than fail
         if scheduler.membership is not None:
             await scheduler.membership.close()
         await server.stop(STOP_GRACE_S)
