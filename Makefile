@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/overhead.py
 	$(PY) bench/placement.py
 	$(PY) bench/federation.py
+	$(PY) bench/datasets.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
