@@ -160,6 +160,8 @@ class DatasetStore:
         it is asked again after each failure. An interrupted transfer resumes at the next
         batch, from the same or another source (replicas keep their holder's batches), and
         is retried with backoff until no batch has arrived for ``timeout_s``."""
+        if not _NAME.match(dataset_id):
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {dataset_id[:140]!r} is not valid")
         part = self._path(dataset_id, "arrow.part")
         deadline = time.monotonic() + timeout_s
         delay = retry_s

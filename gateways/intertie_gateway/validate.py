@@ -12,6 +12,8 @@ K = common_pb2.ErrorKind
 _TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_INPUTS = 1000
 MAX_RETRIES_LIMIT = 100
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
@@ -57,6 +59,13 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"arch {c.arch!r} is not a valid architecture name")
     if any(not key for key in c.labels):
         return err(K.ERROR_KIND_INVALID_ARGUMENT, "label constraints need non-empty keys")
+    if len(spec.inputs) > MAX_INPUTS:
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"at most {MAX_INPUTS} dataset arguments, got {len(spec.inputs)}")
+    for item in spec.inputs:
+        if not _DATASET_ID.match(item.id) or not _NAME.match(item.site) or item.num_bytes < 0:
+            return err(K.ERROR_KIND_INVALID_ARGUMENT,
+                       f"dataset input {item.id[:140]!r} at {item.site[:70]!r} ({item.num_bytes} bytes) is not a "
+                       "valid dataset reference")
     if python_version and spec.python_version and spec.python_version != python_version:
         return err(K.ERROR_KIND_PLACEMENT,
                    f"needs Python {spec.python_version} but site {site_id!r} runs Python {python_version} "

@@ -24,6 +24,7 @@ def check(s: tasks_pb2.TaskSpec) -> common_pb2.Error | None:
 def test_good_spec_passes() -> None:
     assert check(spec(args=b"x" * 100, max_retries=3, timeout_s=5)) is None
     assert check(spec(python_version="")) is None  # unknown version: accepted
+    assert check(spec(inputs=[tasks_pb2.DatasetInput(id="0f3a-result.1", site="beta", num_bytes=10)])) is None
 
 
 @pytest.mark.parametrize("fields,kind,text", [
@@ -39,6 +40,14 @@ def test_good_spec_passes() -> None:
     ({"max_retries": 101}, K.ERROR_KIND_INVALID_ARGUMENT, "max_retries"),
     ({"timeout_s": math.nan}, K.ERROR_KIND_INVALID_ARGUMENT, "timeout"),
     ({"python_version": "3.12"}, K.ERROR_KIND_PLACEMENT, "Python 3.12"),
+    ({"inputs": [tasks_pb2.DatasetInput(id="../../etc/passwd", site="a", num_bytes=1)]},
+     K.ERROR_KIND_INVALID_ARGUMENT, "not a valid dataset reference"),
+    ({"inputs": [tasks_pb2.DatasetInput(id="abc", site="", num_bytes=1)]},
+     K.ERROR_KIND_INVALID_ARGUMENT, "at ''"),
+    ({"inputs": [tasks_pb2.DatasetInput(id="abc", site="a", num_bytes=-5)]},
+     K.ERROR_KIND_INVALID_ARGUMENT, "(-5 bytes)"),
+    ({"inputs": [tasks_pb2.DatasetInput(id=f"d{i}", site="a") for i in range(1001)]},
+     K.ERROR_KIND_INVALID_ARGUMENT, "at most 1000 dataset arguments"),
 ])
 def test_each_problem_is_named(fields: dict[str, object], kind: int, text: str) -> None:
     err = check(spec(**fields))
