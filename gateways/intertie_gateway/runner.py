@@ -112,11 +112,14 @@ class RayRunner:
         index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
         return index, self._slots[index]
 
-    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool]], request: Mapping[str, float]) -> Running:
-        """Several tasks of one function in one call to a pooled worker; the ref resolves to
-        their outcomes, in order."""
-        holder = self._functions[digest]
-        extra = () if holder is None else (holder,)
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]], request: Mapping[str, float],
+                    stored: tuple[str, int] | None = None) -> Running:
+        """Several tasks of one function, (name, args, batch, task id) each, in one call to a
+        pooled worker; the ref resolves to their outcomes, in order. ``stored``: (the site's
+        dataset endpoint, size threshold) for Table results that stay at the site."""
+        extra: tuple[Any, ...] = (self._functions[digest], stored)
+        while extra and extra[-1] is None:
+            extra = extra[:-1]
         index, slot = self._least_loaded()
         running = Running(slot.actor.execute_many.remote(digest, items, *extra), slot, index)
         slot.inflight.append(running)

@@ -548,8 +548,8 @@ class Scheduler:
         loop = self._loop
         try:
             running = self.runner.submit_many(tasks[0].spec.function_digest,
-                                              [(t.spec.name, t.spec.args, t.spec.batch) for t in tasks],
-                                              tasks[0].request)
+                                              [(t.spec.name, t.spec.args, t.spec.batch, t.task_id) for t in tasks],
+                                              tasks[0].request, self._stored_results())
         except Exception as exc:
             logger.exception("a group of %d tasks: Ray did not take it", len(tasks))
             for task in tasks:
@@ -654,8 +654,9 @@ class Scheduler:
         for item in spec.inputs:
             self._reading[item.id] += 1
         loop = self._loop
+        threshold = self._stored_results()
         stored = ((self.flight_address, self.config.result_dataset_bytes, spec.returns_dataset, task.task_id)
-                  if self.store is not None else None)
+                  if threshold is not None or (spec.returns_dataset and self.store is not None) else None)
         try:
             task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs,
                                                     stored)
@@ -668,6 +669,12 @@ class Scheduler:
             return
         if spec.timeout_s > 0:
             task.timer = loop.call_later(spec.timeout_s, self._on_timeout, task, attempt)
+
+    def _stored_results(self) -> tuple[str, int] | None:
+        """(this site's dataset endpoint, size threshold) when large Table results stay here."""
+        if self.store is None or not self.config.result_dataset_bytes:
+            return None
+        return self.flight_address, self.config.result_dataset_bytes
 
     def _release(self, task: Task) -> None:
         if task.holding:

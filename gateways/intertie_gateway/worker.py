@@ -244,7 +244,9 @@ class PoolWorker:
                 inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
         return execute(digest, args, name, batch, holder, inputs, stored)
 
-    def execute_many(self, digest: str, items: list[tuple[str, bytes, bool]],
-                     holder: list[Any] | None = None) -> list[Outcome]:
+    def execute_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
+                     holder: list[Any] | None = None, stored: tuple[str, int] | None = None) -> list[Outcome]:
         """Several queued tasks of one function, one after another (fused by the gateway)."""
-        return [execute(digest, args, name, batch, holder) for name, args, batch in items]
+        return [execute(digest, args, name, batch, holder, None,
+                        None if stored is None else (stored[0], stored[1], False, task_id))
+                for name, args, batch, task_id in items]
