@@ -78,6 +78,8 @@ class RayRunner:
         self._pool_class = ray.remote(PoolWorker).options(num_cpus=0, max_restarts=0, max_task_retries=0)
         size = int(self.total_resources().get("CPU", 0)) if config.worker_pool else 0
         self._slots = [_Slot(self._pool_class.remote()) for _ in range(size)]
+        self._site: tuple[str, int] | None = None  # (dataset endpoint, threshold) for results that stay
+        self._declared_address = ""  # the dataset endpoint, for returns="dataset" tasks
 
     def total_resources(self) -> dict[str, float]:
         # node:* and object-store entries are Ray's bookkeeping, not something tasks ask for.
@@ -112,28 +114,39 @@ class RayRunner:
         index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
         return index, self._slots[index]
 
-    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]], request: Mapping[str, float],
-                    stored: tuple[str, int] | None = None) -> Running:
+    def keep_results_at(self, address: str, threshold: int) -> None:
+        """Table results of at least ``threshold`` bytes stay at the site: workers store them
+        at its dataset endpoint ``address``. Pooled workers are told once, not per task."""
+        self._declared_address = address
+        self._site = (address, threshold) if threshold else None
+        for slot in self._slots:
+            slot.actor.configure.remote(self._site)
+
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
+                    request: Mapping[str, float]) -> Running:
         """Several tasks of one function, (name, args, batch, task id) each, in one call to a
-        pooled worker; the ref resolves to their outcomes, in order. ``stored``: (the site's
-        dataset endpoint, size threshold) for Table results that stay at the site."""
-        extra: tuple[Any, ...] = (self._functions[digest], stored)
-        while extra and extra[-1] is None:
-            extra = extra[:-1]
+        pooled worker; the ref resolves to their outcomes, in order."""
+        holder = self._functions[digest]
+        extra = () if holder is None else (holder,)
         index, slot = self._least_loaded()
         running = Running(slot.actor.execute_many.remote(digest, items, *extra), slot, index)
         slot.inflight.append(running)
         return running
 
     def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
-               inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Running:
+               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False) -> Running:
         """Starts a task in Ray; the caller watches ``running.ref``. ``inputs`` maps the
-        dataset ids in its arguments to where the worker reads them; ``stored`` says when a
-        Table result stays at the site (see :func:`intertie_gateway.worker.execute`)."""
+        dataset ids in its arguments to where the worker reads them. A function declared
+        ``returns_dataset`` stores its Table at the site under the task's id."""
+        pooled = self.pooled(request)
+        stored = None
+        if returns_dataset or (self._site is not None and not pooled):  # pooled workers know the site
+            address, threshold = self._site or (self._declared_address, 0)
+            stored = (address, threshold, returns_dataset, task_id)
         extra: tuple[Any, ...] = (self._functions[digest], inputs or None, stored)
         while extra and extra[-1] is None:  # nothing to send for plain tasks
             extra = extra[:-1]
-        if self.pooled(request):
+        if pooled:
             index, slot = self._least_loaded()
             running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)
             slot.inflight.append(running)
@@ -216,6 +229,8 @@ class RayRunner:
         slot.dead = True
         if self._slots[index] is slot:
             self._slots[index] = _Slot(self._pool_class.remote())
+            if self._site is not None:
+                self._slots[index].actor.configure.remote(self._site)
 
     def shutdown(self) -> None:
         try:

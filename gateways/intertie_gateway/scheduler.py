@@ -549,7 +549,7 @@ class Scheduler:
         try:
             running = self.runner.submit_many(tasks[0].spec.function_digest,
                                               [(t.spec.name, t.spec.args, t.spec.batch, t.task_id) for t in tasks],
-                                              tasks[0].request, self._stored_results())
+                                              tasks[0].request)
         except Exception as exc:
             logger.exception("a group of %d tasks: Ray did not take it", len(tasks))
             for task in tasks:
@@ -654,12 +654,9 @@ class Scheduler:
         for item in spec.inputs:
             self._reading[item.id] += 1
         loop = self._loop
-        threshold = self._stored_results()
-        stored = ((self.flight_address, self.config.result_dataset_bytes, spec.returns_dataset, task.task_id)
-                  if threshold is not None or (spec.returns_dataset and self.store is not None) else None)
         try:
             task.ref = running = self.runner.submit(digest, spec.name, spec.args, spec.batch, task.request, inputs,
-                                                    stored)
+                                                    task_id=task.task_id, returns_dataset=spec.returns_dataset)
             running.ref.future().add_done_callback(
                 lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, running, fut))
         except Exception as exc:  # e.g. Ray rejected the options
@@ -669,12 +666,6 @@ class Scheduler:
             return
         if spec.timeout_s > 0:
             task.timer = loop.call_later(spec.timeout_s, self._on_timeout, task, attempt)
-
-    def _stored_results(self) -> tuple[str, int] | None:
-        """(this site's dataset endpoint, size threshold) when large Table results stay here."""
-        if self.store is None or not self.config.result_dataset_bytes:
-            return None
-        return self.flight_address, self.config.result_dataset_bytes
 
     def _release(self, task: Task) -> None:
         if task.holding:

@@ -71,6 +71,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     scheduler.store = store
     flight_host = config.flight_listen.rpartition(":")[0] if config.flight_listen else host
     scheduler.flight_address = f"{flight_host}:{flight_server.port}"
+    runner.keep_results_at(scheduler.flight_address, config.result_dataset_bytes)
 
     requeued, failed = scheduler.recover()
     if requeued or failed:

@@ -12,6 +12,7 @@ import re
 import sys
 import time
 import traceback
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -126,7 +127,7 @@ def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[str, int, bo
 
     def keep(item: Any, index: int | None) -> Any:
         if _is_table(item) and (declared or (threshold and item.nbytes >= threshold)):
-            return _store(item, address, name, task_id if index is None else f"{task_id}-{index}")
+            return _store(item, address, name, task_id and (task_id if index is None else f"{task_id}-{index}"))
         if declared:
             raise ResultNotATable(f"{name} is declared returns='dataset' but returned {type(item).__name__}, "
                                   f"not a pyarrow.Table")
@@ -146,7 +147,9 @@ def _store(table: Any, address: str, name: str, dataset_id: str) -> Any:
     if isinstance(table, pa.RecordBatch):
         table = pa.Table.from_batches([table])
     label = re.sub(r"[^A-Za-z0-9._-]", "_", name.rsplit(".", 1)[-1]).strip("._-")[:80] or "result"
-    # The task id names the dataset: a rerun of the task replaces it rather than adding one.
+    # The task id names the dataset when the worker has it (a rerun of the task then replaces
+    # it rather than adding one): always for returns="dataset", and for fused tasks.
+    dataset_id = dataset_id or uuid.uuid4().hex
     descriptor = flight.FlightDescriptor.for_command(
         json.dumps({"name": f"{label}-{dataset_id[:12]}", "id": dataset_id}).encode())
     writer, answers = _flight(address).do_put(descriptor, table.schema)
@@ -240,13 +243,24 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
 class PoolWorker:
     """A long-lived worker of the gateway's pool (a Ray actor): runs one task at a time."""
 
+    def __init__(self) -> None:
+        self._site: tuple[str, int] | None = None  # where and from what size Table results stay
+
+    def configure(self, site: tuple[str, int] | None) -> None:
+        """(the site's dataset endpoint, threshold): told once rather than with every task."""
+        self._site = site
+
+    def _stored(self, stored: tuple[str, int, bool, str] | None, task_id: str) -> tuple[str, int, bool, str] | None:
+        if stored is not None or self._site is None:
+            return stored
+        return (self._site[0], self._site[1], False, task_id)
+
     def execute(self, digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
                 inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
-        return execute(digest, args, name, batch, holder, inputs, stored)
+        return execute(digest, args, name, batch, holder, inputs, self._stored(stored, ""))
 
     def execute_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
-                     holder: list[Any] | None = None, stored: tuple[str, int] | None = None) -> list[Outcome]:
+                     holder: list[Any] | None = None) -> list[Outcome]:
         """Several queued tasks of one function, one after another (fused by the gateway)."""
-        return [execute(digest, args, name, batch, holder, None,
-                        None if stored is None else (stored[0], stored[1], False, task_id))
+        return [execute(digest, args, name, batch, holder, None, self._stored(None, task_id))
                 for name, args, batch, task_id in items]
