@@ -50,6 +50,7 @@ class Peer:
         self.shipped: set[str] = set()  # function digests the peer has from us
         self.outbox: list[Task] = []
         self.sending = False
+        self._sender: asyncio.Task[None] | None = None  # referenced: the loop keeps only weak references
         self.pending = 0  # forwarded since its last status
         self._channel = grpc.aio.insecure_channel(address, options=channel_options(PEER_MESSAGE_BYTES))
         self.tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
@@ -137,7 +138,7 @@ class Peer:
         self.pending += len(tasks)
         if not self.sending:
             self.sending = True
-            asyncio.get_running_loop().create_task(self._send())
+            self._sender = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
         """Writes the outbox to the peer's session stream as batches; acks come back on it."""

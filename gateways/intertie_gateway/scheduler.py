@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -139,6 +139,14 @@ class Scheduler:
         self._run_estimates: dict[str, float] = {}
         self._placer: Placer | None = None
         self._placer_built = 0.0
+        self._background: set[asyncio.Task[Any]] = set()  # the loop keeps only weak references
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Runs ``coro`` in the background, referenced until it is done."""
+        task = self._loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     # ------------------------------------------------------------------ accept
     async def submit(self, request: tasks_pb2.SubmitRequest) -> list[tasks_pb2.TaskAck]:
@@ -577,7 +585,7 @@ class Scheduler:
             return paths
         if task.task_id not in self._pulling:
             self._pulling.add(task.task_id)
-            self._loop.create_task(self._fetch(task, missing))
+            self._spawn(self._fetch(task, missing))
         return None
 
     def dataset_sources(self, dataset_id: str, holder: str) -> list[tuple[str, str]]:
@@ -611,7 +619,7 @@ class Scheduler:
                                        f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}")
                 pull = self._pulls.get(item.id)
                 if pull is None:  # one transfer per dataset, however many tasks wait for it
-                    pull = self._pulls[item.id] = self._loop.create_task(self._pull(item))
+                    pull = self._pulls[item.id] = self._spawn(self._pull(item))
                 await asyncio.shield(pull)
         except Exception as exc:
             if self.draining:  # stopping: the task stays QUEUED in the journal and fetches again
@@ -892,7 +900,7 @@ class Scheduler:
                 kind=K.ERROR_KIND_CANCELLED, message=f"task {task_id} was cancelled"))
             cancelled.append(task_id)
         for peer, ids in remote.items():
-            self._loop.create_task(peer.cancel(ids))
+            self._spawn(peer.cancel(ids))
         if cancelled:
             self.flush()
             self.pump()
