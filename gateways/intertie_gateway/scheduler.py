@@ -204,27 +204,64 @@ class Scheduler:
             return acks
         rows = [(s.task_id, s.SerializeToString()) for s in accepted]
         if nbytes + sum(len(p) for _, _, p in new_functions) > INLINE_JOURNAL_BYTES:
-            existed = await self._loop.run_in_executor(None, self.journal.accept, new_functions, rows, now)
+            # One step that cancelling the caller (its stream closed, its deadline passed) does
+            # not split: tasks journaled but not registered would be acknowledged on a resend
+            # (found journaled) and never run.
+            await asyncio.shield(self._spawn(self._accept_off_loop(request.session_id, new_functions, accepted,
+                                                                   rows, now)))
         else:
-            existed = self.journal.accept(new_functions, rows, now)
-        # Journaled: from here on the tasks survive a crash, and may be acknowledged.
+            self._register(request.session_id, new_functions, accepted,
+                           self.journal.accept(new_functions, rows, now), now)
+        return acks
+
+    async def _accept_off_loop(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
+                               accepted: list[tasks_pb2.TaskSpec], rows: list[tuple[str, bytes]], now: float) -> None:
+        existed = await self._loop.run_in_executor(None, self.journal.accept, new_functions, rows, now)
+        self._register(session_id, new_functions, accepted, existed, now)
+
+    def _register(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
+                  accepted: list[tasks_pb2.TaskSpec], existed: set[str], now: float) -> None:
+        """Journaled: from here on the tasks survive a crash, and may be acknowledged."""
         for digest, _, payload in new_functions:
             self._known_functions.add(digest)
             self._fresh_functions[digest] = payload
+        journaled_before: list[str] = []
         for spec in accepted:
-            if spec.task_id in existed:  # finished before: answer from the journal
-                self.subscribe(request.session_id, [spec.task_id])
+            task = self.tasks.get(spec.task_id)
+            if task is not None:  # a concurrent submit of the same task registered it meanwhile
+                task.add_session(session_id)
+                continue
+            if spec.task_id in existed:
+                journaled_before.append(spec.task_id)
                 continue
             task = Task(spec, now)
-            task.add_session(request.session_id)
+            task.add_session(session_id)
             self.tasks[task.task_id] = task
             if self.membership is not None and task.home_here:
                 self._unplaced.append(task)
             else:
                 task.site = self.site_id
                 self.queue.append(task)
+        if journaled_before:
+            self._rejoin(session_id, journaled_before)
         self.pump()
-        return acks
+
+    def _rejoin(self, session_id: str, task_ids: list[str]) -> None:
+        """Resubmitted tasks that were journaled before and are not in memory: a finished one is
+        answered from the journal; an unfinished one (its first submit journaled it but never
+        registered it) is put back as at a restart."""
+        if self._writes:
+            self.flush()
+        rows = self.journal.get_many(task_ids)
+        for task_id in task_ids:
+            row = rows.get(task_id)
+            if row is None:
+                continue
+            if row.state in jr.TERMINAL:
+                self.hub.push({session_id}, _event_from_row(row))
+            elif not self._writes:  # unless the flush failed: then the row may be stale
+                logger.warning("task %s: journaled but not queued; restoring it", task_id)
+                self._restore(row, "lost before it started").add_session(session_id)
 
     def _never_runs(self, spec: tasks_pb2.TaskSpec, federated: bool) -> str | None:
         """Why no site can ever run the task (fails it before it is journaled), or None."""
@@ -872,6 +909,8 @@ class Scheduler:
             else:
                 lookup.append(task_id)
         if lookup:
+            if self._writes:  # a task finished this turn: its row must say so before it is read
+                self.flush()
             rows = self.journal.get_many(lookup)
             for task_id in lookup:
                 row = rows.get(task_id)
@@ -915,6 +954,8 @@ class Scheduler:
                 max_retries=spec.max_retries, submitted_at=task.submitted_at, started_at=task.started_at,
                 resources=spec.resources, history=[_attempt(h) for h in task.history],
                 placements=task.placements, home=spec.home or self.site_id)
+        if self._writes:  # as in subscribe()
+            self.flush()
         row = self.journal.get(task_id)
         if row is None:
             return None
@@ -953,36 +994,35 @@ class Scheduler:
         """Requeues every unfinished task from the journal. Returns (requeued, failed)."""
         requeued = failed = 0
         for row in self.journal.unfinished():
-            spec = tasks_pb2.TaskSpec.FromString(row.spec)
-            task = Task(spec, row.submitted_at)
-            task.attempts = row.attempts
-            task.history = row.history
-            task.site = row.site
-            if row.placements:
-                task.placements = list(tasks_pb2.TaskInfo.FromString(row.placements).placements)
-            self.tasks[task.task_id] = task
-            if row.site and row.site != self.site_id and self.membership is not None and task.home_here:
-                # It was forwarded: the peer journaled it and still has it. Send it again once
-                # the peer answers (idempotent there), rather than running it twice.
-                self._reforward.setdefault(row.site, []).append(task)
+            if self._restore(row, "the gateway stopped while the task was running").state == jr.QUEUED:
                 requeued += 1
-                continue
-            if self.membership is not None and task.home_here and not row.site:
-                self._unplaced.append(task)
-                requeued += 1
-                continue
-            if row.state == jr.RUNNING:
-                self._retry_or_fail(task, "the gateway stopped while the task was running")
-                if task.state == jr.QUEUED:
-                    requeued += 1
-                else:
-                    failed += 1
-                continue
-            self.queue.append(task)
-            requeued += 1
+            else:
+                failed += 1
         self.flush()
         self.pump()
         return requeued, failed
+
+    def _restore(self, row: jr.TaskRow, why_running: str) -> Task:
+        """Puts an unfinished task of the journal back in memory, where the row says it is."""
+        spec = tasks_pb2.TaskSpec.FromString(row.spec)
+        task = Task(spec, row.submitted_at)
+        task.attempts = row.attempts
+        task.history = row.history
+        task.site = row.site
+        if row.placements:
+            task.placements = list(tasks_pb2.TaskInfo.FromString(row.placements).placements)
+        self.tasks[task.task_id] = task
+        if row.site and row.site != self.site_id and self.membership is not None and task.home_here:
+            # It was forwarded: the peer journaled it and still has it. Send it again once
+            # the peer answers (idempotent there), rather than running it twice.
+            self._reforward.setdefault(row.site, []).append(task)
+        elif self.membership is not None and task.home_here and not row.site:
+            self._unplaced.append(task)
+        elif row.state == jr.RUNNING:
+            self._retry_or_fail(task, why_running)
+        else:
+            self.queue.append(task)
+        return task
 
     def drain(self) -> None:
         """Clean shutdown: running tasks go back to the queue without spending a retry."""

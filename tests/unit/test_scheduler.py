@@ -1,0 +1,166 @@
+"""The scheduler's bookkeeping against a real journal and a stand-in for Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from intertie.spec import python_version
+from intertie.v1 import tasks_pb2
+from intertie_gateway import journal as jr
+from intertie_gateway.config import GatewayConfig
+from intertie_gateway.journal import Journal
+from intertie_gateway.runner import Running
+from intertie_gateway.scheduler import INLINE_JOURNAL_BYTES, Scheduler
+from intertie_gateway.sessions import SessionHub
+
+PAYLOAD = b"pickled function"
+DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
+FUNCTION = tasks_pb2.Function(digest=DIGEST, payload=PAYLOAD, name="f")
+
+
+class FakeRef:
+    def __init__(self) -> None:
+        self.result: Future[Any] = Future()
+
+    def future(self) -> Future[Any]:
+        return self.result
+
+
+class FakeRunner:
+    """Ray as the scheduler sees it: every call is recorded and resolved by the test."""
+
+    def __init__(self, pool_size: int = 0) -> None:
+        self.pool_size = pool_size
+        self.functions: set[str] = set()
+        self.started: list[tuple[list[str], Running]] = []
+        self.cancelled: list[Running] = []
+
+    def total_resources(self) -> dict[str, float]:
+        return {"CPU": 2.0}
+
+    def pooled(self, request: object) -> bool:
+        return self.pool_size > 0
+
+    def has_function(self, digest: str) -> bool:
+        return digest in self.functions
+
+    def put_function(self, digest: str, payload: bytes) -> None:
+        self.functions.add(digest)
+
+    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: object, inputs: object = None,
+               **kwargs: object) -> Running:
+        running = Running(FakeRef())
+        self.started.append(([str(kwargs.get("task_id", ""))], running))
+        return running
+
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]], request: object) -> Running:
+        running = Running(FakeRef())
+        self.started.append(([item[3] for item in items], running))
+        return running
+
+    def cancel(self, running: Running) -> None:
+        # As ray.cancel: the call's ref fails, for every task that shares it.
+        self.cancelled.append(running)
+        running.ref.result.set_exception(RuntimeError("TaskCancelledError"))
+
+    def outcome(self, running: Running, fut: Future[Any]) -> tuple[str, Any]:
+        try:
+            return "ok", fut.result()
+        except Exception as exc:
+            return "internal", exc
+
+
+def ok(result: bytes) -> tuple[Any, ...]:
+    return (True, result, 0, "", "", "", b"", 0.001)
+
+
+def spec(task_id: str, args: bytes = b"args") -> tasks_pb2.TaskSpec:
+    return tasks_pb2.TaskSpec(task_id=task_id, function_digest=DIGEST, args=args, python_version=python_version())
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    j = Journal(tmp_path / "journal.sqlite")
+    yield j
+    j.close()
+
+
+def run(journal: Journal, body: Callable[[Scheduler, FakeRunner], Awaitable[None]], *,
+        pool_size: int = 0) -> None:
+    async def main() -> None:
+        runner = FakeRunner(pool_size)
+        scheduler = Scheduler(GatewayConfig(site_id="here"), journal, runner, SessionHub())  # type: ignore[arg-type]
+        await body(scheduler, runner)
+
+    asyncio.run(main())
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_large_batch_whose_submit_is_cancelled_still_runs_once(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        request = tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[spec("big", b"x" * INLINE_JOURNAL_BYTES)],
+                                          session_id="client")
+        entered, release = threading.Event(), threading.Event()
+        accept = journal.accept
+
+        def slow_accept(*args: Any) -> set[str]:
+            entered.set()
+            release.wait(5)
+            return accept(*args)
+
+        s.journal.accept = slow_accept  # type: ignore[method-assign]
+        call = asyncio.create_task(s.submit(request))
+        await until(entered.is_set)  # journaling on a thread
+        call.cancel()  # the client's stream closed
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        await until(lambda: runner.started)
+        # The client resends the batch it never saw acknowledged: acknowledged, not run again.
+        acks = await s.submit(request)
+        assert [a.accepted for a in acks] == [True]
+        assert [ids for ids, _ in runner.started] == [["big"]]
+
+    run(journal, body)
+
+
+def test_a_task_journaled_but_never_queued_is_restored_when_resubmitted(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        lost = spec("lost")
+        journal.accept([(DIGEST, "f", PAYLOAD)], [("lost", lost.SerializeToString())], time.time())
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[lost], session_id="client"))
+        assert [a.accepted for a in acks] == [True]
+        assert [ids for ids, _ in runner.started] == [["lost"]]
+        assert s.tasks["lost"].sessions == {"client"}
+
+    run(journal, body)
+
+
+def test_a_result_is_found_by_subscribe_and_info_in_the_turn_it_finishes(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[spec("a"), spec("b")]))
+        session = s.hub.open("late", progress=False)
+        # Finished (out of memory), its journal write still pending until the loop turns.
+        s._finish(s.tasks["a"], jr.SUCCEEDED, result=b"ra")
+        assert s.subscribe("late", ["a"]) == []
+        assert [(e.task_id, e.state, e.result) for e in session.take()] == [("a", jr.SUCCEEDED, b"ra")]
+        s._finish(s.tasks["b"], jr.SUCCEEDED, result=b"rb")
+        info = s.info("b")
+        assert info is not None and info.state == jr.SUCCEEDED
+
+    run(journal, body)
