@@ -56,6 +56,9 @@ MAX_RUN_ESTIMATES = 10_000
 THROUGHPUT_WINDOW_S = 60
 # Datasets fetched from other sites at once (each transfer holds a thread).
 MAX_TRANSFERS = 4
+# A failed journal write (disk full, I/O error) is retried this often; long enough not to
+# flood the log, short enough that results wait little once the disk recovers.
+FLUSH_RETRY_S = 1.0
 
 
 class Task:
@@ -126,6 +129,7 @@ class Scheduler:
         self._writes: list[tuple[str, Sequence[object]]] = []
         self._events: list[tuple[set[str] | None, tasks_pb2.TaskEvent]] = []
         self._flush_scheduled = False
+        self._flush_retry: asyncio.TimerHandle | None = None
         self._finished_buckets = [0] * THROUGHPUT_WINDOW_S
         self._bucket_second = 0
         self._loop = asyncio.get_running_loop()
@@ -861,7 +865,7 @@ class Scheduler:
 
     def _write(self, statement: tuple[str, Sequence[object]]) -> None:
         self._writes.append(statement)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and self._flush_retry is None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
@@ -869,16 +873,29 @@ class Scheduler:
         """Group commit of the state changes of one loop turn, then their events.
 
         A result is journaled before the client hears of it, so a crash between the two
-        leaves it fetchable rather than lost."""
+        leaves it fetchable rather than lost. A failed commit keeps its writes, and holds
+        their events, until a retry goes through."""
         self._flush_scheduled = False
-        writes, self._writes = self._writes, []
+        if self._writes:
+            try:
+                self.journal.write(self._writes)
+            except Exception:
+                logger.exception("journal write of %d changes failed; retrying in %g s", len(self._writes),
+                                 FLUSH_RETRY_S)
+                if self._flush_retry is None:
+                    self._flush_retry = self._loop.call_later(FLUSH_RETRY_S, self._retry_flush)
+                return
+            self._writes = []
+            if self._flush_retry is not None:  # went through before the retry was due
+                self._flush_retry.cancel()
+                self._flush_retry = None
         events, self._events = self._events, []
-        try:
-            self.journal.write(writes)
-        except Exception:
-            logger.exception("journal write of %d changes failed", len(writes))
         for sessions, event in events:
             self.hub.push(sessions, event)
+
+    def _retry_flush(self) -> None:
+        self._flush_retry = None
+        self.flush()
 
     def _roll(self, now: float) -> int:
         """Zeroes the throughput buckets of the seconds passed since the last call."""

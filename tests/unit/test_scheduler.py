@@ -164,3 +164,34 @@ def test_a_result_is_found_by_subscribe_and_info_in_the_turn_it_finishes(journal
         assert info is not None and info.state == jr.SUCCEEDED
 
     run(journal, body)
+
+
+def test_a_failed_journal_write_is_retried_and_holds_its_events(journal: Journal,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("intertie_gateway.scheduler.FLUSH_RETRY_S", 0.05)
+
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[spec("a")], session_id="client"))
+        session = s.hub.open("client", progress=False)
+        s.flush()
+        write = journal.write
+        failures = [OSError("disk full"), OSError("disk full")]
+
+        def flaky_write(statements: list[Any]) -> None:
+            if failures:
+                raise failures.pop()
+            write(statements)
+
+        s.journal.write = flaky_write  # type: ignore[method-assign]
+        runner.started[0][1].ref.result.set_result(ok(b"result"))
+        await until(lambda: "a" not in s.tasks)
+        s.flush()  # fails: the client must not hear of a result the journal does not have
+        assert session.take() == []
+        row = journal.get("a")
+        assert row is not None and row.state == jr.RUNNING
+        await until(lambda: session.events)
+        assert [(e.task_id, e.state) for e in session.take()] == [("a", jr.SUCCEEDED)]
+        row = journal.get("a")
+        assert row is not None and (row.state, row.result) == (jr.SUCCEEDED, b"result")
+
+    run(journal, body)
