@@ -103,7 +103,8 @@ class Peer:
                                                timeout=max(self.membership.heartbeat_s, 0.5))
         except (grpc.RpcError, asyncio.TimeoutError) as exc:
             self.missed += 1
-            if self.up and self.missed >= self.membership.down_after:
+            # A draining peer still holds tasks: when it stops answering they are placed again.
+            if self.state in ("up", "draining") and self.missed >= self.membership.down_after:
                 logger.warning("peer %s (%s) missed %d heartbeats: down (%s)", self.site_id, self.address,
                                self.missed, exc.code() if isinstance(exc, grpc.RpcError) else exc)
                 self.state = "down"
@@ -302,8 +303,11 @@ class Membership:
     async def _run(self) -> None:
         while not self.closed:
             started = time.monotonic()
-            await asyncio.gather(*(p.heartbeat() for p in self.peers if p.state != "self"),
-                                 return_exceptions=True)
+            peers = [p for p in self.peers if p.state != "self"]
+            results = await asyncio.gather(*(p.heartbeat() for p in peers), return_exceptions=True)
+            for peer, result in zip(peers, results, strict=True):
+                if isinstance(result, Exception):  # e.g. from on_peer_down / on_peer_up
+                    logger.error("heartbeat of peer %s (%s) failed", peer.site_id, peer.address, exc_info=result)
             try:
                 if self.steal_enabled:
                     await self._maybe_steal()
