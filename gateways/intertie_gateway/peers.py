@@ -20,6 +20,7 @@ import grpc
 
 from intertie._rpc import channel_options
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie_gateway.journal import TERMINAL
 from intertie_gateway.placement import SiteView
 
 if TYPE_CHECKING:
@@ -147,7 +148,7 @@ class Peer:
             while self.outbox:
                 await self.watching.wait()  # the stream is open (a peer that goes down is handled apart)
                 call = self._call
-                batch = [t for t in self.outbox[:FORWARD_BATCH_TASKS] if t.site == self.site_id]
+                batch = [t for t in self.outbox[:FORWARD_BATCH_TASKS] if self._sendable(t)]
                 self.outbox = self.outbox[FORWARD_BATCH_TASKS:]
                 if not batch or call is None:
                     continue
@@ -160,6 +161,10 @@ class Peer:
                     logger.info("writing to peer %s failed: %s", self.site_id, exc)
         finally:
             self.sending = False
+
+    def _sendable(self, task: Task) -> bool:
+        """Still this peer's to run: not placed elsewhere meanwhile, nor finished (cancelled)."""
+        return task.site == self.site_id and task.state not in TERMINAL
 
     def _message(self, seq: int, batch: Sequence[Task]) -> tasks_pb2.ClientMessage:
         scheduler = self.membership.scheduler
@@ -186,7 +191,8 @@ class Peer:
         self.membership.scheduler.on_forward_acks(self, batch, ack.acks)
 
     def abandon(self) -> list[Task]:
-        """The peer went down: what was on its way there is placed elsewhere by the caller."""
+        """The peer went down: what was on its way there (queued here, or sent and not
+        acknowledged, so not started there) is placed elsewhere by the caller."""
         lost = [t for batch in self.inflight.values() for t in batch] + self.outbox
         self.inflight.clear()
         self.outbox = []
@@ -227,7 +233,12 @@ class Peer:
                 self.offered.clear()
                 self._call = call
                 for seq in sorted(self.inflight):  # unacknowledged: resend (idempotent there)
-                    await call.write(self._message(seq, self.inflight[seq]))
+                    batch = [t for t in self.inflight.get(seq, ()) if self._sendable(t)]
+                    if not batch:
+                        self.inflight.pop(seq, None)
+                        continue
+                    self.inflight[seq] = batch
+                    await call.write(self._message(seq, batch))
                 self.watching.set()
                 # Events sent while no stream was open were dropped: ask again.
                 await self._resubscribe()

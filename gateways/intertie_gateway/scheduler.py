@@ -411,13 +411,17 @@ class Scheduler:
         self.pump()
 
     def on_peer_down(self, peer: Peer) -> None:
-        """Every unfinished task at a peer that went down is placed again (attempt + 1)."""
+        """Every unfinished task at a peer that went down is placed again: at the cost of an
+        attempt when the peer had it, free when it never got there."""
         self._placer = None
-        peer.abandon()
+        undelivered = {id(t) for t in peer.abandon()}
         lost = [t for t in self.tasks.values() if t.site == peer.site_id and t.home_here
                 and t.state in (jr.QUEUED, jr.RUNNING)]
         for task in lost:
-            self._retry_or_fail(task, f"site {peer.site_id} went down")
+            if id(task) in undelivered:
+                self._unassign(task, f"site {peer.site_id} went down before it acknowledged the task", spent=False)
+            else:
+                self._retry_or_fail(task, f"site {peer.site_id} went down")
         if lost:
             logger.warning("site %s went down: placing its %d unfinished tasks again", peer.site_id, len(lost))
         self.pump()

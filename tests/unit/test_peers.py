@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 
+from intertie.v1 import tasks_pb2
+from intertie_gateway import journal as jr
 from intertie_gateway.peers import Membership, Peer
+from intertie_gateway.scheduler import Task
 
 
 class FakeScheduler:
@@ -17,6 +22,16 @@ class FakeScheduler:
 
     def __init__(self) -> None:
         self.downs: list[Peer] = []
+        self.at_peer: list[str] = []
+
+    def tasks_at(self, site_id: str) -> list[str]:
+        return self.at_peer
+
+    def function_bytes(self, digest: str) -> bytes:
+        return b"pickled function"
+
+    def on_peer_events(self, peer: Peer, events: Any) -> None:
+        pass
 
     def on_peer_down(self, peer: Peer) -> None:
         self.downs.append(peer)
@@ -31,6 +46,65 @@ class FakeScheduler:
 class Unanswered:
     async def GetStatus(self, *args: Any, **kwargs: Any) -> Any:
         raise asyncio.TimeoutError
+
+
+class FakeCall:
+    """The peer's end of a Connect stream: opens the session, then stays open."""
+
+    def __init__(self) -> None:
+        self.written: list[tasks_pb2.ClientMessage] = []
+        self.opened = False
+        self.closed = asyncio.Event()
+
+    async def write(self, message: tasks_pb2.ClientMessage) -> None:
+        self.written.append(message)
+
+    async def read(self) -> Any:
+        if not self.opened:
+            self.opened = True
+            return tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())
+        await self.closed.wait()
+        return grpc.aio.EOF
+
+    def cancel(self) -> None:
+        self.closed.set()
+
+    def sent(self) -> list[str]:
+        return [t.task_id for m in self.written if m.HasField("submit") for t in m.submit.request.tasks]
+
+
+class FakeTasks:
+    """The peer's TaskService; its first ``failing`` Subscribe calls fail."""
+
+    def __init__(self, failing: int = 0) -> None:
+        self.calls: list[FakeCall] = []
+        self.subscribed: list[list[str]] = []
+        self.failing = failing
+
+    def Connect(self) -> FakeCall:
+        self.calls.append(FakeCall())
+        return self.calls[-1]
+
+    async def Subscribe(self, request: tasks_pb2.SubscribeRequest, timeout: float | None = None) -> Any:
+        if self.failing:
+            self.failing -= 1
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "the peer is restarting")
+        self.subscribed.append(list(request.task_ids))
+        return tasks_pb2.SubscribeResponse()
+
+
+def task(task_id: str, site: str = "b", state: int = jr.QUEUED) -> Task:
+    t = Task(tasks_pb2.TaskSpec(task_id=task_id, function_digest="0" * 64, name="f"), 0.0)
+    t.site, t.state = site, state  # type: ignore[assignment]
+    return t
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 def run(body: Callable[[Membership], Awaitable[None]]) -> None:
@@ -73,3 +147,35 @@ def test_a_failing_heartbeat_is_logged(caplog: pytest.LogCaptureFixture) -> None
     with caplog.at_level(logging.ERROR, logger="intertie_gateway.peers"):
         run(body)
     assert any("heartbeat of peer" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_task_cancelled_before_it_was_sent_is_not_sent() -> None:
+    async def body(membership: Membership) -> None:
+        peer = membership.peers[0]
+        peer.site_id = "b"
+        peer._call = call = FakeCall()  # type: ignore[assignment]
+        peer.watching.set()
+        live, cancelled, moved = task("live"), task("cancelled", state=jr.CANCELLED), task("moved", site="c")
+        peer.forward([live, cancelled, moved])
+        assert peer._sender is not None
+        await peer._sender
+        assert call.sent() == ["live"]
+        assert list(peer.inflight.values()) == [[live]]
+
+    run(body)
+
+
+def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None:
+    async def body(membership: Membership) -> None:
+        peer = membership.peers[0]
+        peer.site_id = "b"
+        peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
+        live = task("live")
+        peer.inflight = {1: [live, task("cancelled", state=jr.CANCELLED)], 2: [task("done", state=jr.SUCCEEDED)]}
+        peer._watch = asyncio.create_task(peer._session_loop())
+        await until(peer.watching.is_set)
+        assert stub.calls[0].sent() == ["live"]
+        assert peer.inflight == {1: [live]}
+
+    run(body)
+

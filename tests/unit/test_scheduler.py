@@ -18,8 +18,9 @@ from intertie.v1 import tasks_pb2
 from intertie_gateway import journal as jr
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
+from intertie_gateway.placement import SiteView
 from intertie_gateway.runner import Running
-from intertie_gateway.scheduler import INLINE_JOURNAL_BYTES, Scheduler
+from intertie_gateway.scheduler import INLINE_JOURNAL_BYTES, Scheduler, Task
 from intertie_gateway.sessions import SessionHub
 
 PAYLOAD = b"pickled function"
@@ -193,5 +194,43 @@ def test_a_failed_journal_write_is_retried_and_holds_its_events(journal: Journal
         assert [(e.task_id, e.state) for e in session.take()] == [("a", jr.SUCCEEDED)]
         row = journal.get("a")
         assert row is not None and (row.state, row.result) == (jr.SUCCEEDED, b"result")
+
+    run(journal, body)
+
+
+class FakePeer:
+    site_id = "b"
+
+    def __init__(self, abandoned: list[Task]) -> None:
+        self.abandoned = abandoned
+
+    def abandon(self) -> list[Task]:
+        return self.abandoned
+
+
+class FakeMembership:
+    """A federation whose only peer is down."""
+
+    def views(self) -> list[SiteView]:
+        return []
+
+    def peer_for(self, site_id: str) -> None:
+        return None
+
+
+def test_a_peer_going_down_charges_only_the_tasks_it_had(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        s.membership = FakeMembership()  # type: ignore[assignment]
+        journal.accept([(DIGEST, "f", PAYLOAD)], [(i, spec(i).SerializeToString()) for i in ("sent", "unsent")], 0)
+        at_peer = {}
+        for task_id in ("sent", "unsent"):  # max_retries=0: forwarded, one attempt spent at the peer
+            task = at_peer[task_id] = Task(spec(task_id), 0.0)
+            task.site, task.attempts = "b", 1
+            s.tasks[task_id] = task
+        s.on_peer_down(FakePeer([at_peer["unsent"]]))  # type: ignore[arg-type]
+        assert at_peer["sent"].state == jr.FAILED  # no retries left
+        # Never acknowledged by the peer: placed again (here) as its first attempt.
+        assert [ids for ids, _ in runner.started] == [["unsent"]]
+        assert (at_peer["unsent"].state, at_peer["unsent"].attempts) == (jr.RUNNING, 1)
 
     run(journal, body)
