@@ -228,7 +228,6 @@ class Peer:
                 opened = await call.read()
                 if opened is grpc.aio.EOF:
                     raise ConnectionError("the peer closed the stream")
-                backoff = 0.05
                 self.shipped.clear()  # what the peer has is unknown after a (re)connect
                 self.offered.clear()
                 self._call = call
@@ -240,8 +239,10 @@ class Peer:
                     self.inflight[seq] = batch
                     await call.write(self._message(seq, batch))
                 self.watching.set()
-                # Events sent while no stream was open were dropped: ask again.
+                # Events sent while no stream was open were dropped: ask again. If that fails,
+                # the stream is reopened and asks again, rather than missing them for good.
                 await self._resubscribe()
+                backoff = 0.05
                 while True:
                     message = await call.read()
                     if message is grpc.aio.EOF:
@@ -274,7 +275,7 @@ class Peer:
                     session_id=self.membership.session_id, task_ids=ids[start:start + 10_000]), timeout=30)
             except grpc.RpcError as exc:
                 logger.warning("resubscribing at peer %s failed: %s", self.site_id, exc.code())
-                return
+                raise
 
     async def close(self) -> None:
         if self._watch is not None:

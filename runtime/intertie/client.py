@@ -242,7 +242,7 @@ class Federation:
                     if opened is grpc.aio.EOF:
                         raise ConnectionError("the gateway closed the session stream")
                     if lost_at is not None:  # a reconnect: the gateway may have restarted
-                        await self._resubscribe(stub)
+                        await self._resubscribe(stub)  # if it fails, reconnect and ask again
                     lost_at = None
                     backoff = 0.05
                     outgoing: asyncio.Queue[tasks_pb2.ClientMessage] = asyncio.Queue()
@@ -344,8 +344,9 @@ class Federation:
             try:
                 await stub.Subscribe(tasks_pb2.SubscribeRequest(session_id=self.session_id, task_ids=chunk), timeout=30)
             except grpc.RpcError as exc:
+                # Their events while the stream was down are lost unless asked for again.
                 logger.warning("resubscribing to %d tasks at %s failed: %s", len(chunk), self.address, exc)
-                return
+                raise
             # Ids unknown there were never journaled: their batch was not acknowledged and
             # is resent from _inflight.
 

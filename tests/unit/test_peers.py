@@ -179,3 +179,16 @@ def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None
 
     run(body)
 
+
+def test_a_failed_resubscribe_reopens_the_stream_and_asks_again() -> None:
+    async def body(membership: Membership) -> None:
+        peer = membership.peers[0]
+        peer.site_id = "b"
+        peer.tasks = stub = FakeTasks(failing=1)  # type: ignore[assignment]
+        membership.scheduler.at_peer = ["t"]  # type: ignore[attr-defined]
+        peer._watch = asyncio.create_task(peer._session_loop())
+        await until(lambda: stub.subscribed)
+        assert stub.subscribed == [["t"]]
+        assert len(stub.calls) == 2
+
+    run(body)

@@ -1,0 +1,78 @@
+"""The client's session stream against a stand-in gateway that can go away and come back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from intertie.client import Federation
+from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+
+class FakeGateway(tasks_pb2_grpc.TaskServiceServicer, site_pb2_grpc.SiteServiceServicer):
+    """Acknowledges every task and runs none; its first ``failing`` Subscribe calls fail."""
+
+    def __init__(self, failing: int = 0) -> None:
+        self.failing = failing
+        self.opened = 0
+        self.submitted: list[str] = []
+        self.subscribed: list[list[str]] = []
+
+    def GetStatus(self, request: Any, context: Any) -> site_pb2.SiteStatus:
+        return site_pb2.SiteStatus(site_id="fake", max_payload_bytes=1 << 20)
+
+    def Connect(self, requests: Iterator[tasks_pb2.ClientMessage], context: Any) -> Iterator[tasks_pb2.ServerMessage]:
+        next(requests)  # open
+        self.opened += 1
+        yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())
+        for message in requests:
+            tasks = message.submit.request.tasks
+            self.submitted.extend(t.task_id for t in tasks)
+            yield tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(
+                seq=message.submit.seq, acks=[tasks_pb2.TaskAck(task_id=t.task_id, accepted=True) for t in tasks]))
+
+    def Subscribe(self, request: tasks_pb2.SubscribeRequest, context: Any) -> tasks_pb2.SubscribeResponse:
+        if self.failing:
+            self.failing -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is starting")
+        self.subscribed.append(list(request.task_ids))
+        return tasks_pb2.SubscribeResponse()
+
+
+def serve(gateway: FakeGateway, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(ThreadPoolExecutor(8))
+    tasks_pb2_grpc.add_TaskServiceServicer_to_server(gateway, server)
+    site_pb2_grpc.add_SiteServiceServicer_to_server(gateway, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+def until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_failed_resubscribe_after_a_reconnect_is_asked_again() -> None:
+    server, port = serve(FakeGateway())
+    fed = Federation(f"127.0.0.1:{port}")
+    try:
+        future = fed.submit(abs, -1)
+        assert future._acked.wait(10)
+        server.stop(None).wait()
+        # It comes back without the events of the tasks it finished meanwhile: the client
+        # must get its Subscribe through, even when the first one fails.
+        restarted = FakeGateway(failing=1)
+        server, _ = serve(restarted, port)
+        until(lambda: restarted.subscribed)
+        assert restarted.subscribed == [[future.task_id]]
+        assert restarted.opened == 2
+    finally:
+        fed.close()
+        server.stop(None)
