@@ -351,11 +351,16 @@ class Federation:
             # is resent from _inflight.
 
     def _fail_all(self, exc: errors.IntertieError) -> None:
+        """Fails every unfinished future. What the gateway has not acknowledged is dropped,
+        not sent on a later connection: a task whose future failed must not run."""
         with self._lock:
             futures = list(self._futures.values())
             self._futures.clear()
+            self._queue.clear()
+        self._inflight.clear()  # on the I/O loop, or after it stopped
         for future in futures:
             future._resolve(exc=exc)
+            future._acked.set()
 
     # ------------------------------------------------------------------ other calls
     @_rpc.translated
@@ -495,9 +500,10 @@ class Federation:
         """Closes the connection (and stops an embedded gateway). Pending futures fail."""
         if self.closed:
             return
-        # Submissions already handed to us are sent and acknowledged before the channel goes.
+        # Submissions already handed to us are sent and acknowledged before the channel goes
+        # (not waited for while the gateway is unreachable: they fail below).
         deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT_S
-        while (self._queue or self._inflight) and self._ready.is_set() and time.monotonic() < deadline:
+        while (self._queue or self._inflight) and self._connected and time.monotonic() < deadline:
             time.sleep(0.005)
         self.closed = True
         with _open_lock:

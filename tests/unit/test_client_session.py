@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import pytest
 
+from intertie import client, errors
 from intertie.client import Federation
 from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -76,3 +78,34 @@ def test_a_failed_resubscribe_after_a_reconnect_is_asked_again() -> None:
     finally:
         fed.close()
         server.stop(None)
+
+
+def test_tasks_failed_after_the_reconnect_timeout_are_not_sent_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client, "RECONNECT_TIMEOUT_S", 0.5)
+    server, port = serve(FakeGateway())
+    fed = Federation(f"127.0.0.1:{port}")
+    try:
+        server.stop(None).wait()
+        future = fed.submit(abs, -1)
+        with pytest.raises(errors.SiteUnavailableError):
+            future.result(timeout=30)
+        restarted = FakeGateway()
+        server, _ = serve(restarted, port)
+        until(lambda: restarted.opened)
+        time.sleep(0.5)
+        assert restarted.submitted == []
+    finally:
+        fed.close()
+        server.stop(None)
+
+
+def test_close_does_not_wait_for_an_unreachable_gateway() -> None:
+    server, port = serve(FakeGateway())
+    fed = Federation(f"127.0.0.1:{port}")
+    server.stop(None).wait()
+    future = fed.submit(abs, -1)
+    started = time.monotonic()
+    fed.close()
+    assert time.monotonic() - started < 5  # not CLOSE_FLUSH_TIMEOUT_S
+    with pytest.raises(errors.IntertieError):
+        future.result(timeout=0)
