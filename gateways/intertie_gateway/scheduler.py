@@ -63,7 +63,7 @@ FLUSH_RETRY_S = 1.0
 
 class Task:
     __slots__ = ("task_id", "spec", "request", "state", "attempts", "site", "submitted_at", "started_at",
-                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent", "fuse")
+                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent", "fuse", "group")
 
     def __init__(self, spec: tasks_pb2.TaskSpec, submitted_at: float) -> None:
         self.task_id = spec.task_id
@@ -83,6 +83,7 @@ class Task:
         self.exclude: set[str] = set()  # sites that refused it
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
         self.fuse = spec.timeout_s == 0 and not spec.inputs  # may share one Ray call with others
+        self.group: list[Task] = []  # the tasks of its last fused Ray call
 
     def demand(self, run_s: float | None = None) -> Demand:
         c = self.spec.constraints
@@ -611,6 +612,7 @@ class Scheduler:
             return
         for task in tasks:
             task.ref = running
+            task.group = tasks
         running.ref.future().add_done_callback(
             lambda fut: loop.call_soon_threadsafe(self._on_group_done, tasks, attempts, running, fut))
 
@@ -951,7 +953,10 @@ class Scheduler:
             if task is None:
                 continue
             if task.ref is not None:
-                self.runner.cancel(task.ref)
+                # Stopping a fused call would fail the other tasks in it: it is stopped only with
+                # the last of them; until then the cancelled task's outcome is ignored.
+                if not any(t is not task and t.ref is task.ref and t.state == jr.RUNNING for t in task.group):
+                    self.runner.cancel(task.ref)
             elif task.site and task.site != self.site_id and self.membership is not None:
                 peer = self.membership.peer_for(task.site)
                 if peer is not None:

@@ -71,7 +71,8 @@ class FakeRunner:
     def cancel(self, running: Running) -> None:
         # As ray.cancel: the call's ref fails, for every task that shares it.
         self.cancelled.append(running)
-        running.ref.result.set_exception(RuntimeError("TaskCancelledError"))
+        if not running.ref.result.done():
+            running.ref.result.set_exception(RuntimeError("TaskCancelledError"))
 
     def outcome(self, running: Running, fut: Future[Any]) -> tuple[str, Any]:
         try:
@@ -234,3 +235,34 @@ def test_a_peer_going_down_charges_only_the_tasks_it_had(journal: Journal) -> No
         assert (at_peer["unsent"].state, at_peer["unsent"].attempts) == (jr.RUNNING, 1)
 
     run(journal, body)
+
+
+def start_group(s: Scheduler, journal: Journal, task_ids: list[str]) -> list[Task]:
+    journal.accept([(DIGEST, "f", PAYLOAD)], [(i, spec(i).SerializeToString()) for i in task_ids], 0)
+    tasks = [Task(spec(i), 0.0) for i in task_ids]
+    for task in tasks:
+        s.tasks[task.task_id] = task
+    s._start_group(tasks)
+    return tasks
+
+
+def test_cancelling_one_task_of_a_fused_call_spares_the_others(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        a, b, c = start_group(s, journal, ["a", "b", "c"])
+        assert s.cancel(["a"]) == ["a"]
+        assert runner.cancelled == []
+        runner.started[0][1].ref.result.set_result([ok(b"ra"), ok(b"rb"), ok(b"rc")])
+        await until(lambda: not s.tasks)
+        assert [(t.state, t.task_id) for t in (a, b, c)] == [
+            (jr.CANCELLED, "a"), (jr.SUCCEEDED, "b"), (jr.SUCCEEDED, "c")]
+
+    run(journal, body, pool_size=1)
+
+
+def test_cancelling_every_task_of_a_fused_call_stops_it(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        start_group(s, journal, ["a", "b"])
+        assert s.cancel(["a", "b"]) == ["a", "b"]
+        assert runner.cancelled == [runner.started[0][1]]
+
+    run(journal, body, pool_size=1)
