@@ -160,10 +160,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 for batch in _batches(events):
                     yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents(events=batch))
                 if session.failure is not None:
-                    code = (grpc.StatusCode.UNAVAILABLE if self._scheduler.draining
-                            else grpc.StatusCode.INVALID_ARGUMENT)
-                    await _abort(context, code, "ERROR_KIND_INVALID_ARGUMENT" if code != grpc.StatusCode.UNAVAILABLE
-                                 else "", session.failure)
+                    if self._scheduler.draining:
+                        code, kind = grpc.StatusCode.UNAVAILABLE, ""
+                    elif session.failure_kind == "ERROR_KIND_INVALID_ARGUMENT":
+                        code, kind = grpc.StatusCode.INVALID_ARGUMENT, session.failure_kind
+                    else:  # the gateway's own: the client reconnects and resends (idempotent)
+                        code, kind = grpc.StatusCode.INTERNAL, "ERROR_KIND_INTERNAL"
+                    await _abort(context, code, kind, session.failure)
         finally:
             reader.cancel()
             self._hub.close(session)
@@ -175,6 +178,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 if isinstance(message, Malformed) or message.WhichOneof("kind") != "submit":
                     why = message.reason if isinstance(message, Malformed) else "expected a submit batch"
                     session.failure = f"malformed message on the session stream: {why}"
+                    session.failure_kind = "ERROR_KIND_INVALID_ARGUMENT"
                     break
                 if self._scheduler.draining:
                     session.failure = "the gateway is shutting down"
@@ -190,6 +194,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         except Exception as exc:
             logger.exception("session %s: submit failed", session.session_id)
             session.failure = f"the gateway failed to accept a batch: {type(exc).__name__}: {exc}"
+            session.failure_kind = "ERROR_KIND_INTERNAL"
         # A client that closes its side still gets its events until it cancels the call.
         if session.failure is not None:
             session.wakeup.set()

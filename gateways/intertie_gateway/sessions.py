@@ -11,7 +11,7 @@ logger = logging.getLogger(__name__)
 
 
 class Session:
-    __slots__ = ("session_id", "progress", "events", "acks", "wakeup", "closed", "failure")
+    __slots__ = ("session_id", "progress", "events", "acks", "wakeup", "closed", "failure", "failure_kind")
 
     def __init__(self, session_id: str, progress: bool) -> None:
         self.session_id = session_id
@@ -21,6 +21,7 @@ class Session:
         self.wakeup = asyncio.Event()
         self.closed = False
         self.failure: str | None = None  # why a Connect stream must end with an error
+        self.failure_kind = ""  # its ErrorKind name: INVALID_ARGUMENT (the client's fault) or INTERNAL
 
     def push(self, event: tasks_pb2.TaskEvent) -> None:
         self.events.append(event)
