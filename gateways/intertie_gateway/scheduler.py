@@ -1054,7 +1054,8 @@ class Scheduler:
         """Clean shutdown: running tasks go back to the queue without spending a retry."""
         self.draining = True
         for task in list(self.tasks.values()):
-            if task.state == jr.RUNNING:  # Ray's shutdown stops it; the next start reruns it
+            # Ray's shutdown stops it; the next start reruns it. (One running at a peer goes on there.)
+            if task.state == jr.RUNNING and task.site == self.site_id:
                 self._release(task)
                 task.state = jr.QUEUED
                 task.attempts -= 1

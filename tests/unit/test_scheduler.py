@@ -266,3 +266,20 @@ def test_cancelling_every_task_of_a_fused_call_stops_it(journal: Journal) -> Non
         assert runner.cancelled == [runner.started[0][1]]
 
     run(journal, body, pool_size=1)
+
+
+def test_a_clean_stop_requeues_only_what_runs_here(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[spec("here")]))
+        journal.accept([], [("at-peer", spec("at-peer").SerializeToString())], 0)
+        at_peer = s.tasks["at-peer"] = Task(spec("at-peer"), 0.0)
+        at_peer.site, at_peer.state, at_peer.attempts = "b", jr.RUNNING, 1
+        journal.write([Journal.started("at-peer", 1, "b", 1.0)])
+        s.drain()
+        here = journal.get("here")
+        assert here is not None and (here.state, here.attempts) == (jr.QUEUED, 0)
+        there = journal.get("at-peer")
+        assert there is not None and (there.state, there.attempts, there.site) == (jr.RUNNING, 1, "b")
+        assert (at_peer.state, at_peer.attempts) == (jr.RUNNING, 1)
+
+    run(journal, body)
