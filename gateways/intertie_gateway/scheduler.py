@@ -126,7 +126,6 @@ class Scheduler:
         self.queue: deque[Task] = deque()
         self.running = 0
         self._known_functions = journal.function_digests()
-        self._fresh_functions: dict[str, bytes] = {}  # received, not yet put into Ray
         self._writes: list[tuple[str, Sequence[object]]] = []
         self._events: list[tuple[set[str] | None, tasks_pb2.TaskEvent]] = []
         self._flush_scheduled = False
@@ -227,9 +226,8 @@ class Scheduler:
     def _register(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
                   accepted: list[tasks_pb2.TaskSpec], existed: set[str], now: float) -> None:
         """Journaled: from here on the tasks survive a crash, and may be acknowledged."""
-        for digest, _, payload in new_functions:
-            self._known_functions.add(digest)
-            self._fresh_functions[digest] = payload
+        for digest, _, _ in new_functions:
+            self._known_functions.add(digest)  # its bytes are read back from the journal when needed
         journaled_before: list[str] = []
         for spec in accepted:
             task = self.tasks.get(spec.task_id)
@@ -451,7 +449,7 @@ class Scheduler:
         return [t.task_id for t in self.tasks.values() if t.site == site_id and t.home_here]
 
     def function_bytes(self, digest: str) -> bytes | None:
-        return self._fresh_functions.get(digest) or self.journal.function_payload(digest)
+        return self.journal.function_payload(digest)
 
     def idle_slots(self) -> int:
         """How many queued tasks this site could start at once right now (0 unless idle)."""
@@ -570,7 +568,7 @@ class Scheduler:
     def _ensure_function(self, task: Task) -> bool:
         digest = task.spec.function_digest
         if not self.runner.has_function(digest):
-            payload = self._fresh_functions.pop(digest, None) or self.journal.function_payload(digest)
+            payload = self.journal.function_payload(digest)
             if payload is None:
                 self._finish(task, jr.FAILED, error=common_pb2.Error(
                     kind=K.ERROR_KIND_INTERNAL, message=f"function {digest[:12]} is missing from the journal"))
