@@ -15,7 +15,7 @@ import logging
 import platform
 import time
 from collections import Counter, deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -175,6 +175,7 @@ class Scheduler:
         accepted: list[tasks_pb2.TaskSpec] = []
         seen: set[str] = set()
         nbytes = 0
+        never_runs = self._feasibility()
         for spec in request.tasks:
             federated = self.membership is not None and not spec.home
             error = check_spec(spec, max_payload_bytes=self.config.max_payload_bytes,
@@ -187,7 +188,7 @@ class Scheduler:
                     f"task {spec.task_id}: function {spec.function_digest[:12]} is unknown to site "
                     f"{self.site_id!r}; send its bytes with the task"))
             if error is None:
-                why = self._never_runs(spec, federated)
+                why = never_runs(spec, federated)
                 if why is not None:
                     error = common_pb2.Error(kind=K.ERROR_KIND_PLACEMENT, message=f"task {spec.task_id}: {why}")
             if error is not None:
@@ -266,16 +267,25 @@ class Scheduler:
                 logger.warning("task %s: journaled but not queued; restoring it", task_id)
                 self._restore(row, "lost before it started").add_session(session_id)
 
-    def _never_runs(self, spec: tasks_pb2.TaskSpec, federated: bool) -> str | None:
-        """Why no site can ever run the task (fails it before it is journaled), or None."""
-        demand = Task(spec, 0.0).demand()
-        if not federated:
-            why = rejection(self.local_view(), demand, ignore_state=True)
-            return None if why is None else f"no site can run it: site {self.site_id!r} {why}"
-        assert self.membership is not None
-        decision = Placer([self.local_view(), *self.membership.views()], self.weights,
-                          ignore_state=True).place(demand, commit=False)
-        return None if decision.site_id is not None else decision.why_not()
+    def _feasibility(self) -> Callable[[tasks_pb2.TaskSpec, bool], str | None]:
+        """A check for one batch: why no site can ever run a task (it fails before it is
+        journaled), or None. The site views and placer are built once, on first use."""
+        local = functools.cache(self.local_view)
+
+        @functools.cache
+        def everywhere() -> Placer:
+            assert self.membership is not None
+            return Placer([local(), *self.membership.views()], self.weights, ignore_state=True)
+
+        def never_runs(spec: tasks_pb2.TaskSpec, federated: bool) -> str | None:
+            demand = Task(spec, 0.0).demand()
+            if not federated:
+                why = rejection(local(), demand, ignore_state=True)
+                return None if why is None else f"no site can run it: site {self.site_id!r} {why}"
+            decision = everywhere().place(demand, commit=False)
+            return None if decision.site_id is not None else decision.why_not()
+
+        return never_runs
 
     # ------------------------------------------------------------------ placement
     def local_view(self) -> SiteView:

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from intertie.spec import python_version
-from intertie.v1 import tasks_pb2
+from intertie.v1 import common_pb2, tasks_pb2
 from intertie_gateway import journal as jr
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import Journal
-from intertie_gateway.placement import SiteView
+from intertie_gateway.placement import Placer, SiteView
 from intertie_gateway.runner import Running
 from intertie_gateway.scheduler import INLINE_JOURNAL_BYTES, Scheduler, Task
 from intertie_gateway.sessions import SessionHub
@@ -281,5 +281,29 @@ def test_a_clean_stop_requeues_only_what_runs_here(journal: Journal) -> None:
         there = journal.get("at-peer")
         assert there is not None and (there.state, there.attempts, there.site) == (jr.RUNNING, 1, "b")
         assert (at_peer.state, at_peer.attempts) == (jr.RUNNING, 1)
+
+    run(journal, body)
+
+
+def test_a_batch_is_checked_against_the_federation_with_one_placer(journal: Journal,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[bool] = []
+
+    class CountingPlacer(Placer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(kwargs.get("ignore_state", False))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("intertie_gateway.scheduler.Placer", CountingPlacer)
+
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        s.membership = FakeMembership()  # type: ignore[assignment]
+        tasks = [spec(f"t{i}") for i in range(50)] + [tasks_pb2.TaskSpec(
+            task_id="gpu", function_digest=DIGEST, python_version=python_version(),
+            resources=common_pb2.ResourceRequest(gpus=1))]
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=tasks))
+        assert sum(a.accepted for a in acks) == 50
+        assert "no site" in acks[-1].error.message and "GPU" in acks[-1].error.message
+        assert built.count(True) == 1  # the feasibility check's: all sites, whatever their state
 
     run(journal, body)
