@@ -83,7 +83,7 @@ class Task:
         self.exclude: set[str] = set()  # sites that refused it
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
         self.fuse = spec.timeout_s == 0 and not spec.inputs  # may share one Ray call with others
-        self.group: list[Task] = []  # the tasks of its last fused Ray call
+        self.group: Sequence[Task] = ()  # the tasks of its last fused Ray call
 
     def demand(self, run_s: float | None = None) -> Demand:
         c = self.spec.constraints
