@@ -243,8 +243,10 @@ class Federation:
                         raise ConnectionError("the gateway closed the session stream")
                     if lost_at is not None:  # a reconnect: the gateway may have restarted
                         await self._resubscribe(stub)  # if it fails, reconnect and ask again
-                    lost_at = None
-                    backoff = 0.05
+                    # Healthy again once the gateway answers with something, or nothing is owed:
+                    # a batch it fails on every time must not reconnect at full speed forever.
+                    if not self._inflight:
+                        lost_at, backoff = None, 0.05
                     outgoing: asyncio.Queue[tasks_pb2.ClientMessage] = asyncio.Queue()
                     self._outgoing = outgoing
                     self._shipped.clear()
@@ -258,6 +260,7 @@ class Federation:
                         message = await call.read()
                         if message is grpc.aio.EOF:
                             break
+                        lost_at, backoff = None, 0.05
                         if message.HasField("ack"):
                             self._on_ack(message.ack)
                         else:
