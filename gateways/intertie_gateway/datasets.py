@@ -173,7 +173,9 @@ class DatasetStore:
         failures: list[str] = []
         try:
             while True:
+                asked = missing = 0
                 for site, address in sources():
+                    asked += 1
                     client = flight.FlightClient(f"grpc://{address}")
                     try:
                         if expected is None:
@@ -208,12 +210,17 @@ class DatasetStore:
                     except flight.FlightError as exc:
                         if "ERROR_KIND_NOT_FOUND" in str(exc) and done == 0:
                             failures.append(f"{site}: does not hold it")
+                            missing += 1
                         else:
                             failures.append(f"{site}: {_first_line(exc)}")
                         logger.warning("pulling dataset %s from %s stopped after %d batches: %s", dataset_id, site,
                                        done, _first_line(exc))
                     finally:
                         client.close()
+                if asked and missing == asked:  # deleted everywhere it was: waiting brings nothing
+                    raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND",
+                                       f"dataset {dataset_id} is not at site {self.site_id!r}, and no site holds it "
+                                       f"any more ({'; '.join(failures[-asked:])})")
                 if time.monotonic() + delay > deadline:
                     tried = "; ".join(dict.fromkeys(failures[-6:])) or "no site that holds it is reachable"
                     raise DatasetError("ERROR_KIND_SITE_FAILURE",

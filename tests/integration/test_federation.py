@@ -222,6 +222,9 @@ def test_replicas_are_a_bounded_cache_and_deleting_the_original_drops_them(home:
     home.delete_dataset(refs[2])
     assert refs[2].id not in {r.id for r in home.datasets(site="gamma")}
     assert refs[2].id not in {r.id for r in home.datasets(site="beta")}
+    # A task on a dataset no site holds any more fails at once, naming it.
+    with pytest.raises(intertie.DatasetNotFoundError, match=f"dataset {refs[2].id} .*no site holds it"):
+        intertie.remote(site="alpha")(column_sum).submit(refs[2], "v").result(timeout=30)
 
 
 def test_datasets_example_runs(home: intertie.Federation) -> None:

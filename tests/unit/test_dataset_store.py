@@ -56,6 +56,15 @@ def test_pull_with_no_source_fails_with_a_clear_error_and_leaves_nothing(tmp_pat
     assert here.ids() == [] and not list((tmp_path / "here").iterdir())
 
 
+def test_a_dataset_no_source_holds_fails_at_once(holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    _, address = holder
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    started = time.monotonic()
+    with pytest.raises(DatasetError, match="no site holds it any more .holder: does not hold it") as err:
+        here.pull("deleted", lambda: [("holder", address)], timeout_s=60)
+    assert err.value.kind == "ERROR_KIND_DATASET_NOT_FOUND" and time.monotonic() - started < 5
+
+
 def test_a_transfer_resumes_at_a_batch(holder: tuple[DatasetStore, str]) -> None:
     source, address = holder
     meta = source.write("", batches(table(10_000), rows=1000))
