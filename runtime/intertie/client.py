@@ -89,7 +89,6 @@ class Federation:
             raise _rpc.translate(exc, address) from None
         self.site_id = status.site_id
         self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
-        self._flight_address = status.flight_address
         self._data = DatasetClient(self._flight_for)
 
         self._lock = threading.Lock()
@@ -459,7 +458,10 @@ class Federation:
     # ------------------------------------------------------------------ datasets
     def _flight_for(self, site: str | None) -> tuple[str, str]:
         if site is None or site == self.site_id:
-            return self.site_id, self._flight_address
+            # Asked each time (one small call per dataset operation): a restarted gateway
+            # may serve its datasets on another port.
+            status = self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=30)
+            return self.site_id, status.flight_address
         for status in self.sites():
             if status.site_id == site:
                 if status.state != "up":
@@ -467,6 +469,7 @@ class Federation:
                 return site, status.flight_address
         raise errors.PlacementError(f"no site {site!r} in the federation of {self.site_id}")
 
+    @_rpc.translated
     def put_dataset(self, data: Any, name: str | None = None, site: str | None = None, *,
                     progress: Callable[[int, int], None] | None = None) -> DatasetRef:
         """Stores ``data`` at a site (default: the home) and returns its :class:`DatasetRef`.
@@ -476,19 +479,23 @@ class Federation:
         is called after each)."""
         return self._data.put(data, name, site, progress)
 
+    @_rpc.translated
     def get_dataset(self, ref: DatasetRef | str, *, site: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> Any:
         """The dataset as a ``pyarrow.Table``; ``ref`` is a DatasetRef, an id or a name."""
         return self._data.get(ref, site, progress)
 
+    @_rpc.translated
     def datasets(self, site: str | None = None) -> list[DatasetRef]:
         """The datasets at a site (default: the home)."""
         return self._data.list(site)
 
+    @_rpc.translated
     def dataset(self, ref: DatasetRef | str, *, site: str | None = None) -> DatasetRef:
         """A dataset's ref by id or name."""
         return self._data.action("get", ref, site)
 
+    @_rpc.translated
     def delete_dataset(self, ref: DatasetRef | str, *, site: str | None = None) -> DatasetRef:
         return self._data.action("delete", ref, site)
 

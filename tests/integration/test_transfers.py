@@ -63,6 +63,17 @@ def test_holder_killed_mid_transfer(gateway_factory) -> None:  # type: ignore[no
         replica = {r.id: r for r in fed.datasets(site="puller")}[big.id]
         assert replica.origin == "holder" and replica.num_rows == 3_000_000 and not part.exists()
 
+        # The puller stopped cleanly mid-transfer: it stops promptly, the waiting task stays
+        # queued in its journal, and after the restart the data is fetched and the task runs.
+        third = fed.put_dataset(pa.table({"v": pa.array(range(3_000_000), pa.int64())}), site="holder")
+        waiting = at_puller.submit(third, "v")
+        part = puller.state_dir / "datasets" / f"{third.id}.arrow.part"
+        wait_for(lambda: part.exists() and part.stat().st_size > 4 << 20, "the second transfer never started")
+        stopping = time.monotonic()
+        assert puller.stop() == 0 and time.monotonic() - stopping < 15
+        puller.start()
+        assert waiting.result(timeout=120) == total and waiting.attempts == 1  # the stop cost no attempt
+
         # The holder gone for good and no replica anywhere: the task fails with a clear error.
         holder.kill()
         wait_for(lambda: holder_state() == "down", "the holder was never marked down")
