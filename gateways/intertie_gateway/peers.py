@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A Submit to a peer carries at most this many tasks.
+# A Submit to a peer carries at most this many tasks, and tasks of at most this many bytes
+# (one task more when the first alone is larger): the peer takes messages of its payload
+# limit plus 16 MiB, so a batch of many large tasks would be refused, and resent, forever.
 FORWARD_BATCH_TASKS = 1000
+FORWARD_BATCH_BYTES = 8 << 20
 # Messages between gateways may carry a full payload plus the rest of a batch.
 PEER_MESSAGE_BYTES = 1 << 30
 # The session under which a gateway's forwarded tasks are watched at a peer.
@@ -148,8 +151,7 @@ class Peer:
             while self.outbox:
                 await self.watching.wait()  # the stream is open (a peer that goes down is handled apart)
                 call = self._call
-                batch = [t for t in self.outbox[:FORWARD_BATCH_TASKS] if self._sendable(t)]
-                self.outbox = self.outbox[FORWARD_BATCH_TASKS:]
+                batch = self._take_batch()
                 if not batch or call is None:
                     continue
                 self._seq += 1
@@ -161,6 +163,24 @@ class Peer:
                     logger.info("writing to peer %s failed: %s", self.site_id, exc)
         finally:
             self.sending = False
+
+    def _take_batch(self) -> list[Task]:
+        """The next batch from the outbox: up to FORWARD_BATCH_TASKS tasks and about
+        FORWARD_BATCH_BYTES of specs; tasks no longer this peer's are dropped on the way."""
+        batch: list[Task] = []
+        size = taken = 0
+        for task in self.outbox:
+            if len(batch) >= FORWARD_BATCH_TASKS:
+                break
+            if self._sendable(task):
+                nbytes = task.spec.ByteSize()
+                if batch and size + nbytes > FORWARD_BATCH_BYTES:
+                    break
+                batch.append(task)
+                size += nbytes
+            taken += 1
+        self.outbox = self.outbox[taken:]
+        return batch
 
     def _sendable(self, task: Task) -> bool:
         """Still this peer's to run: not placed elsewhere meanwhile, nor finished (cancelled)."""

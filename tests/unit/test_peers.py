@@ -192,3 +192,24 @@ def test_a_failed_resubscribe_reopens_the_stream_and_asks_again() -> None:
         assert len(stub.calls) == 2
 
     run(body)
+
+
+def test_batches_to_a_peer_are_bounded_in_bytes_as_in_tasks() -> None:
+    async def body(membership: Membership) -> None:
+        peer = membership.peers[0]
+        peer.site_id = "b"
+        peer._call = call = FakeCall()  # type: ignore[assignment]
+        peer.watching.set()
+        big = [task(f"big{i}") for i in range(5)]
+        for t in big:
+            t.spec.args = b"x" * (3 << 20)  # two fit in 8 MiB: 6 MiB + 3 MiB > 8 MiB
+        small = [task(f"s{i}") for i in range(2500)]
+        peer.forward([*big, task("gone", state=jr.CANCELLED), *small])
+        assert peer._sender is not None
+        await peer._sender
+        sizes = [len(m.submit.request.tasks) for m in call.written if m.HasField("submit")]
+        assert sizes == [2, 2, 1000, 1000, 501]  # the last big one leads 999 small ones
+        assert call.sent() == [t.task_id for t in [*big, *small]]
+        assert all(m.ByteSize() < 16 << 20 for m in call.written)
+
+    run(body)
