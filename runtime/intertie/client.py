@@ -170,12 +170,17 @@ class Federation:
     def _take_batch(self) -> list[_Pending]:
         items: list[_Pending] = []
         size = 0
+        digests: set[str] = set()
         while self._queue and len(items) < MAX_BATCH_TASKS:
             nxt = self._queue[0]
-            n = len(nxt.spec.args)
+            n = nxt.spec.ByteSize()
+            digest = nxt.function.digest
+            if digest not in digests and digest not in self._shipped:  # it may travel with this batch
+                n += len(nxt.function.payload)
             if items and size + n > MAX_BATCH_BYTES:
                 break
             items.append(self._queue.popleft())
+            digests.add(digest)
             size += n
         return items
 

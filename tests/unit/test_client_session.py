@@ -18,14 +18,16 @@ from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 class FakeGateway(tasks_pb2_grpc.TaskServiceServicer, site_pb2_grpc.SiteServiceServicer):
     """Acknowledges every task and runs none; its first ``failing`` Subscribe calls fail."""
 
-    def __init__(self, failing: int = 0) -> None:
+    def __init__(self, failing: int = 0, max_payload_bytes: int = 1 << 20) -> None:
         self.failing = failing
+        self.max_payload_bytes = max_payload_bytes
+        self.batch_bytes: list[int] = []  # size of each batch message received
         self.opened = 0
         self.submitted: list[str] = []
         self.subscribed: list[list[str]] = []
 
     def GetStatus(self, request: Any, context: Any) -> site_pb2.SiteStatus:
-        return site_pb2.SiteStatus(site_id="fake", max_payload_bytes=1 << 20)
+        return site_pb2.SiteStatus(site_id="fake", max_payload_bytes=self.max_payload_bytes)
 
     def Connect(self, requests: Iterator[tasks_pb2.ClientMessage], context: Any) -> Iterator[tasks_pb2.ServerMessage]:
         next(requests)  # open
@@ -33,6 +35,7 @@ class FakeGateway(tasks_pb2_grpc.TaskServiceServicer, site_pb2_grpc.SiteServiceS
         yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())
         for message in requests:
             tasks = message.submit.request.tasks
+            self.batch_bytes.append(message.ByteSize())
             self.submitted.extend(t.task_id for t in tasks)
             yield tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(
                 seq=message.submit.seq, acks=[tasks_pb2.TaskAck(task_id=t.task_id, accepted=True) for t in tasks]))
@@ -46,7 +49,7 @@ class FakeGateway(tasks_pb2_grpc.TaskServiceServicer, site_pb2_grpc.SiteServiceS
 
 
 def serve(gateway: FakeGateway, port: int = 0) -> tuple[grpc.Server, int]:
-    server = grpc.server(ThreadPoolExecutor(8))
+    server = grpc.server(ThreadPoolExecutor(8), options=[("grpc.max_receive_message_length", 64 << 20)])
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(gateway, server)
     site_pb2_grpc.add_SiteServiceServicer_to_server(gateway, server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -109,3 +112,24 @@ def test_close_does_not_wait_for_an_unreachable_gateway() -> None:
     assert time.monotonic() - started < 5  # not CLOSE_FLUSH_TIMEOUT_S
     with pytest.raises(errors.IntertieError):
         future.result(timeout=0)
+
+
+def test_batches_count_the_functions_they_carry() -> None:
+    gateway = FakeGateway(max_payload_bytes=64 << 20)
+    server, port = serve(gateway)
+    fed = Federation(f"127.0.0.1:{port}")
+    try:
+        functions = []
+        for i in range(4):  # four functions of 3 MB each (their closures), tiny arguments
+            blob = bytes([i]) * (3 << 20)
+            functions.append(lambda x, blob=blob: len(blob) + x)
+        with fed._lock:  # all four queued before the I/O loop flushes them
+            fed._flush_scheduled = True
+        futures = [fed.submit(f, 1) for f in functions]
+        fed._loop.call_soon_threadsafe(fed._flush)
+        until(lambda: len(gateway.submitted) == 4)
+        assert [f.task_id for f in futures] == gateway.submitted
+        assert len(gateway.batch_bytes) >= 2 and max(gateway.batch_bytes) < 10 << 20
+    finally:
+        fed.close()
+        server.stop(None)
