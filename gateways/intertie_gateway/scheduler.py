@@ -138,6 +138,9 @@ class Scheduler:
         self.weights = Weights(price=config.price_weight, carbon=config.carbon_weight,
                                default_bandwidth=config.default_bandwidth)
         self._unplaced: list[Task] = []  # home tasks waiting for a placement decision
+        # Home tasks only sites that are down now could run: placed again on the next heartbeat
+        # or when a peer comes up, not on every pump.
+        self._waiting: list[Task] = []
         self._reforward: dict[str, list[Task]] = {}  # recovered tasks that were at a peer
         self._started_at = time.time()
         self._run_estimates: dict[str, float] = {}
@@ -319,13 +322,16 @@ class Scheduler:
         by_peer: dict[str, list[Task]] = {}
         waiting: list[Task] = []
         now = time.time()
+        ever_placer: Placer | None = None
         for task in tasks:
             if task.state != jr.QUEUED:
                 continue  # cancelled while unplaced
             demand = task.demand(self._run_estimates.get(task.spec.function_digest))
             decision = placer.place(demand)
             if decision.site_id is None:
-                ever = Placer(placer.sites, self.weights, ignore_state=True).place(demand, commit=False)
+                if ever_placer is None:
+                    ever_placer = Placer(placer.sites, self.weights, ignore_state=True)
+                ever = ever_placer.place(demand, commit=False)
                 if ever.site_id is not None:  # only sites that are down now could run it
                     waiting.append(task)
                     continue
@@ -334,7 +340,7 @@ class Scheduler:
                 continue
             reason = "lowest estimated completion" if decision.feasible_count > 1 else "only site that can run it"
             self._assign(task, decision.site_id, _placement_proto(decision, reason, now), by_peer)
-        self._unplaced.extend(waiting)
+        self._waiting.extend(waiting)
         for site_id, batch in by_peer.items():
             self._send_to_peer(site_id, batch)
 
@@ -437,6 +443,8 @@ class Scheduler:
 
     def on_peer_up(self, peer: Peer) -> None:
         self._placer = None
+        self._unplaced.extend(self._waiting)
+        self._waiting = []
         tasks = [t for t in self._reforward.pop(peer.site_id, []) if t.state not in jr.TERMINAL]
         if tasks:  # forwarded before this gateway restarted: idempotent at the peer
             logger.info("re-sending %d tasks to %s after a restart", len(tasks), peer.site_id)
@@ -452,6 +460,9 @@ class Scheduler:
                 for task in tasks:
                     if task.state not in jr.TERMINAL:
                         self._retry_or_fail(task, f"site {site_id} did not come back after this gateway restarted")
+        if self._waiting:
+            self._unplaced.extend(self._waiting)
+            self._waiting = []
         if self._unplaced:
             self.pump()
 

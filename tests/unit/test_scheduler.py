@@ -307,3 +307,40 @@ def test_a_batch_is_checked_against_the_federation_with_one_placer(journal: Jour
         assert built.count(True) == 1  # the feasibility check's: all sites, whatever their state
 
     run(journal, body)
+
+
+class GpuPeerDown(FakeMembership):
+    """A federation whose only GPU site, its peer b, is down."""
+
+    def views(self) -> list[SiteView]:
+        return [SiteView("b", state="down", python_version=python_version(), total={"CPU": 2, "GPU": 1},
+                         free={"CPU": 2, "GPU": 1})]
+
+
+def test_a_task_waiting_for_a_down_site_is_placed_again_per_heartbeat_not_per_pump(
+        journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[bool] = []
+
+    class CountingPlacer(Placer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(kwargs.get("ignore_state", False))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr("intertie_gateway.scheduler.Placer", CountingPlacer)
+
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        s.membership = GpuPeerDown()  # type: ignore[assignment]
+        gpu = [tasks_pb2.TaskSpec(task_id=f"gpu{i}", function_digest=DIGEST, python_version=python_version(),
+                                  resources=common_pb2.ResourceRequest(gpus=1)) for i in range(20)]
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=gpu))
+        assert all(a.accepted for a in acks)  # b could run them once it is back
+        assert all(s.tasks[t.task_id].state == jr.QUEUED for t in gpu) and not runner.started
+        after_submit = built.count(True)
+        for _ in range(50):  # other tasks finishing here pump the scheduler
+            s.pump()
+        assert built.count(True) == after_submit
+        s.retry_unplaced()  # a heartbeat: one more try for all of them, with one placer
+        assert built.count(True) == after_submit + 1
+        assert len(s._waiting) == 20 and all(s.tasks[t.task_id].state == jr.QUEUED for t in gpu)
+
+    run(journal, body)
