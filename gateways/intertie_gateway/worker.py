@@ -149,7 +149,7 @@ def _store(table: Any, address: str, name: str, dataset_id: str) -> Any:
     label = re.sub(r"[^A-Za-z0-9._-]", "_", name.rsplit(".", 1)[-1]).strip("._-")[:80] or "result"
     # The task id names the dataset when the worker has it (a rerun of the task then replaces
     # it rather than adding one): always for returns="dataset", and for fused tasks.
-    dataset_id = dataset_id or uuid.uuid4().hex
+    dataset_id = re.sub(r"[^A-Za-z0-9._-]", "_", dataset_id) if dataset_id else uuid.uuid4().hex
     descriptor = flight.FlightDescriptor.for_command(
         json.dumps({"name": f"{label}-{dataset_id[:12]}", "id": dataset_id}).encode())
     writer, answers = _flight(address).do_put(descriptor, table.schema)
