@@ -120,3 +120,14 @@ def test_unfinished_writes_are_removed_at_start(tmp_path: Path) -> None:
     (root / "broken.json").write_text("{not json")
     store = DatasetStore(str(root), "s")
     assert store.ids() == [] and sorted(p.name for p in root.iterdir()) == ["broken.json"]
+
+
+def test_a_worker_stores_a_result_under_its_task_id(holder: tuple[DatasetStore, str]) -> None:
+    from intertie_gateway import worker
+
+    store, address = holder
+    ref = worker._store(table(100), address, "jobs.<locals>.clean", "batch:7")
+    again = worker._store(table(50), address, "jobs.<locals>.clean", "batch:7")  # a rerun replaces it
+    assert ref.id == again.id == "batch_7" and ref.name == "clean-batch_7" and ref.site == "holder"
+    assert store.ids() == ["batch_7"] and store.open("batch_7")[1].read_all().equals(table(50))
+    assert worker._store(table(10), address, "f", "").id != worker._store(table(10), address, "f", "").id
