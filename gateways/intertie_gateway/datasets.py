@@ -171,6 +171,7 @@ class DatasetStore:
         fh: Any = None
         writer: Any = None
         failures: list[str] = []
+        watch = _Watchdog(timeout_s, self._closing)
         try:
             while True:
                 asked = missing = 0
@@ -183,6 +184,7 @@ class DatasetStore:
                             expected = json.loads(info.body.to_pybytes())
                         ticket = json.dumps({"id": dataset_id, "from_batch": done}).encode()
                         reader = client.do_get(flight.Ticket(ticket))
+                        watch.reader = reader
                         if writer is None:
                             fh = self._sink(part)
                             writer = pa.ipc.new_file(fh, reader.schema)
@@ -195,6 +197,7 @@ class DatasetStore:
                                                    f"site {self.site_id!r} stopped during the transfer")
                             writer.write_batch(chunk.data)
                             deadline = time.monotonic() + timeout_s  # progress: a stall is what times out
+                            watch.progress()
                             done += 1
                             rows += chunk.data.num_rows
                             nbytes += chunk.data.nbytes
@@ -208,7 +211,7 @@ class DatasetStore:
                         return self._commit(dataset_id, str(expected["name"]), rows, nbytes, reader.schema,
                                             origin=site)
                     except flight.FlightError as exc:
-                        if "ERROR_KIND_NOT_FOUND" in str(exc) and done == 0:
+                        if "ERROR_KIND_NOT_FOUND" in str(exc):
                             failures.append(f"{site}: does not hold it")
                             missing += 1
                         else:
@@ -216,6 +219,7 @@ class DatasetStore:
                         logger.warning("pulling dataset %s from %s stopped after %d batches: %s", dataset_id, site,
                                        done, _first_line(exc))
                     finally:
+                        watch.reader = None
                         client.close()
                 if asked and missing == asked:  # deleted everywhere it was: waiting brings nothing
                     raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND",
@@ -230,6 +234,7 @@ class DatasetStore:
                     raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r} stopped during the transfer")
                 delay = min(delay * 2, 5.0)
         finally:
+            watch.stop()
             if writer is not None:
                 _close_quietly(writer)
                 _close_quietly(fh)
@@ -292,6 +297,10 @@ class DatasetStore:
         for meta in replicas:
             if over <= 0:
                 break
+            with self._lock:
+                current = self._meta.get(meta.id)
+            if current is None or not current.replica:  # deleted or replaced meanwhile
+                continue
             self.delete(meta.id)
             over -= meta.num_bytes
             dropped.append(meta)
@@ -312,12 +321,50 @@ class DatasetStore:
     def delete(self, key: str) -> DatasetMeta:
         meta = self.resolve(key)
         with self._lock:
-            self._meta.pop(meta.id, None)
+            if self._meta.pop(meta.id, None) is None:  # deleted meanwhile (another thread)
+                return meta
             self._used_at.pop(meta.id, None)
-        self.fs.rm(self._path(meta.id, "json"))  # gone from here on
-        if self.fs.exists(self._path(meta.id, "arrow")):
-            self.fs.rm(self._path(meta.id, "arrow"))
+        for suffix in ("json", "arrow"):  # the metadata first: gone from here on
+            try:
+                self.fs.rm(self._path(meta.id, suffix))
+            except FileNotFoundError:
+                pass
         return meta
+
+
+class _Watchdog:
+    """Cancels a transfer's stream when no batch has arrived for ``stall_s`` or the store is
+    closing: a peer that hangs (half-open connection, frozen process) sends no error."""
+
+    def __init__(self, stall_s: float, closing: threading.Event) -> None:
+        self.reader: Any = None
+        self._stall_s = stall_s
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._closing = closing
+        threading.Thread(target=self._run, name="intertie-pull-watch", daemon=True).start()
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(min(1.0, self._stall_s / 4)):
+            reader = self.reader
+            if reader is not None and (self._closing.is_set() or time.monotonic() - self._last > self._stall_s):
+                logger.warning("a dataset transfer stalled for %.0f s (or the site is stopping): cancelling it",
+                               time.monotonic() - self._last)
+                _close_quietly_cancel(reader)
+                self._last = time.monotonic()
+
+
+def _close_quietly_cancel(reader: Any) -> None:
+    try:
+        reader.cancel()
+    except Exception as exc:
+        logger.debug("cancelling %r: %s", reader, exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -408,13 +455,15 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        key, start = ticket.ticket.decode(), 0
-        if key.startswith("{"):
-            try:
+        try:
+            key, start = ticket.ticket.decode(), 0
+            if key.startswith("{"):
                 request = json.loads(key)
-                key, start = str(request["id"]), int(request.get("from_batch", 0))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad ticket: {exc}") from None
+                key, start = request["id"], int(request.get("from_batch", 0))
+                if not isinstance(key, str):
+                    raise TypeError("id must be a string")
+        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
+            raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad ticket: {exc}") from None
         try:
             _, file_reader = self.store.open(key)
         except DatasetError as exc:
@@ -432,7 +481,10 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                                     [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes)
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
-        key = action.body.to_pybytes().decode()
+        try:
+            key = action.body.to_pybytes().decode()
+        except UnicodeDecodeError:
+            raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: the action body is not UTF-8") from None
         try:
             if action.type == "get":
                 meta = self.store.resolve(key)

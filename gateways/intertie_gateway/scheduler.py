@@ -715,7 +715,15 @@ class Scheduler:
             elapsed = time.monotonic() - started
             logger.info("pulled dataset %s (%d bytes) from %s in %.2f s (%.0f MB/s)", item.id, meta.num_bytes,
                         meta.origin, elapsed, meta.num_bytes / max(elapsed, 1e-9) / 1e6)
-            await self._loop.run_in_executor(None, self.store.evict, set(self._reading) | {item.id})
+            # On the loop, so no task starts reading a replica while it is chosen for eviction;
+            # kept: what running tasks read and what queued or parked tasks here are waiting for.
+            keep = set(self._reading) | {item.id} | {
+                i.id for t in self.tasks.values() if t.spec.inputs and t.state == jr.QUEUED and t.site == self.site_id
+                for i in t.spec.inputs}
+            try:
+                self.store.evict(keep)
+            except Exception:
+                logger.exception("evicting replicas after pulling %s failed", item.id)
         finally:
             self._pulls.pop(item.id, None)
 

@@ -212,7 +212,7 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
         try:
             call = [_tables(c, inputs) for c in call] if batch else _tables(call, inputs)
         except Exception as exc:
-            return _failure(KIND_SERIALIZATION, exc,
+            return _failure(KIND_SITE_FAILURE, exc,
                             f"a dataset argument of {name} could not be read on this site: {type(exc).__name__}: {exc}")
     try:
         if batch:

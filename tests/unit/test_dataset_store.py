@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -131,3 +132,32 @@ def test_a_worker_stores_a_result_under_its_task_id(holder: tuple[DatasetStore, 
     assert ref.id == again.id == "batch_7" and ref.name == "clean-batch_7" and ref.site == "holder"
     assert store.ids() == ["batch_7"] and store.open("batch_7")[1].read_all().equals(table(50))
     assert worker._store(table(10), address, "f", "").id != worker._store(table(10), address, "f", "").id
+
+
+class HangingService(FlightService):
+    """Sends one batch, then nothing: a peer that froze mid-transfer."""
+
+    released = threading.Event()
+
+    def do_get(self, context, ticket):  # type: ignore[no-untyped-def]
+        def batches():  # type: ignore[no-untyped-def]
+            yield table(10).to_batches()[0]
+            while not self.released.wait(0.05) and not context.is_cancelled():
+                pass
+
+        return flight.GeneratorStream(table(1).schema, batches())
+
+
+def test_a_transfer_that_stalls_is_cancelled_and_fails(tmp_path: Path) -> None:
+    source = DatasetStore(str(tmp_path / "holder"), "holder")
+    meta = source.write("numbers", batches(table(10_000)))
+    server = HangingService("grpc://127.0.0.1:0", source)
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatasetError, match="nothing arrived for 1 s; 1 batches before"):
+            here.pull(meta.id, lambda: [("holder", f"127.0.0.1:{server.port}")], timeout_s=1, retry_s=0.1)
+        assert time.monotonic() - started < 10 and here.ids() == []
+    finally:
+        HangingService.released.set()
+        server.shutdown()
