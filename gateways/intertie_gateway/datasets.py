@@ -102,6 +102,10 @@ class DatasetStore:
                 continue
             self._meta[meta.id] = meta
             self._used_at[meta.id] = meta.created_at
+        for path in self.fs.glob(f"{self.root}/*.arrow"):  # data whose metadata never got written
+            if path.rsplit("/", 1)[-1][:-len(".arrow")] not in self._meta:
+                logger.info("removing data of an unfinished dataset: %s", path)
+                self.fs.rm(path)
 
     def _path(self, dataset_id: str, suffix: str) -> str:
         return f"{self.root}/{dataset_id}.{suffix}"
@@ -277,8 +281,10 @@ class DatasetStore:
                 origin: str = "") -> DatasetMeta:
         meta = DatasetMeta(id=dataset_id, name=name, site=self.site_id, num_rows=rows, num_bytes=nbytes,
                            created_at=time.time(), schema=schema.serialize().to_pybytes().hex(), origin=origin)
-        with self.fs.open(self._path(dataset_id, "json"), "wb") as fh:
-            fh.write(meta.to_json())  # the dataset exists from here on
+        part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.json.part")
+        with self.fs.open(part, "wb") as fh:
+            fh.write(meta.to_json())
+        self.fs.mv(part, self._path(dataset_id, "json"))  # whole: the dataset exists from here on
         with self._lock:
             self._meta[dataset_id] = meta
             self._used_at[dataset_id] = meta.created_at

@@ -118,9 +118,14 @@ def test_unfinished_writes_are_removed_at_start(tmp_path: Path) -> None:
     root.mkdir()
     (root / f"{uuid.uuid4().hex}.arrow.part").write_bytes(b"half")
     (root / "x.1234abcd.arrow.part").write_bytes(b"half")
+    (root / "x.1234abcd.json.part").write_text("{half")
     (root / "broken.json").write_text("{not json")
+    (root / "orphan.arrow").write_bytes(b"data without metadata")
     store = DatasetStore(str(root), "s")
     assert store.ids() == [] and sorted(p.name for p in root.iterdir()) == ["broken.json"]
+    kept = store.write("kept", batches(table(10)))
+    assert sorted(p.name for p in root.iterdir()) == sorted(["broken.json", f"{kept.id}.arrow", f"{kept.id}.json"])
+    assert DatasetStore(str(root), "s").ids() == [kept.id]
 
 
 def test_a_worker_stores_a_result_under_its_task_id(holder: tuple[DatasetStore, str]) -> None:
