@@ -240,8 +240,8 @@ class DatasetStore:
         finally:
             watch.stop()
             if writer is not None:
-                _close_quietly(writer)
-                _close_quietly(fh)
+                _quietly(writer.close)
+                _quietly(fh.close)
             if self.fs.exists(part):
                 self.fs.rm(part)
 
@@ -362,26 +362,20 @@ class _Watchdog:
             if reader is not None and (self._closing.is_set() or time.monotonic() - self._last > self._stall_s):
                 logger.warning("a dataset transfer stalled for %.0f s (or the site is stopping): cancelling it",
                                time.monotonic() - self._last)
-                _close_quietly_cancel(reader)
+                _quietly(reader.cancel)
                 self._last = time.monotonic()
-
-
-def _close_quietly_cancel(reader: Any) -> None:
-    try:
-        reader.cancel()
-    except Exception as exc:
-        logger.debug("cancelling %r: %s", reader, exc)
 
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0].split(". Detail:", 1)[0][:300]
 
 
-def _close_quietly(thing: Any) -> None:
+def _quietly(call: Callable[[], object]) -> None:
+    """Closes or cancels something that may already be broken."""
     try:
-        thing.close()
+        call()
     except Exception as exc:
-        logger.debug("closing %r: %s", thing, exc)
+        logger.debug("%r: %s", call, exc)
 
 
 def _batches(reader: Any) -> Any:

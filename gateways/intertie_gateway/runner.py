@@ -78,8 +78,9 @@ class RayRunner:
         self._pool_class = ray.remote(PoolWorker).options(num_cpus=0, max_restarts=0, max_task_retries=0)
         size = int(self.total_resources().get("CPU", 0)) if config.worker_pool else 0
         self._slots = [_Slot(self._pool_class.remote()) for _ in range(size)]
-        self._site: tuple[str, int] | None = None  # (dataset endpoint, threshold) for results that stay
-        self._declared_address = ""  # the dataset endpoint, for returns="dataset" tasks
+        # The site's dataset endpoint, and the size from which a Table result stays there (0: never).
+        self._results_at = ""
+        self._results_threshold = 0
 
     def total_resources(self) -> dict[str, float]:
         # node:* and object-store entries are Ray's bookkeeping, not something tasks ask for.
@@ -117,10 +118,13 @@ class RayRunner:
     def keep_results_at(self, address: str, threshold: int) -> None:
         """Table results of at least ``threshold`` bytes stay at the site: workers store them
         at its dataset endpoint ``address``. Pooled workers are told once, not per task."""
-        self._declared_address = address
-        self._site = (address, threshold) if threshold else None
+        self._results_at, self._results_threshold = address, threshold
         for slot in self._slots:
-            slot.actor.configure.remote(self._site)
+            self._configure(slot)
+
+    def _configure(self, slot: _Slot) -> None:
+        if self._results_threshold:
+            slot.actor.configure.remote((self._results_at, self._results_threshold))
 
     def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
                     request: Mapping[str, float]) -> Running:
@@ -140,9 +144,8 @@ class RayRunner:
         ``returns_dataset`` stores its Table at the site under the task's id."""
         pooled = self.pooled(request)
         stored = None
-        if returns_dataset or (self._site is not None and not pooled):  # pooled workers know the site
-            address, threshold = self._site or (self._declared_address, 0)
-            stored = (address, threshold, returns_dataset, task_id)
+        if returns_dataset or (self._results_threshold and not pooled):  # pooled workers know the site
+            stored = (self._results_at, self._results_threshold, returns_dataset, task_id)
         extra: tuple[Any, ...] = (self._functions[digest], inputs or None, stored)
         while extra and extra[-1] is None:  # nothing to send for plain tasks
             extra = extra[:-1]
@@ -229,8 +232,7 @@ class RayRunner:
         slot.dead = True
         if self._slots[index] is slot:
             self._slots[index] = _Slot(self._pool_class.remote())
-            if self._site is not None:
-                self._slots[index].actor.configure.remote(self._site)
+            self._configure(self._slots[index])
 
     def shutdown(self) -> None:
         try:

@@ -654,26 +654,23 @@ class Scheduler:
             self._spawn(self._fetch(task, missing))
         return None
 
+    def _dataset_peers(self) -> list[site_pb2.SiteStatus]:
+        """The last status of each up peer that serves datasets (read from Flight threads too)."""
+        if self.membership is None:
+            return []
+        return [p.status for p in list(self.membership.peers)
+                if p.state != "self" and p.up and p.status is not None and p.status.flight_address]
+
     def dataset_sources(self, dataset_id: str, holder: str) -> list[tuple[str, str]]:
         """(site, Flight address) of the up peers that hold a dataset: the site its ref
         names first, then those that list a replica."""
-        if self.membership is None:
-            return []
-        found = []
-        for peer in self.membership.peers:
-            status = peer.status
-            if (peer.state == "self" or not peer.up or status is None or not status.flight_address
-                    or (status.site_id != holder and dataset_id not in status.datasets)):
-                continue
-            found.append((status.site_id != holder, status.site_id, status.flight_address))
+        found = [(s.site_id != holder, s.site_id, s.flight_address) for s in self._dataset_peers()
+                 if s.site_id == holder or dataset_id in s.datasets]
         return [(site, address) for _, site, address in sorted(found)]
 
     def peer_flight_addresses(self) -> list[str]:
-        """The dataset endpoints of the up peers (read from the Flight server's threads)."""
-        if self.membership is None:
-            return []
-        return [p.status.flight_address for p in list(self.membership.peers)
-                if p.state != "self" and p.up and p.status is not None and p.status.flight_address]
+        """The dataset endpoints of the up peers: told when an original is deleted."""
+        return [s.flight_address for s in self._dataset_peers()]
 
     async def _fetch(self, task: Task, missing: list[tasks_pb2.DatasetInput]) -> None:
         try:

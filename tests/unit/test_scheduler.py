@@ -285,8 +285,9 @@ def test_a_clean_stop_requeues_only_what_runs_here(journal: Journal) -> None:
     run(journal, body)
 
 
-def test_a_batch_is_checked_against_the_federation_with_one_placer(journal: Journal,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def placers_built(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each Placer the scheduler builds, as whether it ignores site state (feasibility checks)."""
     built: list[bool] = []
 
     class CountingPlacer(Placer):
@@ -295,7 +296,11 @@ def test_a_batch_is_checked_against_the_federation_with_one_placer(journal: Jour
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr("intertie_gateway.scheduler.Placer", CountingPlacer)
+    return built
 
+
+def test_a_batch_is_checked_against_the_federation_with_one_placer(journal: Journal, placers_built: list[bool]) -> None:
+    built = placers_built
     async def body(s: Scheduler, runner: FakeRunner) -> None:
         s.membership = FakeMembership()  # type: ignore[assignment]
         tasks = [spec(f"t{i}") for i in range(50)] + [tasks_pb2.TaskSpec(
@@ -318,16 +323,8 @@ class GpuPeerDown(FakeMembership):
 
 
 def test_a_task_waiting_for_a_down_site_is_placed_again_per_heartbeat_not_per_pump(
-        journal: Journal, monkeypatch: pytest.MonkeyPatch) -> None:
-    built: list[bool] = []
-
-    class CountingPlacer(Placer):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            built.append(kwargs.get("ignore_state", False))
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr("intertie_gateway.scheduler.Placer", CountingPlacer)
-
+        journal: Journal, placers_built: list[bool]) -> None:
+    built = placers_built
     async def body(s: Scheduler, runner: FakeRunner) -> None:
         s.membership = GpuPeerDown()  # type: ignore[assignment]
         gpu = [tasks_pb2.TaskSpec(task_id=f"gpu{i}", function_digest=DIGEST, python_version=python_version(),
