@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: all venv demo test test-unit proto proto-check lint bench clean
+.PHONY: all venv demo test test-unit proto proto-check lint bench chaos clean
 
 all: test
 
@@ -44,6 +44,12 @@ bench: $(STAMP)
 	$(PY) bench/placement.py
 	$(PY) bench/federation.py
 	$(PY) bench/datasets.py
+
+# Fault injection and fuzzing at scale (minutes): prints what was lost, delivered twice or
+# run twice per experiment, and per RPC how many inputs crashed, hung or got an untyped answer.
+chaos: $(STAMP)
+	$(PY) bench/chaos.py
+	$(PY) bench/fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

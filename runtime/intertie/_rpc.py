@@ -27,6 +27,10 @@ NON_RETRYABLE_CODES: tuple[grpc.StatusCode, ...] = (
 # Trailing-metadata key through which a gateway names the ErrorKind of a failed RPC.
 ERROR_KIND_KEY = "intertie-error-kind"
 
+# Keepalive: a ping after this long without traffic, and how long its ack may take.
+KEEPALIVE_TIME_MS = 10_000
+PING_TIMEOUT_MS = 10_000
+
 # Headroom above the payload limit for the rest of a message (ids, specs, functions).
 MESSAGE_OVERHEAD_BYTES = 16 * 1024 * 1024
 
@@ -36,9 +40,14 @@ def channel_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
-        # Keep idle connections alive through NATs and notice dead peers within ~30 s.
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        # Keep idle connections alive through NATs and notice a dead connection (a peer that
+        # vanished without a FIN: power cut, half-open NAT entry) within about 20 s: a ping
+        # every KEEPALIVE_TIME_MS, unanswered for PING_TIMEOUT_MS, closes the transport.
+        # This grpcio waits for the ping's ack for ``grpc.http2.ping_timeout_ms`` (60 s by
+        # default); ``keepalive_timeout_ms`` alone does not shorten it, so both are set.
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", PING_TIMEOUT_MS),
+        ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
@@ -46,10 +55,10 @@ def channel_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
 
 def server_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
     """Channel options plus what lets clients' keepalive pings through: without these a
-    server answers a ping every 20 s with GOAWAY too_many_pings and drops the streams."""
+    server answers a ping every 10 s with GOAWAY too_many_pings and drops the streams."""
     return channel_options(max_payload_bytes) + [
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 
