@@ -23,6 +23,7 @@ Flight surface (the gateway never unpickles anything here; it is all Arrow):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -38,6 +39,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.flight as flight
 from fsspec.implementations.local import LocalFileSystem
+
+from intertie_gateway.throttle import log_bad_input
 
 logger = logging.getLogger(__name__)
 
@@ -163,57 +166,81 @@ class DatasetStore:
         ``sources()`` gives (site id, Flight address) of the sites that hold it, best first;
         it is asked again after each failure. An interrupted transfer resumes at the next
         batch, from the same or another source (replicas keep their holder's batches), and
-        is retried with backoff until no batch has arrived for ``timeout_s``."""
+        is retried with backoff until no batch has arrived for ``timeout_s``. What a peer
+        sends is validated like an upload: a site that sends invalid data is not asked
+        again, and when every holder did, the pull fails at once."""
         if not _NAME.match(dataset_id):
-            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {dataset_id[:140]!r} is not valid")
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {_clip(dataset_id)!r} is not valid")
         part = self._path(dataset_id, "arrow.part")
         deadline = time.monotonic() + timeout_s
         delay = retry_s
         done = 0  # batches received so far
-        rows = nbytes = 0
-        expected: dict[str, Any] | None = None
+        rows = 0
+        expected: tuple[str, int] | None = None  # the holder's name and row count
         fh: Any = None
         writer: Any = None
+        schema: pa.Schema | None = None
         failures: list[str] = []
+        refused: dict[str, str] = {}  # site -> why: sent data that is not valid
         watch = _Watchdog(timeout_s, self._closing)
         try:
             while True:
                 asked = missing = 0
                 for site, address in sources():
+                    if site in refused:
+                        continue
                     asked += 1
                     client = flight.FlightClient(f"grpc://{address}")
                     try:
                         if expected is None:
-                            info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))))
-                            expected = json.loads(info.body.to_pybytes())
+                            info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))), None)
+                            expected = _peer_meta(info.body.to_pybytes() if info is not None else b"", dataset_id)
                         ticket = json.dumps({"id": dataset_id, "from_batch": done}).encode()
                         reader = client.do_get(flight.Ticket(ticket))
                         watch.reader = reader
-                        if writer is None:
+                        incoming = _checked_schema(_arrow_call(functools.partial(getattr, reader, "schema"),
+                                                                f"{site}'s stream"))
+                        if schema is None:
+                            schema = incoming
                             fh = self._sink(part)
-                            writer = pa.ipc.new_file(fh, reader.schema)
+                            writer = pa.ipc.new_file(fh, schema)
+                        elif not incoming.equals(schema):
+                            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                               "its copy has another schema than the batches already here")
                         if done:
                             logger.info("resuming the transfer of dataset %s at batch %d from %s", dataset_id,
                                         done, site)
-                        for chunk in reader:
+                        while True:
+                            try:
+                                chunk = _arrow_call(reader.read_chunk, f"{site}'s stream")
+                            except StopIteration:
+                                break
                             if self._closing.is_set():
                                 raise DatasetError("ERROR_KIND_SITE_FAILURE",
                                                    f"site {self.site_id!r} stopped during the transfer")
+                            if chunk.data is None:
+                                continue
+                            _check_batch(chunk.data, schema, f"dataset {dataset_id} from {site}, batch {done}")
                             writer.write_batch(chunk.data)
                             deadline = time.monotonic() + timeout_s  # progress: a stall is what times out
                             watch.progress()
                             done += 1
                             rows += chunk.data.num_rows
-                            nbytes += chunk.data.nbytes
-                        if expected is not None and rows != expected["num_rows"]:
-                            raise DatasetError("ERROR_KIND_INTERNAL", f"dataset {dataset_id} from {site}: "
-                                               f"{rows} rows arrived, {expected['num_rows']} expected")
+                        if rows != expected[1]:
+                            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                               f"{rows} rows arrived, {expected[1]} expected")
                         writer.close()
                         fh.close()
                         writer = fh = None
+                        nbytes = self.fs.size(part)
                         self.fs.mv(part, self._path(dataset_id, "arrow"))
-                        return self._commit(dataset_id, str(expected["name"]), rows, nbytes, reader.schema,
-                                            origin=site)
+                        return self._commit(dataset_id, expected[0], rows, nbytes, schema, origin=site)
+                    except DatasetError as exc:
+                        if exc.kind != "ERROR_KIND_INVALID_ARGUMENT":
+                            raise
+                        refused[site] = str(exc)
+                        logger.error("site %s sent dataset %s as invalid data; not asking it again: %s", site,
+                                     dataset_id, exc)
                     except flight.FlightError as exc:
                         if "ERROR_KIND_NOT_FOUND" in str(exc):
                             failures.append(f"{site}: does not hold it")
@@ -225,6 +252,10 @@ class DatasetStore:
                     finally:
                         watch.reader = None
                         client.close()
+                if not asked and refused:  # every holder left sent data that is not valid
+                    raise DatasetError("ERROR_KIND_SITE_FAILURE", f"dataset {dataset_id} could not be fetched to site "
+                                       f"{self.site_id!r}: " + "; ".join(f"{k} sent invalid data ({v})"
+                                                                         for k, v in refused.items()))
                 if asked and missing == asked:  # deleted everywhere it was: waiting brings nothing
                     raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND",
                                        f"dataset {dataset_id} is not at site {self.site_id!r}, and no site holds it "
@@ -247,29 +278,34 @@ class DatasetStore:
 
     def write(self, name: str, reader: Any, dataset_id: str | None = None) -> DatasetMeta:
         """Stores a stream of record batches (``reader.read_chunk()`` or iteration) as a
-        primary; a given id replaces the dataset of that id (a rerun task's result)."""
+        primary; a given id replaces the dataset of that id (a rerun task's result).
+
+        Every batch is validated in full before it is written (the stream comes from the
+        network: a bad offset would crash Arrow's writer or, stored, every reader); the size
+        recorded is what was written, not what the batches claim."""
         if name and not _NAME.match(name):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                               f"dataset name {name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+                               f"dataset name {_clip(name)!r}: use 1-128 letters, digits, '.', '_' or '-'")
         if dataset_id is not None and not _NAME.match(dataset_id):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                               f"dataset id {dataset_id!r}: use 1-128 letters, digits, '.', '_' or '-'")
+                               f"dataset id {_clip(dataset_id)!r}: use 1-128 letters, digits, '.', '_' or '-'")
         dataset_id = dataset_id or uuid.uuid4().hex
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
-        rows = nbytes = 0
-        schema = reader.schema
+        rows = 0
         previous = self._meta.get(dataset_id)
         in_use = self.used_bytes() - (previous.num_bytes if previous is not None and not previous.replica else 0)
         try:
+            schema = _checked_schema(_arrow_call(lambda: reader.schema, "the stream's schema"))
             with self._sink(part) as fh, pa.ipc.new_file(fh, schema) as writer:
                 for batch in _batches(reader):
+                    _check_batch(batch, schema, f"dataset {dataset_id}, batch after row {rows}")
+                    writer.write_batch(batch)
                     rows += batch.num_rows
-                    nbytes += batch.nbytes
-                    if self.quota_bytes and in_use + nbytes > self.quota_bytes:
+                    if self.quota_bytes and in_use + fh.tell() > self.quota_bytes:
                         raise DatasetError("ERROR_KIND_PAYLOAD_TOO_LARGE",
                                            f"site {self.site_id!r}: the dataset would exceed the site's quota of "
                                            f"{self.quota_bytes} bytes ({in_use} in use)")
-                    writer.write_batch(batch)
+            nbytes = self.fs.size(part)
             self.fs.mv(part, self._path(dataset_id, "arrow"))
         except BaseException:
             if self.fs.exists(part):
@@ -366,6 +402,19 @@ class _Watchdog:
                 self._last = time.monotonic()
 
 
+def _peer_meta(body: bytes, dataset_id: str) -> tuple[str, int]:
+    """(name, rows) from a holder's answer to ``get``; anything else is invalid data."""
+    try:
+        meta = json.loads(body)
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("id") != dataset_id or not isinstance(meta.get("num_rows"), int) \
+            or meta["num_rows"] < 0:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "its metadata of the dataset is not valid")
+    name = meta.get("name")
+    return (name if isinstance(name, str) and _NAME.match(name) else dataset_id), meta["num_rows"]
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).split("\n", 1)[0].split(". Detail:", 1)[0][:300]
 
@@ -379,16 +428,61 @@ def _quietly(call: Callable[[], object]) -> None:
 
 
 def _batches(reader: Any) -> Any:
+    """The record batches of a Flight reader (``read_chunk``) or of an iterable; a stream
+    that does not decode is the sender's fault (INVALID_ARGUMENT)."""
     if hasattr(reader, "read_chunk"):  # a Flight reader
         while True:
             try:
-                chunk = reader.read_chunk()
+                chunk = _arrow_call(reader.read_chunk, "the uploaded stream")
             except StopIteration:
                 return
             if chunk.data is not None:
                 yield chunk.data
     else:
         yield from reader
+
+
+# Messages about bad input quote at most this much of it: an error travels in gRPC
+# metadata, which a peer refuses past a few KiB (the typed error would never arrive).
+MAX_QUOTE_CHARS = 200
+# An uploaded schema is refused past this many fields (each costs memory per batch).
+MAX_FIELDS = 10_000
+
+
+def _clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def _arrow_call(call: Callable[[], Any], what: str) -> Any:
+    """``call()``, with Arrow's complaints about the bytes it decodes made a typed error."""
+    try:
+        return call()
+    except pa.ArrowException as exc:
+        if isinstance(exc, flight.FlightError) and not isinstance(exc, flight.FlightServerError):
+            raise  # the transport (cancelled, timed out, unavailable): not the data's fault
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{what} is not valid Arrow IPC: "
+                           f"{_clip(_first_line(exc))}") from None
+
+
+def _checked_schema(schema: pa.Schema) -> pa.Schema:
+    if len(schema) > MAX_FIELDS:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                           f"the schema has {len(schema)} fields, over the limit of {MAX_FIELDS}")
+    # What _commit stores must read back: a schema that does not round-trip is refused now.
+    _arrow_call(lambda: pa.ipc.read_schema(schema.serialize()), "the schema")
+    return schema
+
+
+def _check_batch(batch: pa.RecordBatch, schema: pa.Schema, where: str) -> None:
+    """Full validation (offsets, lengths, UTF-8, dictionary indices) of a batch from the
+    network, before anything writes, counts or serves it."""
+    if not batch.schema.equals(schema):
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{where}: its schema differs from the stream's")
+    try:
+        batch.validate(full=True)
+    except pa.ArrowException as exc:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                           f"{where} is not valid Arrow data: {_clip(_first_line(exc))}") from None
 
 
 def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
@@ -436,75 +530,134 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         with ThreadPoolExecutor(min(16, len(addresses))) as pool:
             return sum(pool.map(drop, addresses))
 
-    def _fail(self, exc: DatasetError) -> Exception:
-        # The client maps the kind prefix onto the Intertie error hierarchy.
-        return flight.FlightServerError(f"{exc.kind}: {exc}")
+    # Every handler answers bad input with a FlightServerError "ERROR_KIND_<KIND>: message"
+    # (the SDK maps the kind onto its error hierarchy) and anything unexpected with a bounded
+    # FlightInternalError. Only Flight's own exceptions reach the client without the
+    # server's Python traceback attached, which pyarrow adds to every other exception (and
+    # there is no Flight exception for INVALID_ARGUMENT: its gRPC status is UNKNOWN, with
+    # the kind in the message).
+    def _served(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except DatasetError as exc:
+            raise flight.FlightServerError(f"{exc.kind}: {_clip(str(exc), 1000)}") from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            log_bad_input(logger, f"flight-{what}", "Flight %s failed: %s: %s", what, type(exc).__name__,
+                          _clip(str(exc)), exc_info=True)
+            raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {self.store.site_id!r} could not serve "
+                                             f"this {what} ({type(exc).__name__})") from None
 
     def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
-        try:
-            request = json.loads(descriptor.command or b"{}")
-            if not isinstance(request, dict):
-                raise ValueError("expected a JSON object")
-        except ValueError as exc:
-            raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad put descriptor: {exc}") from None
-        try:
-            meta = self.store.write(str(request.get("name") or ""), reader, dataset_id=request.get("id") or None)
-        except DatasetError as exc:
-            raise self._fail(exc) from None
+        def put() -> DatasetMeta:
+            request = _json_request(descriptor.command or b"{}", "put descriptor")
+            name, dataset_id = request.get("name") or "", request.get("id") or None
+            if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)):
+                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad put descriptor: name and id must be strings")
+            return self.store.write(name, reader, dataset_id=dataset_id)
+
+        meta = self._served("put", put)
         writer.write(pa.py_buffer(meta.to_json()))
         logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        try:
-            key, start = ticket.ticket.decode(), 0
-            if key.startswith("{"):
-                request = json.loads(key)
-                key, start = request["id"], int(request.get("from_batch", 0))
-                if not isinstance(key, str):
-                    raise TypeError("id must be a string")
-        except (ValueError, KeyError, TypeError, OverflowError, AttributeError) as exc:
-            raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: bad ticket: {exc}") from None
-        try:
+        def get() -> flight.GeneratorStream:
+            key, start = ticket.ticket, 0
+            if key.startswith(b"{"):
+                request = _json_request(key, "ticket")
+                key, start = request.get("id"), request.get("from_batch", 0)
+                if not isinstance(key, str) or not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad ticket: expected {\"id\": a string, "
+                                       "\"from_batch\": a whole number >= 0}")
+            else:
+                key = _text(key, "ticket")
             _, file_reader = self.store.open(key)
-        except DatasetError as exc:
-            raise self._fail(exc) from None
-        batches: Iterator[pa.RecordBatch] = (file_reader.get_batch(i)
-                                             for i in range(max(0, start), file_reader.num_record_batches))
-        if self.max_rate > 0:
-            batches = _paced(batches, self.max_rate)
-        return flight.GeneratorStream(file_reader.schema, batches)
+            batches: Iterator[pa.RecordBatch] = _served_batches(
+                self.store.site_id, file_reader, min(start, file_reader.num_record_batches))
+            if self.max_rate > 0:
+                batches = _paced(batches, self.max_rate)
+            return flight.GeneratorStream(file_reader.schema, batches)
+
+        return self._served("get", get)
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
-        for meta in self.store.listing():
-            schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
-            yield flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
-                                    [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes)
+        def listing() -> list[flight.FlightInfo]:
+            out = []
+            for meta in self.store.listing():
+                schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
+                out.append(flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
+                                             [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes))
+            return out
+
+        return iter(self._served("listing", listing))
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
-        try:
-            key = action.body.to_pybytes().decode()
-        except UnicodeDecodeError:
-            raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: the action body is not UTF-8") from None
-        try:
+        def act() -> DatasetMeta:
+            key = _text(action.body.to_pybytes(), "action body")
             if action.type == "get":
-                meta = self.store.resolve(key)
-            elif action.type == "delete":
+                return self.store.resolve(key)
+            if action.type == "delete":
                 meta = self.store.delete(key)
                 if not meta.replica:
                     dropped = self._drop_replicas(meta)
                     if dropped:
                         logger.info("deleted dataset %s and %d replicas of it", meta.id, dropped)
-            elif action.type == "delete-replica":
+                return meta
+            if action.type == "delete-replica":
                 if not self.store.resolve(key).replica:
-                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{key!r} is a primary at {self.store.site_id!r}")
-                meta = self.store.delete(key)
-            else:
-                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type!r}")
-        except DatasetError as exc:
-            raise self._fail(exc) from None
-        yield flight.Result(pa.py_buffer(meta.to_json()))
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                       f"{_clip(key)!r} is a primary at {self.store.site_id!r}")
+                return self.store.delete(key)
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {_clip(action.type)!r}")
+
+        return iter([flight.Result(pa.py_buffer(self._served("action", act).to_json()))])
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
         return [("get", "metadata of a dataset (id or name)"),
                 ("delete", "delete a dataset (id or name), and the federation's replicas of it"),
                 ("delete-replica", "delete this site's replica of a dataset (by id)")]
+
+    def _unsupported(self, *args: Any) -> Any:
+        raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: this Flight method is not served by Intertie "
+                                       "(use do_put, do_get, list_flights and the actions)")
+
+    get_flight_info = get_schema = do_exchange = _unsupported
+
+
+# The largest ticket, descriptor or action body read (ids and names are 128 characters).
+MAX_REQUEST_BYTES = 4096
+
+
+def _text(data: bytes, what: str) -> str:
+    if len(data) > MAX_REQUEST_BYTES:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"the {what} is {len(data)} bytes, over {MAX_REQUEST_BYTES}")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"the {what} is not UTF-8") from None
+
+
+def _json_request(data: bytes, what: str) -> dict[str, Any]:
+    """A small JSON object from the network (bounded in size, so in nesting too)."""
+    text = _text(data, what)
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: {_clip(str(exc))}") from None
+    if not isinstance(request, dict):
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: expected a JSON object")
+    return request
+
+
+def _served_batches(site_id: str, file_reader: Any, start: int) -> Iterator[pa.RecordBatch]:
+    """A stored file's batches from ``start``; a read that fails ends the stream with a
+    bounded error rather than pyarrow's traceback."""
+    for i in range(start, file_reader.num_record_batches):
+        try:
+            batch = file_reader.get_batch(i)
+        except Exception as exc:
+            logger.error("site %s: reading batch %d of a stored dataset failed: %s", site_id, i, exc)
+            raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {site_id!r} could not read batch {i}") \
+                from None
+        yield batch

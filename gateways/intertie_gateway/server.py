@@ -9,8 +9,8 @@ import os
 import signal
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
@@ -22,6 +22,7 @@ from intertie_gateway.runner import RayRunner
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.service import PeerService, SiteService, TaskService, register
 from intertie_gateway.sessions import SessionHub
+from intertie_gateway.throttle import quiet_grpc_noise
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +51,16 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     register(server, PeerService(scheduler), peer_pb2.DESCRIPTOR.services_by_name["PeerService"])
+    # The stock health and reflection services, behind the same lenient parsing as ours.
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((
+    register(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"], own_streams=False)
+    register(server, reflection.aio.ReflectionServicer((
         tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
         site_pb2.DESCRIPTOR.services_by_name["SiteService"].full_name,
         peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME), server)
+        reflection.SERVICE_NAME)), reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], own_streams=False)
+    quiet_grpc_noise()
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -42,18 +43,24 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def register(server: grpc.aio.Server, servicer: object, service: Any) -> None:
+def register(server: grpc.aio.Server, servicer: object, service: Any, *, own_streams: bool = True) -> None:
     """Adds ``servicer``'s methods for the proto ``service`` descriptor, with requests that
-    fail to parse answered by a typed INVALID_ARGUMENT instead of reaching the method."""
+    fail to parse answered by a typed INVALID_ARGUMENT instead of reaching the method (and
+    instead of a traceback in the log per garbage request, as grpcio does).
+
+    ``own_streams``: the servicer's client-streaming methods meet Malformed items in their
+    request iterators and answer them; otherwise (stock services: health, reflection) the
+    stream is ended with INVALID_ARGUMENT at the first one."""
     db = symbol_database.Default()
     handlers = {}
     for method in service.methods:
         request_cls = db.GetSymbol(method.input_type.full_name)
         impl = getattr(servicer, method.name)
         deserialize = _lenient(request_cls.FromString)
-        if method.client_streaming:  # the impl meets Malformed items in its request iterator
+        if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl, request_deserializer=deserialize, response_serializer=lambda m: m.SerializeToString())
+                impl if own_streams else _strict_requests(impl), request_deserializer=deserialize,
+                response_serializer=lambda m: m.SerializeToString())
         elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _checked_stream(impl), request_deserializer=deserialize,
@@ -80,10 +87,27 @@ def _checked_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _checked_stream(impl: Callable[..., Any]) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(impl):  # writes with context.write (the stock health Watch)
+        return _checked_unary(impl)
+
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if isinstance(request, Malformed):
             await _reject(request, context)
         async for item in impl(request, context):
+            yield item
+
+    return behavior
+
+
+def _strict_requests(impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def parsed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, Malformed):
+                await _reject(request, context)
+            yield request
+
+    async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for item in impl(parsed(requests, context), context):
             yield item
 
     return behavior

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 import uuid
@@ -82,8 +83,9 @@ def test_a_transfer_resumes_at_a_batch(holder: tuple[DatasetStore, str]) -> None
 def test_replicas_evict_least_recently_used_first_never_one_in_use(
         holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
     source, address = holder
-    metas = [source.write(f"d{i}", batches(table(1000, start=i))) for i in range(4)]  # 8000 bytes each
-    here = DatasetStore(str(tmp_path / "here"), "here", replica_cache_bytes=24_000)
+    metas = [source.write(f"d{i}", batches(table(1000, start=i))) for i in range(4)]  # the same size each
+    size = metas[0].num_bytes
+    here = DatasetStore(str(tmp_path / "here"), "here", replica_cache_bytes=3 * size)
     mine = here.write("mine", batches(table(5000)))  # originals are never evicted
     for meta in metas[:3]:
         here.pull(meta.id, lambda: [("holder", address)])
@@ -93,9 +95,9 @@ def test_replicas_evict_least_recently_used_first_never_one_in_use(
     dropped = here.evict(keep={metas[1].id})  # d1 is being read, d2 is the oldest free one
     assert [m.id for m in dropped] == [metas[2].id]
     assert set(here.ids()) == {mine.id, metas[0].id, metas[1].id, metas[3].id}
-    here.replica_cache_bytes = 16_000
+    here.replica_cache_bytes = 2 * size
     dropped = here.evict()  # d1 no longer in use: the least recently used now
-    assert [m.id for m in dropped] == [metas[1].id] and here.used_bytes(replicas=True) <= 16_000
+    assert [m.id for m in dropped] == [metas[1].id] and here.used_bytes(replicas=True) <= 2 * size
     assert mine.id in here.ids()
 
 
@@ -103,7 +105,9 @@ def test_quota_counts_originals_and_a_rewrite_replaces(tmp_path: Path) -> None:
     store = DatasetStore(str(tmp_path / "s"), "s", quota_bytes=20_000)
     first = store.write("r", batches(table(2000)), dataset_id="task-1")
     again = store.write("r", batches(table(2000, start=5)), dataset_id="task-1")  # a rerun: replaces
-    assert first.id == again.id == "task-1" and store.used_bytes() == 16_000
+    assert first.id == again.id == "task-1" and store.used_bytes() == again.num_bytes
+    # The size is what was written (the file, with its footer), not what the batches claim.
+    assert again.num_bytes == (tmp_path / "s" / "task-1.arrow").stat().st_size > 16_000
     with pytest.raises(DatasetError, match="exceed the site's quota of 20000 bytes"):
         store.write("big", batches(table(1000)))
     with pytest.raises(DatasetError, match="dataset id"):
@@ -166,3 +170,112 @@ def test_a_transfer_that_stalls_is_cancelled_and_fails(tmp_path: Path) -> None:
     finally:
         HangingService.released.set()
         server.shutdown()
+
+
+def corrupted(offset: int = 1 << 30) -> tuple[pa.Schema, pa.RecordBatch]:
+    """A 3-row batch that decodes (as a hostile upload or peer would send it) but whose list
+    offsets point ``offset`` past the end of the values: Arrow's IPC writer may abort on it,
+    and its claimed size comes from the bogus offsets."""
+    good = pa.record_batch({"l": pa.array([[1, 2], [3], [4, 5, 6]], pa.list_(pa.int64())),
+                            "s": pa.array(["a", "bb", "ccc"])})
+    message = pa.ipc.read_message(good.serialize())
+    body = bytearray(message.body.to_pybytes())
+    at = body.find(struct.pack("<4i", 0, 2, 3, 6))  # the list column's offsets buffer
+    body[at + 12:at + 16] = struct.pack("<i", offset)
+    metadata = message.metadata.to_pybytes()
+    frame = struct.pack("<Ii", 0xFFFFFFFF, len(metadata)) + metadata + bytes(body)
+    return good.schema, pa.ipc.read_record_batch(pa.py_buffer(frame), good.schema)
+
+
+class Stream:
+    """An uploaded stream: a schema and its batches."""
+
+    def __init__(self, schema: pa.Schema, items: list[pa.RecordBatch]) -> None:
+        self.schema = schema
+        self._items = items
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        return iter(self._items)
+
+
+@pytest.mark.parametrize("offset", [7, 1 << 20, 1 << 30, -5])
+def test_an_upload_with_corrupted_buffers_is_refused_and_nothing_is_stored(tmp_path: Path, offset: int) -> None:
+    store = DatasetStore(str(tmp_path / "s"), "s")
+    schema, bad = corrupted(offset)
+    assert bad.num_rows == 3  # it decodes: only full validation finds it
+    with pytest.raises(DatasetError, match="is not valid Arrow data: .*[Oo]ffset") as err:
+        store.write("bad", Stream(schema, [table_batch(schema), bad]))
+    assert err.value.kind == "ERROR_KIND_INVALID_ARGUMENT" and len(str(err.value)) < 600
+    assert store.ids() == [] and not list((tmp_path / "s").iterdir())
+
+
+def table_batch(schema: pa.Schema) -> pa.RecordBatch:
+    return pa.record_batch({"l": pa.array([[9]], pa.list_(pa.int64())), "s": pa.array(["z"])}, schema=schema)
+
+
+def test_a_batch_of_another_schema_is_refused(tmp_path: Path) -> None:
+    store = DatasetStore(str(tmp_path / "s"), "s")
+    with pytest.raises(DatasetError, match="schema differs") as err:
+        store.write("x", Stream(table(1).schema, [pa.record_batch({"w": pa.array(["a"])})]))
+    assert err.value.kind == "ERROR_KIND_INVALID_ARGUMENT" and store.ids() == []
+
+
+class HostileService(FlightService):
+    """A peer that sends a dataset's batches corrupted."""
+
+    def do_get(self, context, ticket):  # type: ignore[no-untyped-def]
+        schema, bad = corrupted()
+        return flight.GeneratorStream(schema, iter([table_batch(schema), bad]))
+
+
+def test_a_peer_that_sends_invalid_data_is_not_asked_again_and_nothing_is_stored(tmp_path: Path) -> None:
+    source = DatasetStore(str(tmp_path / "holder"), "holder")
+    schema, _ = corrupted()
+    meta = source.write("hostile", Stream(schema, [table_batch(schema)] * 2))
+    server = HostileService("grpc://127.0.0.1:0", source)
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    asked = []
+
+    def sources() -> list[tuple[str, str]]:
+        asked.append(1)
+        return [("holder", f"127.0.0.1:{server.port}")]
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatasetError, match="holder sent invalid data .*batch 1 is not valid Arrow data") as err:
+            here.pull(meta.id, sources, timeout_s=60, retry_s=0.1)
+        assert err.value.kind == "ERROR_KIND_SITE_FAILURE"
+        assert time.monotonic() - started < 10 and len(asked) == 2  # failed at once, not after the timeout
+        assert here.ids() == [] and not list((tmp_path / "here").iterdir())
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("call", [
+    lambda c: c.do_get(flight.Ticket(b"[" * 100_000 + b"]" * 100_000)).read_all(),  # RecursionError in json
+    lambda c: c.do_get(flight.Ticket(b'{' + b'"id": {"id": 1}' + b'}')).read_all(),  # not a string
+    lambda c: c.do_get(flight.Ticket(b'{"id": "x", "from_batch": -3}')).read_all(),
+    lambda c: c.do_get(flight.Ticket(b'{"id": "x", "from_batch": 1e400}')).read_all(),
+    lambda c: c.do_get(flight.Ticket(b"k" * 100_000)).read_all(),  # a 100 KB key is not repeated back
+    lambda c: c.do_get(flight.Ticket(b"\xff\xfe")).read_all(),
+    lambda c: list(c.do_action(flight.Action("get", b"k" * 100_000))),
+    lambda c: list(c.do_action(flight.Action("x" * 100_000, b"k"))),
+    lambda c: list(c.do_action(flight.Action("delete-replica", b"\xff"))),
+    lambda c: c.get_flight_info(flight.FlightDescriptor.for_command(b"x")),
+    lambda c: c.do_put(flight.FlightDescriptor.for_command(b'{"name": ["a"]}'), table(1).schema)[0].close(),
+    lambda c: c.do_put(flight.FlightDescriptor.for_command(b"[" * 50_000), table(1).schema)[0].close(),
+], ids=["deep-json", "id-not-string", "negative-batch", "huge-batch", "100kb-key", "not-utf8", "100kb-action-key",
+        "100kb-action-type", "action-not-utf8", "flight-info", "name-not-string", "deep-descriptor"])
+def test_bad_flight_requests_get_a_short_typed_error_without_a_traceback(
+        holder: tuple[DatasetStore, str], call) -> None:  # type: ignore[no-untyped-def]
+    _, address = holder
+    client = flight.FlightClient(f"grpc://{address}")
+    try:
+        with pytest.raises(flight.FlightError) as err:
+            call(client)
+        text = str(err.value)
+        assert "ERROR_KIND_INVALID_ARGUMENT" in text or "ERROR_KIND_NOT_FOUND" in text, text[:500]
+        assert "Traceback" not in text and "Python exception" not in text and len(text) < 1000, text[:500]
+        assert client.list_actions()  # still serving
+    finally:
+        client.close()
