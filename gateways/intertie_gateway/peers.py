@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from intertie._rpc import channel_options
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.journal import TERMINAL
 from intertie_gateway.placement import SiteView
+from intertie_gateway.validate import clip
 
 if TYPE_CHECKING:
     from intertie_gateway.scheduler import Scheduler, Task
@@ -35,8 +37,15 @@ FORWARD_BATCH_TASKS = 1000
 FORWARD_BATCH_BYTES = 8 << 20
 # Messages between gateways may carry a full payload plus the rest of a batch.
 PEER_MESSAGE_BYTES = 1 << 30
-# The session under which a gateway's forwarded tasks are watched at a peer.
+# The session under which a gateway's forwarded tasks are watched at a peer:
+# "peer:SITE:SECRET", a random secret per link, so nobody else can open or take it over.
 SESSION_PREFIX = "peer:"
+# A Reconcile message lists at most this many task ids (more follow in further messages).
+RECONCILE_CHUNK = 50_000
+# A peer that refuses our link (it does not list this site as a peer) is asked again this often.
+REFUSED_RETRY_S = 5.0
+# How long a peer may take to confirm a link we are asked to accept.
+VERIFY_TIMEOUT_S = 5.0
 
 
 class Peer:
@@ -62,6 +71,7 @@ class Peer:
         self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)
         self._watch: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
+        self.session_id = f"{SESSION_PREFIX}{membership.scheduler.site_id}:{secrets.token_hex(16)}"
         self._seq = 0
         self.inflight: dict[int, list[Task]] = {}  # batches written, not yet acknowledged
         self.offered: set[str] = set()  # function digests sent on this stream, not yet acknowledged
@@ -244,7 +254,7 @@ class Peer:
             call = self.tasks.Connect()
             try:
                 await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(
-                    session_id=self.membership.session_id, progress=True)))
+                    session_id=self.session_id, progress=True, peer_site=scheduler.site_id)))
                 opened = await call.read()
                 if opened is grpc.aio.EOF:
                     raise ConnectionError("the peer closed the stream")
@@ -258,23 +268,35 @@ class Peer:
                         continue
                     self.inflight[seq] = batch
                     await call.write(self._message(seq, batch))
+                # After the resent batches, before new ones: what we have there. The peer runs
+                # what it held since a restart only if listed, cancels the rest of ours, and
+                # sends the events of listed tasks that finished while no stream was open.
+                unsent = await self._reconcile(call)
                 self.watching.set()
-                # Events sent while no stream was open were dropped: ask again. If that fails,
-                # the stream is reopened and asks again, rather than missing them for good.
-                await self._resubscribe()
                 backoff = 0.05
                 while True:
                     message = await call.read()
                     if message is grpc.aio.EOF:
                         break
-                    if message.HasField("ack"):
+                    kind = message.WhichOneof("kind")
+                    if kind == "ack":
                         self._on_ack(message.ack)
+                    elif kind == "reconciled":
+                        if message.reconciled.cancelled:
+                            logger.info("peer %s cancelled %d tasks this site had moved elsewhere", self.site_id,
+                                        message.reconciled.cancelled)
+                        scheduler.on_reconciled(self, message.reconciled.unknown_task_ids, unsent)
                     else:
                         scheduler.on_peer_events(self, message.events.events)
             except grpc.RpcError as exc:
                 if self.membership.closed:
                     return
-                logger.info("session stream to peer %s broke: %s", self.site_id, exc.code())
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    logger.error("peer %s (%s) refused this site's link: %s (does it list this site as a peer?)",
+                                 self.site_id or "?", self.address, exc.details())
+                    backoff = REFUSED_RETRY_S
+                else:
+                    logger.info("session stream to peer %s broke: %s", self.site_id, exc.code())
             except asyncio.CancelledError:
                 call.cancel()
                 raise
@@ -285,17 +307,18 @@ class Peer:
                 self._call = None
             call.cancel()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 1.0)
+            backoff = min(backoff * 2, max(backoff, 1.0))
 
-    async def _resubscribe(self) -> None:
+    async def _reconcile(self, call: grpc.aio.StreamStreamCall) -> set[str]:
+        """Writes the Reconcile of this link; returns the ids listed that were not yet sent
+        (the peer cannot know those yet)."""
         ids = self.membership.scheduler.tasks_at(self.site_id)
-        for start in range(0, len(ids), 10_000):
-            try:
-                await self.tasks.Subscribe(tasks_pb2.SubscribeRequest(
-                    session_id=self.membership.session_id, task_ids=ids[start:start + 10_000]), timeout=30)
-            except grpc.RpcError as exc:
-                logger.warning("resubscribing at peer %s failed: %s", self.site_id, exc.code())
-                raise
+        unsent = {t.task_id for t in self.outbox}
+        for start in range(0, max(len(ids), 1), RECONCILE_CHUNK):
+            chunk = ids[start:start + RECONCILE_CHUNK]
+            await call.write(tasks_pb2.ClientMessage(reconcile=tasks_pb2.Reconcile(
+                task_ids=chunk, more=start + RECONCILE_CHUNK < len(ids))))
+        return unsent
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -323,7 +346,6 @@ class Membership:
         self.heartbeat_s = heartbeat_s
         self.down_after = down_after
         self.steal_enabled = steal
-        self.session_id = SESSION_PREFIX + scheduler.site_id
         self.peers = [Peer(a, self) for a in addresses]
         self.by_site: dict[str, Peer] = {}
         self.closed = False
@@ -363,6 +385,31 @@ class Membership:
                     peer.status.movable = max(0, peer.status.movable - moved)
             if room <= 0:
                 return
+
+    async def verify(self, site_id: str, session_id: str) -> str | None:
+        """Asks the configured peer that is (or may be) ``site_id`` whether it opened a
+        link here with ``session_id``: None if it confirms, else why not. The answer comes
+        from the address in this site's configuration, not from the stream that claims it."""
+        candidates = [p for p in self.peers if p.state != "self" and p.site_id in (site_id, "")]
+        if not candidates:
+            return f"{clip(site_id)!r} is not one of its peers"
+
+        async def ask(peer: Peer) -> bool:
+            try:
+                answer = await peer.peer.VerifyLink(peer_pb2.VerifyLinkRequest(
+                    site_id=self.scheduler.site_id, session_id=session_id), timeout=VERIFY_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                logger.info("verifying a link from %s at %s failed: %s", clip(site_id), peer.address, exc.code())
+                return False
+            return answer.ok and answer.site_id == site_id
+
+        if any(await asyncio.gather(*(ask(p) for p in candidates))):
+            return None
+        return f"no configured peer {clip(site_id)!r} confirms that link"
+
+    def owns_link(self, site_id: str, session_id: str) -> bool:
+        """Whether this site opened a link to ``site_id`` with ``session_id``."""
+        return any(p.session_id == session_id and p.site_id == site_id for p in self.peers)
 
     def views(self) -> list[SiteView]:
         return [v for v in (p.view() for p in self.peers if p.state != "self") if v is not None]

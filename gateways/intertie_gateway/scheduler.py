@@ -29,7 +29,7 @@ from intertie_gateway.journal import Journal
 from intertie_gateway.placement import Decision, Demand, Placer, SiteView, Weights, rejection
 from intertie_gateway.runner import PREEMPTED, RETRY, RayRunner, Running
 from intertie_gateway.sessions import SessionHub
-from intertie_gateway.validate import check_spec, ray_request
+from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip, ray_request
 
 if TYPE_CHECKING:
     from intertie_gateway.datasets import DatasetStore
@@ -142,6 +142,9 @@ class Scheduler:
         # or when a peer comes up, not on every pump.
         self._waiting: list[Task] = []
         self._reforward: dict[str, list[Task]] = {}  # recovered tasks that were at a peer
+        # Recovered tasks forwarded by a peer (home -> task id -> (task, was running)): not
+        # run until their home confirms them.
+        self._held: dict[str, dict[str, tuple[Task, bool]]] = {}
         self._started_at = time.time()
         self._run_estimates: dict[str, float] = {}
         self._placer: Placer | None = None
@@ -156,7 +159,11 @@ class Scheduler:
         return task
 
     # ------------------------------------------------------------------ accept
-    async def submit(self, request: tasks_pb2.SubmitRequest) -> list[tasks_pb2.TaskAck]:
+    async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "") -> list[tasks_pb2.TaskAck]:
+        """Validates, journals and queues a batch; one ack per task, in order.
+
+        ``peer``: the site whose verified link the batch came on ("" for a client). Only
+        there is ``home`` honoured, and it is the link's site whatever the spec says."""
         now = time.time()
         bad_functions: dict[str, common_pb2.Error] = {}
         new_functions: list[tuple[str, str, bytes]] = []
@@ -164,14 +171,14 @@ class Scheduler:
             if len(fn.payload) > self.config.max_payload_bytes:
                 bad_functions[fn.digest] = common_pb2.Error(
                     kind=K.ERROR_KIND_PAYLOAD_TOO_LARGE,
-                    message=f"function {fn.name or fn.digest} is {len(fn.payload)} bytes pickled, over this "
+                    message=f"function {clip(fn.name or fn.digest)} is {len(fn.payload)} bytes pickled, over this "
                             f"site's limit of {self.config.max_payload_bytes} bytes")
             elif hashlib.sha256(fn.payload).hexdigest() != fn.digest:
                 bad_functions[fn.digest] = common_pb2.Error(
                     kind=K.ERROR_KIND_INVALID_ARGUMENT,
-                    message=f"function {fn.name or fn.digest}: payload does not match its sha256 digest")
+                    message=f"function {clip(fn.name or fn.digest)}: payload does not match its sha256 digest")
             elif fn.digest not in self._known_functions:
-                new_functions.append((fn.digest, fn.name, fn.payload))
+                new_functions.append((fn.digest, clip(fn.name, MAX_NAME_CHARS), fn.payload))
         offered = {d for d, _, _ in new_functions}
 
         acks: list[tasks_pb2.TaskAck] = []
@@ -180,9 +187,17 @@ class Scheduler:
         nbytes = 0
         never_runs = self._feasibility()
         for spec in request.tasks:
+            error = None
+            if peer:
+                spec.home = peer
+            elif spec.home:
+                error = common_pb2.Error(kind=K.ERROR_KIND_INVALID_ARGUMENT, message=(
+                    f"task {clip(spec.task_id)}: home is set by the gateway a task was forwarded from, not by a "
+                    "client"))
             federated = self.membership is not None and not spec.home
-            error = check_spec(spec, max_payload_bytes=self.config.max_payload_bytes,
-                               python_version="" if federated else self.python, site_id=self.site_id)
+            if error is None:
+                error = check_spec(spec, max_payload_bytes=self.config.max_payload_bytes,
+                                   python_version="" if federated else self.python, site_id=self.site_id)
             if error is None:
                 error = bad_functions.get(spec.function_digest)
             if error is None and spec.function_digest not in self._known_functions \
@@ -195,7 +210,7 @@ class Scheduler:
                 if why is not None:
                     error = common_pb2.Error(kind=K.ERROR_KIND_PLACEMENT, message=f"task {spec.task_id}: {why}")
             if error is not None:
-                acks.append(tasks_pb2.TaskAck(task_id=spec.task_id, accepted=False, error=error))
+                acks.append(tasks_pb2.TaskAck(task_id=clip(spec.task_id), accepted=False, error=error))
                 continue
             acks.append(tasks_pb2.TaskAck(task_id=spec.task_id, accepted=True))
             if spec.task_id in seen:
@@ -465,6 +480,55 @@ class Scheduler:
             self._waiting = []
         if self._unplaced:
             self.pump()
+
+    def reconcile(self, home: str, session_id: str, listed: Sequence[str]) -> tuple[list[str], int]:
+        """The home ``home`` lists every unfinished task it has here (on its verified link,
+        after it (re)opened). Held tasks it lists run; tasks of that home it does not list
+        were moved elsewhere (or finished there) and are cancelled, journaled, so that no
+        restart runs them again. Returns (listed ids unknown here, how many were cancelled)."""
+        keep = set(listed)
+        held = self._held.pop(home, {})
+        moved = [t.task_id for t in self.tasks.values()
+                 if t.spec.home == home and t.task_id not in keep and t.state not in jr.TERMINAL]
+        cancelled = self.cancel(moved, f"was moved elsewhere by its home {home}") if moved else []
+        released = 0
+        for task, was_running in held.values():
+            if task.task_id not in keep or task.state in jr.TERMINAL:
+                continue
+            released += 1
+            if was_running:
+                self._retry_or_fail(task, "the gateway stopped while the task was running")
+            else:
+                self.queue.append(task)
+        if held:
+            logger.info("home %s confirmed %d of the %d tasks held since the restart; %d cancelled", home, released,
+                        len(held), len(cancelled))
+        elif cancelled:
+            logger.warning("cancelled %d tasks that home %s moved elsewhere", len(cancelled), home)
+        unknown = self.subscribe(session_id, listed)
+        self.flush()
+        self.pump()
+        return unknown, len(cancelled)
+
+    def on_reconciled(self, peer: Peer, unknown: Sequence[str], unsent: set[str]) -> None:
+        """A peer does not know tasks this home has there (its journal was lost): they are
+        run elsewhere, at the cost of an attempt (they may have started there)."""
+        for task_id in unknown:
+            task = self.tasks.get(task_id)
+            if task is None or task.site != peer.site_id or task.state in jr.TERMINAL or task_id in unsent:
+                continue
+            self._retry_or_fail(task, f"site {peer.site_id} no longer knows the task")
+        self.pump()
+
+    async def verify_link(self, site_id: str, session_id: str) -> str | None:
+        """None when ``site_id`` (a configured peer) confirms it opened a link here with
+        ``session_id``; else why not."""
+        if self.membership is None:
+            return f"site {self.site_id!r} has no peers configured"
+        return await self.membership.verify(site_id, session_id)
+
+    def owns_link(self, site_id: str, session_id: str) -> bool:
+        return self.membership is not None and self.membership.owns_link(site_id, session_id)
 
     def tasks_at(self, site_id: str) -> list[str]:
         return [t.task_id for t in self.tasks.values() if t.site == site_id and t.home_here]
@@ -969,7 +1033,7 @@ class Scheduler:
                     unknown.append(task_id)
         return unknown
 
-    def cancel(self, task_ids: Sequence[str]) -> list[str]:
+    def cancel(self, task_ids: Sequence[str], why: str = "was cancelled") -> list[str]:
         cancelled = []
         remote: dict[Peer, list[str]] = {}
         for task_id in task_ids:
@@ -986,7 +1050,7 @@ class Scheduler:
                 if peer is not None:
                     remote.setdefault(peer, []).append(task_id)
             self._finish(task, jr.CANCELLED, error=common_pb2.Error(
-                kind=K.ERROR_KIND_CANCELLED, message=f"task {task_id} was cancelled"))
+                kind=K.ERROR_KIND_CANCELLED, message=f"task {task_id} {why}"))
             cancelled.append(task_id)
         for peer, ids in remote.items():
             self._spawn(peer.cancel(ids))
@@ -1048,6 +1112,8 @@ class Scheduler:
                 requeued += 1
             else:
                 failed += 1
+        for home, held in self._held.items():
+            logger.info("holding %d tasks forwarded by %s until %s confirms them", len(held), home, home)
         self.flush()
         self.pump()
         return requeued, failed
@@ -1062,11 +1128,17 @@ class Scheduler:
         if row.placements:
             task.placements = list(tasks_pb2.TaskInfo.FromString(row.placements).placements)
         self.tasks[task.task_id] = task
-        if row.site and row.site != self.site_id and self.membership is not None and task.home_here:
+        if not task.home_here:
+            # Forwarded by a peer before this gateway stopped: its home may have moved it
+            # elsewhere meanwhile (and it may have finished there). It waits, queued but not
+            # run, until the home's link lists it again (reconcile), or cancels it.
+            self._held.setdefault(spec.home, {})[task.task_id] = (task, row.state == jr.RUNNING)
+            task.state = jr.QUEUED
+        elif row.site and row.site != self.site_id and self.membership is not None:
             # It was forwarded: the peer journaled it and still has it. Send it again once
             # the peer answers (idempotent there), rather than running it twice.
             self._reforward.setdefault(row.site, []).append(task)
-        elif self.membership is not None and task.home_here and not row.site:
+        elif self.membership is not None and not row.site:
             self._unplaced.append(task)
         elif row.state == jr.RUNNING:
             self._retry_or_fail(task, why_running)

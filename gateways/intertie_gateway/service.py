@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 # results never exceed the message limit together.
 EVENT_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_IDS_PER_CALL = 100_000
+# Session ids are UUIDs (clients) or "peer:SITE:SECRET" (links); longer ones are refused.
+MAX_SESSION_ID_CHARS = 256
 
 
 class Malformed:
@@ -146,9 +148,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     async def Watch(self, request: tasks_pb2.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[tasks_pb2.TaskEvents]:
-        if not request.session_id:
+        if not 0 < len(request.session_id) <= MAX_SESSION_ID_CHARS:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
-                         "Watch needs a session_id")
+                         f"Watch needs a session_id of 1-{MAX_SESSION_ID_CHARS} characters")
         session = self._hub.open(request.session_id, request.progress)
         try:
             yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
@@ -166,10 +168,18 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             first = await stream.__anext__()
         except StopAsyncIteration:
             return
-        if isinstance(first, Malformed) or first.WhichOneof("kind") != "open" or not first.open.session_id:
+        if isinstance(first, Malformed) or first.WhichOneof("kind") != "open" \
+                or not 0 < len(first.open.session_id) <= MAX_SESSION_ID_CHARS:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
-                         "Connect: the first message must open a session (open.session_id)")
-        session = self._hub.open(first.open.session_id, first.open.progress)
+                         f"Connect: the first message must open a session (open.session_id, 1-{MAX_SESSION_ID_CHARS} "
+                         "characters)")
+        peer = first.open.peer_site
+        if peer:
+            why = await self._scheduler.verify_link(peer, first.open.session_id)
+            if why is not None:
+                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_INVALID_ARGUMENT",
+                             f"site {self._scheduler.site_id!r} did not open a peer link: {why}")
+        session = self._hub.open(first.open.session_id, first.open.progress, peer)
         reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
         try:
             yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())  # the session is open
@@ -177,10 +187,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 await session.wakeup.wait()
                 # Take everything before yielding: what arrives while a message is being
                 # sent sets the wakeup again and is taken on the next turn.
-                acks = session.take_acks()
+                replies = session.take_replies()
                 events = session.take()  # clears the wakeup
-                for ack in acks:
-                    yield tasks_pb2.ServerMessage(ack=ack)
+                for reply in replies:
+                    yield reply
                 for batch in _batches(events):
                     yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents(events=batch))
                 if session.failure is not None:
@@ -199,18 +209,28 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         """Submits each batch of a Connect stream in order; its ack goes back on the stream."""
         try:
             async for message in stream:
-                if isinstance(message, Malformed) or message.WhichOneof("kind") != "submit":
-                    why = message.reason if isinstance(message, Malformed) else "expected a submit batch"
+                kind = None if isinstance(message, Malformed) else message.WhichOneof("kind")
+                if kind not in ("submit", "reconcile") or (kind == "reconcile" and not session.peer):
+                    why = message.reason if isinstance(message, Malformed) else \
+                        "reconcile is for peer links" if kind == "reconcile" else "expected a submit batch"
                     session.failure = f"malformed message on the session stream: {why}"
                     session.failure_kind = "ERROR_KIND_INVALID_ARGUMENT"
                     break
                 if self._scheduler.draining:
                     session.failure = "the gateway is shutting down"
                     break
+                if kind == "reconcile":
+                    session.reconciling.extend(message.reconcile.task_ids)
+                    if not message.reconcile.more:
+                        listed, session.reconciling = session.reconciling, []
+                        unknown, cancelled = self._scheduler.reconcile(session.peer, session.session_id, listed)
+                        session.push_reply(tasks_pb2.ServerMessage(reconciled=tasks_pb2.ReconcileAck(
+                            unknown_task_ids=unknown, cancelled=cancelled)))
+                    continue
                 request = message.submit.request
                 request.session_id = session.session_id
-                acks = await self._scheduler.submit(request)
-                session.push_ack(tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks))
+                acks = await self._scheduler.submit(request, peer=session.peer)
+                session.push_reply(tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks)))
         except asyncio.CancelledError:
             raise
         except grpc.RpcError:
@@ -281,3 +301,8 @@ class PeerService(peer_pb2_grpc.PeerServiceServicer):
     async def Steal(self, request: peer_pb2.StealRequest,
                     context: grpc.aio.ServicerContext) -> peer_pb2.StealResponse:
         return peer_pb2.StealResponse(moved=self._scheduler.steal(request.site_id, min(request.max_tasks, 10_000)))
+
+    async def VerifyLink(self, request: peer_pb2.VerifyLinkRequest,
+                         context: grpc.aio.ServicerContext) -> peer_pb2.VerifyLinkResponse:
+        return peer_pb2.VerifyLinkResponse(ok=self._scheduler.owns_link(request.site_id, request.session_id),
+                                           site_id=self._scheduler.site_id)

@@ -11,29 +11,32 @@ logger = logging.getLogger(__name__)
 
 
 class Session:
-    __slots__ = ("session_id", "progress", "events", "acks", "wakeup", "closed", "failure", "failure_kind")
+    __slots__ = ("session_id", "progress", "peer", "events", "replies", "wakeup", "closed", "failure", "failure_kind",
+                 "reconciling")
 
-    def __init__(self, session_id: str, progress: bool) -> None:
+    def __init__(self, session_id: str, progress: bool, peer: str = "") -> None:
         self.session_id = session_id
         self.progress = progress
+        self.peer = peer  # the site whose verified link this is; "" for a client
         self.events: list[tasks_pb2.TaskEvent] = []
-        self.acks: list[tasks_pb2.SubmitAck] = []  # for Connect streams
+        self.replies: list[tasks_pb2.ServerMessage] = []  # acks and reconcile answers, in order (Connect)
         self.wakeup = asyncio.Event()
         self.closed = False
         self.failure: str | None = None  # why a Connect stream must end with an error
         self.failure_kind = ""  # its ErrorKind name: INVALID_ARGUMENT (the client's fault) or INTERNAL
+        self.reconciling: list[str] = []  # task ids of a Reconcile that has more parts coming
 
     def push(self, event: tasks_pb2.TaskEvent) -> None:
         self.events.append(event)
         self.wakeup.set()
 
-    def push_ack(self, ack: tasks_pb2.SubmitAck) -> None:
-        self.acks.append(ack)
+    def push_reply(self, reply: tasks_pb2.ServerMessage) -> None:
+        self.replies.append(reply)
         self.wakeup.set()
 
-    def take_acks(self) -> list[tasks_pb2.SubmitAck]:
-        acks, self.acks = self.acks, []
-        return acks
+    def take_replies(self) -> list[tasks_pb2.ServerMessage]:
+        replies, self.replies = self.replies, []
+        return replies
 
     def take(self) -> list[tasks_pb2.TaskEvent]:
         self.wakeup.clear()
@@ -48,12 +51,12 @@ class SessionHub:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
 
-    def open(self, session_id: str, progress: bool) -> Session:
+    def open(self, session_id: str, progress: bool, peer: str = "") -> Session:
         old = self._sessions.get(session_id)
         if old is not None:
             old.closed = True
             old.wakeup.set()
-        session = Session(session_id, progress)
+        session = Session(session_id, progress, peer)
         self._sessions[session_id] = session
         return session
 

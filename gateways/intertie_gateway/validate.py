@@ -16,6 +16,19 @@ _DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_INPUTS = 1000
 MAX_RETRIES_LIMIT = 100
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
+# A task's or function's display name.
+MAX_NAME_CHARS = 256
+
+
+# Ids and names from the network are quoted in messages at most this long: an error
+# travels back in gRPC metadata or a reply, and a 10 MB id repeated per task would make
+# a reply nobody can send.
+MAX_QUOTE_CHARS = 140
+
+
+def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
+    """``text`` for a message: as it is when short, else its start and its length."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
 def _bad_number(value: float) -> bool:
@@ -26,11 +39,13 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
                site_id: str) -> common_pb2.Error | None:
     """The first thing wrong with ``spec``, as a wire Error, or None."""
     def err(kind: common_pb2.ErrorKind, message: str) -> common_pb2.Error:
-        return common_pb2.Error(kind=kind, message=f"task {spec.task_id or '?'}: {message}")
+        return common_pb2.Error(kind=kind, message=f"task {clip(spec.task_id) or '?'}: {message}")
 
     if not _TASK_ID.match(spec.task_id):
         return err(K.ERROR_KIND_INVALID_ARGUMENT,
                    "task_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    if len(spec.name) > MAX_NAME_CHARS:
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"name is {len(spec.name)} characters, over {MAX_NAME_CHARS}")
     if not _DIGEST.match(spec.function_digest):
         return err(K.ERROR_KIND_INVALID_ARGUMENT, "function_digest must be a lowercase hex sha256")
     if len(spec.args) > max_payload_bytes:
@@ -44,7 +59,7 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources.memory must be >= 0, got {res.memory_bytes}")
     for name, value in res.custom.items():
         if not name or _bad_number(value):
-            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources[{name!r}] must be a finite number >= 0")
+            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources[{clip(name)!r}] must be a finite number >= 0")
     if not 0 <= spec.max_retries <= MAX_RETRIES_LIMIT:
         return err(K.ERROR_KIND_INVALID_ARGUMENT,
                    f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}, got {spec.max_retries}")
@@ -52,11 +67,11 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"timeout must be between 0 and one year, got {spec.timeout_s}")
     c = spec.constraints
     if c.accelerator and not _NAME.match(c.accelerator):
-        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"accelerator {c.accelerator!r} is not a valid accelerator type")
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"accelerator {clip(c.accelerator)!r} is not a valid accelerator type")
     if c.site and not _NAME.match(c.site):
-        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"site {c.site!r} is not a valid site id")
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"site {clip(c.site)!r} is not a valid site id")
     if c.arch and not _NAME.match(c.arch):
-        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"arch {c.arch!r} is not a valid architecture name")
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"arch {clip(c.arch)!r} is not a valid architecture name")
     if any(not key for key in c.labels):
         return err(K.ERROR_KIND_INVALID_ARGUMENT, "label constraints need non-empty keys")
     if len(spec.inputs) > MAX_INPUTS:
@@ -64,7 +79,7 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
     for item in spec.inputs:
         if not _DATASET_ID.match(item.id) or not _NAME.match(item.site) or item.num_bytes < 0:
             return err(K.ERROR_KIND_INVALID_ARGUMENT,
-                       f"dataset input {item.id[:140]!r} at {item.site[:70]!r} ({item.num_bytes} bytes) is not a "
+                       f"dataset input {clip(item.id)!r} at {clip(item.site)!r} ({item.num_bytes} bytes) is not a "
                        "valid dataset reference")
     if python_version and spec.python_version and spec.python_version != python_version:
         return err(K.ERROR_KIND_PLACEMENT,

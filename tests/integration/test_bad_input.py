@@ -173,6 +173,32 @@ def test_session_stream_refuses_bad_messages(fed: intertie.Federation, gateway) 
     _still_serving(fed)
 
 
+def test_a_client_cannot_open_a_peer_link_reconcile_or_set_home(fed: intertie.Federation, gateway,  # type: ignore[no-untyped-def]
+                                                                 raw) -> None:
+    with grpc.insecure_channel(gateway.address) as channel:
+        connect = channel.stream_stream("/intertie.v1.TaskService/Connect",
+                                        request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        claim = tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id="peer:alpha:guess", peer_site="alpha"))
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in connect(iter([claim.SerializeToString()]), timeout=10):
+                pass
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "did not open a peer link" in (info.value.details() or "")
+        opening = tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id=uuid.uuid4().hex))
+        reconcile = tasks_pb2.ClientMessage(reconcile=tasks_pb2.Reconcile(task_ids=["a"]))
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in connect(iter([opening.SerializeToString(), reconcile.SerializeToString()]), timeout=10):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reconcile is for peer links" in (info.value.details() or "")
+    fn = _function()
+    forged = _spec(fn.digest, home="some-peer")
+    acks = raw.Submit(tasks_pb2.SubmitRequest(functions=[fn], tasks=[forged]), timeout=30).acks
+    assert not acks[0].accepted and acks[0].error.kind == common_pb2.ERROR_KIND_INVALID_ARGUMENT
+    assert "home is set by the gateway" in acks[0].error.message
+    _still_serving(fed)
+
+
 def test_session_stream_acknowledges_batches_in_order(fed: intertie.Federation, gateway) -> None:  # type: ignore[no-untyped-def]
     fn = _function()
     batches = [tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=tasks_pb2.SubmitRequest(

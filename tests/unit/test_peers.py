@@ -74,24 +74,14 @@ class FakeCall:
 
 
 class FakeTasks:
-    """The peer's TaskService; its first ``failing`` Subscribe calls fail."""
+    """The peer's TaskService."""
 
-    def __init__(self, failing: int = 0) -> None:
+    def __init__(self) -> None:
         self.calls: list[FakeCall] = []
-        self.subscribed: list[list[str]] = []
-        self.failing = failing
 
     def Connect(self) -> FakeCall:
         self.calls.append(FakeCall())
         return self.calls[-1]
-
-    async def Subscribe(self, request: tasks_pb2.SubscribeRequest, timeout: float | None = None) -> Any:
-        if self.failing:
-            self.failing -= 1
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       "the peer is restarting")
-        self.subscribed.append(list(request.task_ids))
-        return tasks_pb2.SubscribeResponse()
 
 
 def task(task_id: str, site: str = "b", state: int = jr.QUEUED) -> Task:
@@ -180,16 +170,27 @@ def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None
     run(body)
 
 
-def test_a_failed_resubscribe_reopens_the_stream_and_asks_again() -> None:
+def test_the_link_opens_as_a_peer_and_reconciles_after_resent_batches_before_new_ones() -> None:
     async def body(membership: Membership) -> None:
         peer = membership.peers[0]
         peer.site_id = "b"
-        peer.tasks = stub = FakeTasks(failing=1)  # type: ignore[assignment]
-        membership.scheduler.at_peer = ["t"]  # type: ignore[attr-defined]
+        peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
+        resent, waiting = task("resent"), task("waiting")
+        peer.inflight = {1: [resent]}
+        membership.scheduler.at_peer = ["resent", "running-there", "waiting"]  # type: ignore[attr-defined]
+        peer.outbox = [waiting]
         peer._watch = asyncio.create_task(peer._session_loop())
-        await until(lambda: stub.subscribed)
-        assert stub.subscribed == [["t"]]
-        assert len(stub.calls) == 2
+        await until(peer.watching.is_set)
+        written = stub.calls[0].written
+        assert [m.WhichOneof("kind") for m in written] == ["open", "submit", "reconcile"]
+        opened = written[0].open
+        assert opened.peer_site == "home" and opened.session_id.startswith("peer:home:")
+        assert len(opened.session_id) >= len("peer:home:") + 32  # an unguessable secret per link
+        assert opened.session_id != Peer("127.0.0.1:2", membership).session_id
+        assert list(written[2].reconcile.task_ids) == ["resent", "running-there", "waiting"]
+        assert not written[2].reconcile.more
+        assert membership.owns_link("b", opened.session_id) and not membership.owns_link("c", opened.session_id)
+        assert not membership.owns_link("b", "peer:home")
 
     run(body)
 

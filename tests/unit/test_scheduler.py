@@ -341,3 +341,61 @@ def test_a_task_waiting_for_a_down_site_is_placed_again_per_heartbeat_not_per_pu
         assert len(s._waiting) == 20 and all(s.tasks[t.task_id].state == jr.QUEUED for t in gpu)
 
     run(journal, body)
+
+
+def forwarded(task_id: str, home: str = "h") -> tasks_pb2.TaskSpec:
+    s = spec(task_id)
+    s.home, s.max_retries = home, 1
+    return s
+
+
+def test_forwarded_tasks_recovered_after_a_restart_wait_for_their_home_to_confirm_them(journal: Journal) -> None:
+    """A peer restarted on its journal must not rerun what its home moved elsewhere meanwhile."""
+    specs = [forwarded("kept"), forwarded("moved"), forwarded("was-running"), forwarded("other", home="g"),
+             spec("mine")]
+    journal.accept([(DIGEST, "f", PAYLOAD)], [(s.task_id, s.SerializeToString()) for s in specs], 0)
+    journal.write([jr.Journal.started("was-running", 1, "here", 1.0)])
+
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        s.recover()
+        assert [ids for ids, _ in runner.started] == [["mine"]]  # the home's own runs; forwarded ones wait
+        assert s.info("moved").state == jr.QUEUED  # type: ignore[union-attr]
+        session = s.hub.open("peer:h:secret", progress=False, peer="h")
+        unknown, cancelled = s.reconcile("h", session.session_id, ["kept", "was-running", "never-here"])
+        assert (unknown, cancelled) == (["never-here"], 1)
+        assert sorted(ids[0] for ids, _ in runner.started[1:]) == ["kept", "was-running"]
+        await until(lambda: not s._writes)
+        moved = journal.get("moved")
+        assert moved is not None and moved.state == jr.CANCELLED
+        assert "moved elsewhere by its home h" in common_pb2.Error.FromString(moved.error or b"").message
+        assert journal.get("was-running").attempts == 2  # type: ignore[union-attr]  # its first run was cut
+        assert s.info("other").state == jr.QUEUED  # type: ignore[union-attr]  # another home's: still held
+        # A task of that home that runs here but is no longer listed was moved away too.
+        assert s.reconcile("h", session.session_id, ["kept"]) == ([], 1)
+        assert s.info("was-running").state == jr.CANCELLED  # type: ignore[union-attr]
+
+    run(journal, body)
+
+
+def test_home_is_honoured_only_on_a_peer_link_and_is_the_link_s_site(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        forged = forwarded("forged", home="elsewhere")
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[forged]))
+        assert not acks[0].accepted and acks[0].error.kind == common_pb2.ERROR_KIND_INVALID_ARGUMENT
+        assert "home is set by the gateway" in acks[0].error.message and "forged" not in s.tasks
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[forwarded("sent", home="x")]),
+                              peer="linked")
+        assert acks[0].accepted and s.tasks["sent"].spec.home == "linked"
+
+    run(journal, body)
+
+
+def test_a_huge_task_id_is_not_repeated_back(journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        huge = spec("x" * (10 << 20))
+        huge.name = "n" * (1 << 20)
+        acks = await s.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[huge] * 3))
+        assert all(not a.accepted and a.ByteSize() < 1000 for a in acks)
+        assert "10485760 chars" in acks[0].error.message
+
+    run(journal, body)

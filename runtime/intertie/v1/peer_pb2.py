@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16intertie/v1/peer.proto\x12\x0bintertie.v1\"2\n\x0cStealRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\x05\"\x1e\n\rStealResponse\x12\r\n\x05moved\x18\x01 \x01(\x05\x32M\n\x0bPeerService\x12>\n\x05Steal\x12\x19.intertie.v1.StealRequest\x1a\x1a.intertie.v1.StealResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16intertie/v1/peer.proto\x12\x0bintertie.v1\"8\n\x11VerifyLinkRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"1\n\x12VerifyLinkResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07site_id\x18\x02 \x01(\t\"2\n\x0cStealRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x11\n\tmax_tasks\x18\x02 \x01(\x05\"\x1e\n\rStealResponse\x12\r\n\x05moved\x18\x01 \x01(\x05\x32\x9c\x01\n\x0bPeerService\x12>\n\x05Steal\x12\x19.intertie.v1.StealRequest\x1a\x1a.intertie.v1.StealResponse\x12M\n\nVerifyLink\x12\x1e.intertie.v1.VerifyLinkRequest\x1a\x1f.intertie.v1.VerifyLinkResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'intertie.v1.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEALREQUEST']._serialized_start=39
-  _globals['_STEALREQUEST']._serialized_end=89
-  _globals['_STEALRESPONSE']._serialized_start=91
-  _globals['_STEALRESPONSE']._serialized_end=121
-  _globals['_PEERSERVICE']._serialized_start=123
-  _globals['_PEERSERVICE']._serialized_end=200
+  _globals['_VERIFYLINKREQUEST']._serialized_start=39
+  _globals['_VERIFYLINKREQUEST']._serialized_end=95
+  _globals['_VERIFYLINKRESPONSE']._serialized_start=97
+  _globals['_VERIFYLINKRESPONSE']._serialized_end=146
+  _globals['_STEALREQUEST']._serialized_start=148
+  _globals['_STEALREQUEST']._serialized_end=198
+  _globals['_STEALRESPONSE']._serialized_start=200
+  _globals['_STEALRESPONSE']._serialized_end=230
+  _globals['_PEERSERVICE']._serialized_start=233
+  _globals['_PEERSERVICE']._serialized_end=389
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class PeerServiceStub:
                 request_serializer=intertie_dot_v1_dot_peer__pb2.StealRequest.SerializeToString,
                 response_deserializer=intertie_dot_v1_dot_peer__pb2.StealResponse.FromString,
                 _registered_method=True)
+        self.VerifyLink = channel.unary_unary(
+                '/intertie.v1.PeerService/VerifyLink',
+                request_serializer=intertie_dot_v1_dot_peer__pb2.VerifyLinkRequest.SerializeToString,
+                response_deserializer=intertie_dot_v1_dot_peer__pb2.VerifyLinkResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -54,6 +59,14 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyLink(self, request, context):
+        """A peer that was asked to open a link by a stream claiming to come from this
+        site asks back: did this site open a link to site_id with this session id?
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +74,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Steal,
                     request_deserializer=intertie_dot_v1_dot_peer__pb2.StealRequest.FromString,
                     response_serializer=intertie_dot_v1_dot_peer__pb2.StealResponse.SerializeToString,
+            ),
+            'VerifyLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyLink,
+                    request_deserializer=intertie_dot_v1_dot_peer__pb2.VerifyLinkRequest.FromString,
+                    response_serializer=intertie_dot_v1_dot_peer__pb2.VerifyLinkResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +109,33 @@ class PeerService:
             '/intertie.v1.PeerService/Steal',
             intertie_dot_v1_dot_peer__pb2.StealRequest.SerializeToString,
             intertie_dot_v1_dot_peer__pb2.StealResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/intertie.v1.PeerService/VerifyLink',
+            intertie_dot_v1_dot_peer__pb2.VerifyLinkRequest.SerializeToString,
+            intertie_dot_v1_dot_peer__pb2.VerifyLinkResponse.FromString,
             options,
             channel_credentials,
             insecure,

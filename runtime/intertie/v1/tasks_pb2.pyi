@@ -84,12 +84,30 @@ class SubmitRequest(_message.Message):
     def __init__(self, functions: _Optional[_Iterable[_Union[Function, _Mapping]]] = ..., tasks: _Optional[_Iterable[_Union[TaskSpec, _Mapping]]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("open", "submit")
+    __slots__ = ("open", "submit", "reconcile")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    RECONCILE_FIELD_NUMBER: _ClassVar[int]
     open: WatchRequest
     submit: SubmitBatch
-    def __init__(self, open: _Optional[_Union[WatchRequest, _Mapping]] = ..., submit: _Optional[_Union[SubmitBatch, _Mapping]] = ...) -> None: ...
+    reconcile: Reconcile
+    def __init__(self, open: _Optional[_Union[WatchRequest, _Mapping]] = ..., submit: _Optional[_Union[SubmitBatch, _Mapping]] = ..., reconcile: _Optional[_Union[Reconcile, _Mapping]] = ...) -> None: ...
+
+class Reconcile(_message.Message):
+    __slots__ = ("task_ids", "more")
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    more: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class ReconcileAck(_message.Message):
+    __slots__ = ("unknown_task_ids", "cancelled")
+    UNKNOWN_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    unknown_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    cancelled: int
+    def __init__(self, unknown_task_ids: _Optional[_Iterable[str]] = ..., cancelled: _Optional[int] = ...) -> None: ...
 
 class SubmitBatch(_message.Message):
     __slots__ = ("seq", "request")
@@ -108,12 +126,14 @@ class SubmitAck(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., acks: _Optional[_Iterable[_Union[TaskAck, _Mapping]]] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("events", "ack")
+    __slots__ = ("events", "ack", "reconciled")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    RECONCILED_FIELD_NUMBER: _ClassVar[int]
     events: TaskEvents
     ack: SubmitAck
-    def __init__(self, events: _Optional[_Union[TaskEvents, _Mapping]] = ..., ack: _Optional[_Union[SubmitAck, _Mapping]] = ...) -> None: ...
+    reconciled: ReconcileAck
+    def __init__(self, events: _Optional[_Union[TaskEvents, _Mapping]] = ..., ack: _Optional[_Union[SubmitAck, _Mapping]] = ..., reconciled: _Optional[_Union[ReconcileAck, _Mapping]] = ...) -> None: ...
 
 class TaskAck(_message.Message):
     __slots__ = ("task_id", "accepted", "error")
@@ -132,12 +152,14 @@ class SubmitResponse(_message.Message):
     def __init__(self, acks: _Optional[_Iterable[_Union[TaskAck, _Mapping]]] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("session_id", "progress")
+    __slots__ = ("session_id", "progress", "peer_site")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    PEER_SITE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     progress: bool
-    def __init__(self, session_id: _Optional[str] = ..., progress: _Optional[bool] = ...) -> None: ...
+    peer_site: str
+    def __init__(self, session_id: _Optional[str] = ..., progress: _Optional[bool] = ..., peer_site: _Optional[str] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("task_id", "state", "site", "attempt", "result", "error", "run_s")
