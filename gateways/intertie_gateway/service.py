@@ -15,7 +15,7 @@ from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
-from intertie_gateway.validate import check_spec
+from intertie_gateway.validate import check_spec, clip
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def register(server: grpc.aio.Server, servicer: object, service: Any, *, own_str
 
 async def _reject(request: Malformed, context: grpc.aio.ServicerContext) -> None:
     await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
-                 f"malformed request: {request.reason}")
+                 f"malformed request: {clip(request.reason)}")
 
 
 def _checked_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
@@ -213,7 +213,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 if kind not in ("submit", "reconcile") or (kind == "reconcile" and not session.peer):
                     why = message.reason if isinstance(message, Malformed) else \
                         "reconcile is for peer links" if kind == "reconcile" else "expected a submit batch"
-                    session.failure = f"malformed message on the session stream: {why}"
+                    session.failure = f"malformed message on the session stream: {clip(why)}"
                     session.failure_kind = "ERROR_KIND_INVALID_ARGUMENT"
                     break
                 if self._scheduler.draining:
@@ -256,7 +256,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         info = self._scheduler.info(request.task_id)
         if info is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, "ERROR_KIND_NOT_FOUND",
-                         f"site {self._scheduler.site_id!r} knows no task {request.task_id!r}")
+                         f"site {self._scheduler.site_id!r} knows no task {clip(request.task_id)!r}")
         assert info is not None
         return info
 

@@ -132,6 +132,10 @@ def test_unknown_task_ids(fed: intertie.Federation) -> None:
     assert fed.cancel(["no-such-task"]) == []
     with pytest.raises(intertie.InvalidRequestError):
         fed.future(123)  # type: ignore[arg-type]
+    # A 100 KB id is not repeated back: the typed error must fit gRPC's metadata limit.
+    with pytest.raises(intertie.TaskNotFoundError, match="100000 chars") as info:
+        fed.task("k" * 100_000)
+    assert len(str(info.value)) < 1000
 
 
 def test_other_python_minor_version_is_refused(fed: intertie.Federation, monkeypatch) -> None:  # type: ignore[no-untyped-def]
