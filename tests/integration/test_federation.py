@@ -167,8 +167,11 @@ def test_a_task_on_a_dataset_runs_where_the_data_is(home: intertie.Federation) -
     # time against queue wait, and this test is about the transfer term.
     wait_for(lambda: all(s.queued == 0 for s in home.sites()), "sites never drained")
     f = intertie.remote(column_sum)
+    snap = [(s.site_id, s.queued, s.running, s.mean_run_s, s.rtt_s, list(s.datasets) if hasattr(s, "datasets") else None, s.last_seen) for s in home.sites()]
     fut = f.submit(ref, "v")
     assert fut.result(timeout=60) == sum(range(4_000_000))
+    with open("/tmp/placement_debug.txt", "a") as dbg:
+        dbg.write(f"{time.time():.3f} site={fut.site} snap={snap}\n  placement={fut.placement}\n")
     assert fut.site == "beta"
     placement = fut.placement
     assert placement is not None
