@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 from fsspec.implementations.local import LocalFileSystem
 
-from intertie_gateway.throttle import log_bad_input
+from intertie_gateway.throttle import log_throttled
 
 logger = logging.getLogger(__name__)
 
@@ -544,8 +544,8 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         except flight.FlightError:
             raise
         except Exception as exc:
-            log_bad_input(logger, f"flight-{what}", "Flight %s failed: %s: %s", what, type(exc).__name__,
-                          _clip(str(exc)), exc_info=True)
+            log_throttled(logger, f"flight-{what}", "Flight %s failed: %s: %s", what, type(exc).__name__,
+                          _clip(str(exc)), level=logging.ERROR, exc_info=True)
             raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {self.store.site_id!r} could not serve "
                                              f"this {what} ({type(exc).__name__})") from None
 

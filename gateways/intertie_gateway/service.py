@@ -15,6 +15,7 @@ from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
+from intertie_gateway.throttle import log_throttled
 from intertie_gateway.validate import check_spec, clip
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 def register(server: grpc.aio.Server, servicer: object, service: Any, *, own_streams: bool = True) -> None:
     """Adds ``servicer``'s methods for the proto ``service`` descriptor, with requests that
     fail to parse answered by a typed INVALID_ARGUMENT instead of reaching the method (and
-    instead of a traceback in the log per garbage request, as grpcio does).
+    instead of a traceback in the log per garbage request, as grpcio does), and a method
+    that fails unexpectedly answered by a short INTERNAL (its traceback stays in the log).
 
     ``own_streams``: the servicer's client-streaming methods meet Malformed items in their
     request iterators and answer them; otherwise (stock services: health, reflection) the
@@ -58,19 +60,21 @@ def register(server: grpc.aio.Server, servicer: object, service: Any, *, own_str
     for method in service.methods:
         request_cls = db.GetSymbol(method.input_type.full_name)
         impl = getattr(servicer, method.name)
+        name = f"{service.name}.{method.name}"
         deserialize = _lenient(request_cls.FromString)
         if method.client_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                impl if own_streams else _strict_requests(impl), request_deserializer=deserialize,
+                _contained_stream(name, impl, strict=not own_streams), request_deserializer=deserialize,
                 response_serializer=lambda m: m.SerializeToString())
-        elif method.server_streaming:
+        elif method.server_streaming and inspect.isasyncgenfunction(impl):
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                _checked_stream(impl), request_deserializer=deserialize,
+                _contained_stream(name, impl, strict=True), request_deserializer=deserialize,
                 response_serializer=lambda m: m.SerializeToString())
-        else:
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _checked_unary(impl), request_deserializer=deserialize,
-                response_serializer=lambda m: m.SerializeToString())
+        else:  # unary, or a stream written with context.write (the stock health Watch)
+            handler = grpc.unary_stream_rpc_method_handler if method.server_streaming \
+                else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = handler(_contained_unary(name, impl), request_deserializer=deserialize,
+                                            response_serializer=lambda m: m.SerializeToString())
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
@@ -79,38 +83,49 @@ async def _reject(request: Malformed, context: grpc.aio.ServicerContext) -> None
                  f"malformed request: {clip(request.reason)}")
 
 
-def _checked_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+async def _internal(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    log_throttled(logger, f"rpc:{name}", "%s failed: %s: %s", name, type(exc).__name__, clip(str(exc)),
+                  level=logging.ERROR, exc_info=True)
+    await _abort(context, grpc.StatusCode.INTERNAL, "ERROR_KIND_INTERNAL",
+                 f"the gateway failed to serve {name} ({type(exc).__name__}; logged at the site)")
+
+
+def _contained_unary(name: str, impl: Callable[..., Any]) -> Callable[..., Any]:
     async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
             await _reject(request, context)
-        return await impl(request, context)
+        try:
+            return await impl(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _internal(name, exc, context)
 
     return behavior
 
 
-def _checked_stream(impl: Callable[..., Any]) -> Callable[..., Any]:
-    if not inspect.isasyncgenfunction(impl):  # writes with context.write (the stock health Watch)
-        return _checked_unary(impl)
-
-    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if isinstance(request, Malformed):
-            await _reject(request, context)
-        async for item in impl(request, context):
-            yield item
-
-    return behavior
-
-
-def _strict_requests(impl: Callable[..., Any]) -> Callable[..., Any]:
+def _contained_stream(name: str, impl: Callable[..., Any], *, strict: bool) -> Callable[..., Any]:
+    """A server-streaming or bidirectional method. ``strict``: a Malformed request (the
+    single one, or any in the request stream) ends the call with INVALID_ARGUMENT."""
     async def parsed(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, Malformed):
                 await _reject(request, context)
             yield request
 
-    async def behavior(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for item in impl(parsed(requests, context), context):
-            yield item
+    async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if strict:
+            if isinstance(request, Malformed):
+                await _reject(request, context)
+            elif hasattr(request, "__aiter__"):
+                request = parsed(request, context)
+        try:
+            async for item in impl(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _internal(name, exc, context)
 
     return behavior
 

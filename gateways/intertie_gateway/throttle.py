@@ -53,16 +53,17 @@ class Throttle:
 _throttle = Throttle()
 
 
-def log_bad_input(logger: logging.Logger, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
-    """Logs a complaint about bad input at most once per kind per interval (a warning,
-    with the traceback when asked); the rest are counted into the next line."""
+def log_throttled(logger: logging.Logger, kind: str, message: str, *args: object, level: int = logging.WARNING,
+                  exc_info: bool = False) -> None:
+    """Logs at most once per kind per interval (with the traceback when asked); the
+    occurrences in between are counted into the next line."""
     full, suppressed = _throttle.admit(kind)
     if not full:
         return
     if suppressed:
         message += " (and %d more like it in the last %.0f s)"
         args = (*args, suppressed, _throttle.interval_s)
-    logger.warning(message, *args, exc_info=exc_info)
+    logger.log(level, message, *args, exc_info=exc_info)
 
 
 class GrpcNoiseFilter(logging.Filter):
