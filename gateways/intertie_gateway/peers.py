@@ -137,6 +137,8 @@ class Peer:
         self.site_id = status.site_id
         self.status = status
         self.pending = 0
+        # In the same turn: what a client sees in the catalogue is what the next placement uses.
+        self.membership.scheduler.catalogue_changed()
         was = self.state
         self.state = "up" if status.state != "draining" else "draining"
         if was != self.state and self.state == "up":

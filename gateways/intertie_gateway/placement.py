@@ -10,7 +10,9 @@ out with a reason; the rest are scored by estimated completion time:
 and the lowest wins. Every decision keeps its reasons (``Decision``) so users can ask why.
 Placing a burst is O(log sites) per task after one O(sites) filter per task shape: each
 shape keeps a heap of its candidate sites whose keys are refreshed lazily, since a site's
-score only grows as tasks are placed on it.
+score only grows as tasks are placed on it. A site whose load is refreshed (``Placer.refresh``:
+this site's own, or a peer's newer status) may score lower: it is pushed again with its new
+key, and its older entries are skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from intertie.spec import SiteScore as Score  # the same record users see in quotes and explain
 
@@ -33,6 +35,9 @@ WATTS_PER_CPU = 10.0
 RECORDED_CANDIDATES = 4
 # Sites named per rejection reason in a decision's record.
 RECORDED_REJECTIONS = 8
+# What a site's status says of its load and links: these change its score, never whether
+# it can run a task (``rejection`` reads none of them).
+LOAD_FIELDS = frozenset({"free", "queued", "running", "mean_run_s", "rtt_s", "bandwidth", "pending", "resident"})
 
 
 @dataclass
@@ -157,8 +162,14 @@ def rejection(site: SiteView, demand: Demand, *, ignore_state: bool = False) -> 
     return None
 
 
-def score(site: SiteView, demand: Demand, weights: Weights) -> Score:
-    """Estimated completion time of ``demand`` at ``site``, with its terms."""
+def score(site: SiteView, demand: Demand, weights: Weights, links: Mapping[str, float] | None = None) -> Score:
+    """Estimated completion time of ``demand`` at ``site``, with its terms.
+
+    ``links`` is the round trip from the placing gateway to each site (a placer passes its
+    views'): a dataset the site lacks is fetched from the site its ref names, which costs a
+    round trip there besides its bytes. Forwarding a task costs a round trip too, so a slow
+    or noisy link to the holder counts on both sides rather than pushing work off the data.
+    A site's own link to the holder is not known here; the placing gateway's stands in."""
     cpus = demand.resources.get("CPU", 0.0)
     gpus = demand.resources.get("GPU", 0.0)
     # How many tasks of this shape the site runs at once.
@@ -175,9 +186,12 @@ def score(site: SiteView, demand: Demand, weights: Weights) -> Score:
     mix = (there * site_run + site.pending * run_s) / ahead if ahead else run_s
     wait_s = max(0.0, ahead + 1 - slots) / slots * mix
     bandwidth = site.bandwidth or weights.default_bandwidth
-    missing = sum(n for d, n in demand.inputs.items()
-                  if d not in site.resident and demand.holders.get(d) != site.site_id)
-    transfer_s = missing / bandwidth
+    transfer_s = 0.0
+    if demand.inputs:
+        missing = [d for d in demand.inputs if d not in site.resident and demand.holders.get(d) != site.site_id]
+        transfer_s = sum(demand.inputs[d] for d in missing) / bandwidth
+        if links:
+            transfer_s += sum(links.get(demand.holders.get(d, ""), 0.0) for d in missing)
     if not site.local:  # arguments travel from the home gateway, one forwarding round trip
         transfer_s += site.rtt_s + demand.input_bytes / bandwidth
     cpu_hours = max(cpus, 0.0) * run_s / 3600.0
@@ -187,11 +201,28 @@ def score(site: SiteView, demand: Demand, weights: Weights) -> Score:
     return Score(site.site_id, wait_s, transfer_s, run_s, price, carbon_g, total)
 
 
+class _Shape:
+    """The candidates of one task shape: a heap of (score when pushed, site index, site
+    version), its feasible sites, and the record of the rest."""
+
+    __slots__ = ("demand", "heap", "feasible", "record", "rejected")
+
+    def __init__(self, demand: Demand, heap: list[tuple[float, int, int]], feasible: set[int],
+                 record: tuple[tuple[str, str], ...], rejected: int) -> None:
+        self.demand = demand  # one of the shape (all of one shape score alike)
+        self.heap = heap
+        self.feasible = feasible
+        self.record = record
+        self.rejected = rejected
+
+
 class Placer:
     """Places tasks over a fixed list of site views, counting each placement as load.
 
     Build one per placement round (e.g. one accepted batch); views are not copied, and
-    ``pending`` of the chosen site grows by one per placement.
+    ``pending`` of the chosen site grows by one per placement. A placer kept across rounds
+    must be told of newer load with :meth:`refresh`; a view changed behind its back may be
+    overlooked when its score fell.
     """
 
     def __init__(self, sites: Sequence[SiteView], weights: Weights | None = None, *,
@@ -199,20 +230,28 @@ class Placer:
         self.sites = list(sites)
         self.weights = weights or Weights()
         self.ignore_state = ignore_state
-        self._shapes: dict[tuple[object, ...], tuple[list[tuple[float, int]], tuple[tuple[str, str], ...], int]] = {}
+        self._shapes: dict[tuple[object, ...], _Shape] = {}
+        self._index = {site.site_id: i for i, site in enumerate(self.sites)}
+        self._versions = [0] * len(self.sites)  # bumped by each refresh of the site
+        self._links = {site.site_id: site.rtt_s for site in self.sites}
 
-    def _prepare(self, demand: Demand) -> tuple[list[tuple[float, int]], tuple[tuple[str, str], ...], int]:
+    def _score(self, index: int, demand: Demand) -> Score:
+        return score(self.sites[index], demand, self.weights, self._links)
+
+    def _prepare(self, demand: Demand) -> _Shape:
         key = demand.shape()
         hit = self._shapes.get(key)
         if hit is not None:
             return hit
-        heap: list[tuple[float, int]] = []
+        heap: list[tuple[float, int, int]] = []
+        feasible: set[int] = set()
         samples: dict[str, list[str]] = {}
         rejected = 0
         for index, site in enumerate(self.sites):
             why = rejection(site, demand, ignore_state=self.ignore_state)
             if why is None:
-                heap.append((score(site, demand, self.weights).total, index))
+                heap.append((self._score(index, demand).total, index, self._versions[index]))
+                feasible.add(index)
             else:
                 rejected += 1
                 names = samples.setdefault(why, [])
@@ -222,38 +261,85 @@ class Placer:
         # Resource shortfalls first: those name the sites closest to fitting.
         order = sorted(samples, key=lambda r: (not r.startswith(("needs", "has no")), r))
         record = tuple((name, why) for why in order for name in samples[why])
-        entry = (heap, record, rejected)
-        self._shapes[key] = entry
+        entry = self._shapes[key] = _Shape(demand, heap, feasible, record, rejected)
         return entry
+
+    def refresh(self, views: Iterable[SiteView]) -> None:
+        """Takes newer views of known sites (matched by ``site_id``): this site's own load,
+        known exactly, or a peer's from a status newer than the placer. Their ``pending``
+        replaces the placer's count, so a view must count what was placed on the site since
+        the load it reports. A site whose score fell is found again at once; one whose
+        feasibility changed (state, labels, resources...) makes every shape filter afresh.
+        Unknown sites are ignored: a site joining calls for a new placer."""
+        changed: list[int] = []
+        refilter = False
+        for view in views:
+            index = self._index.get(view.site_id)
+            if index is None:
+                continue
+            old = self.sites[index]
+            if old is not view and not refilter:
+                refilter = any(getattr(old, f.name) != getattr(view, f.name)
+                               for f in fields(SiteView) if f.name not in LOAD_FIELDS)
+            self.sites[index] = view
+            self._links[view.site_id] = view.rtt_s
+            self._versions[index] += 1
+            changed.append(index)
+        if refilter:
+            self._shapes.clear()
+            return
+        if not changed:
+            return
+        versions = self._versions
+        for shape in self._shapes.values():
+            for index in changed:
+                if index in shape.feasible:  # its older entries are skipped when they come to the top
+                    heapq.heappush(shape.heap, (self._score(index, shape.demand).total, index, versions[index]))
+            if len(shape.heap) > 2 * len(shape.feasible) + 8:  # drop the superseded entries
+                shape.heap = [e for e in shape.heap if e[2] == versions[e[1]]]
+                heapq.heapify(shape.heap)
+
+    def _top(self, shape: _Shape, demand: Demand) -> tuple[int, Score] | None:
+        """The best feasible site for the shape and its current score."""
+        heap, versions = shape.heap, self._versions
+        while heap:
+            stale, index, version = heap[0]
+            if version != versions[index]:  # superseded by a refresh of the site
+                heapq.heappop(heap)
+                continue
+            current = self._score(index, demand)
+            if current.total > stale + 1e-12:  # the site got busier since it was pushed
+                heapq.heapreplace(heap, (current.total, index, version))
+                continue
+            return index, current
+        return None
 
     def place(self, demand: Demand, *, commit: bool = True) -> Decision:
         """The best site for one task. With ``commit`` the site's pending load grows by one."""
-        heap, record, rejected = self._prepare(demand)
-        while heap:
-            stale, index = heap[0]
-            current = score(self.sites[index], demand, self.weights)
-            if current.total > stale + 1e-12:  # the site got busier since it was pushed
-                heapq.heapreplace(heap, (current.total, index))
-                continue
-            break
+        shape = self._prepare(demand)
+        top = self._top(shape, demand)
+        if top is None:
+            return Decision(None, None, (), shape.record, shape.rejected, 0)
+        index, current = top
+        heap, versions = shape.heap, self._versions
+        if len(heap) <= 256:
+            live = (e for e in heap if e[2] == versions[e[1]] and e[1] != index)
+            others = [self._score(i, demand) for _, i, _ in heapq.nsmallest(RECORDED_CANDIDATES, live)]
         else:
-            return Decision(None, None, (), record, rejected, 0)
-        site = self.sites[index]
-        others = [score(self.sites[i], demand, self.weights)
-                  for _, i in heapq.nsmallest(RECORDED_CANDIDATES + 1, heap) if i != index][:RECORDED_CANDIDATES] \
-            if len(heap) <= 256 else [score(self.sites[i], demand, self.weights) for _, i in heap[1:3]]
+            others = [self._score(i, demand) for _, i, v in heap[1:5] if v == versions[i] and i != index][:2]
         candidates = tuple(sorted([current, *others], key=lambda s: s.total))
         if commit:
-            site.pending += 1
-            heapq.heapreplace(heap, (score(site, demand, self.weights).total, index))
-        return Decision(site.site_id, current, candidates, record, rejected, len(heap))
+            self.sites[index].pending += 1
+            heapq.heapreplace(heap, (self._score(index, demand).total, index, versions[index]))
+        return Decision(self.sites[index].site_id, current, candidates, shape.record, shape.rejected,
+                        len(shape.feasible))
 
     def rank(self, demand: Demand) -> Decision:
         """Every feasible site, best first (for quotes); changes no load."""
-        heap, record, rejected = self._prepare(demand)
-        scores = sorted((score(self.sites[i], demand, self.weights) for _, i in heap), key=lambda s: s.total)
+        shape = self._prepare(demand)
+        scores = sorted((self._score(i, demand) for i in shape.feasible), key=lambda s: s.total)
         best = scores[0] if scores else None
-        return Decision(best.site if best else None, best, tuple(scores), record, rejected, len(scores))
+        return Decision(best.site if best else None, best, tuple(scores), shape.record, shape.rejected, len(scores))
 
 
 def place_all(sites: Sequence[SiteView], demands: Iterable[Demand], weights: Weights | None = None) -> list[Decision]:

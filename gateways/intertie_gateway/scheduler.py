@@ -315,20 +315,24 @@ class Scheduler:
             resident=dict.fromkeys(self.store.ids(), 0) if self.store is not None else {})
 
     def _current_placer(self) -> Placer:
-        """The placer of this catalogue epoch. Rebuilt from fresh views at most every
-        PLACER_REFRESH_S or when a peer goes up or down: building one filters and scores
-        every site (O(sites) per task shape), reusing it costs O(log sites) per task."""
+        """The placer of this catalogue epoch. Rebuilt from fresh views once the peers'
+        statuses of a heartbeat are in (``catalogue_changed``), when a peer goes up or down,
+        or every PLACER_REFRESH_S: building one filters and scores every site (O(sites) per
+        task shape), reusing it costs O(log sites) per task."""
         assert self.membership is not None
         now = time.monotonic()
         placer = self._placer
         if placer is None or now - self._placer_built > PLACER_REFRESH_S:
             placer = self._placer = Placer([self.local_view(), *self.membership.views()], self.weights)
             self._placer_built = now
-        else:  # this site's own load is known exactly: refresh it in place
-            local = placer.sites[0]
-            local.queued, local.running, local.pending = len(self.queue), self.running, 0
-            local.mean_run_s = self.capacity.mean_run_s
+        else:  # this site's own load is known exactly (and may have fallen: the placer re-keys it)
+            placer.refresh([self.local_view()])
         return placer
+
+    def catalogue_changed(self) -> None:
+        """The peers' statuses of a heartbeat are in: the next placement reads them (a kept
+        placer would place on their earlier queues, pending counts and round trips)."""
+        self._placer = None
 
     def _place_unplaced(self) -> None:
         assert self.membership is not None

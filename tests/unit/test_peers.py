@@ -42,6 +42,9 @@ class FakeScheduler:
     def retry_unplaced(self) -> None:
         pass
 
+    def catalogue_changed(self) -> None:
+        pass
+
 
 class Unanswered:
     async def GetStatus(self, *args: Any, **kwargs: Any) -> Any:

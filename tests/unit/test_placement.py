@@ -155,3 +155,109 @@ def test_the_site_a_ref_names_counts_as_holding_it_before_the_catalogue_says_so(
     demand = Demand(CPU1, inputs={"ds": 10**9}, holders={"ds": "holder"})
     assert score(holder, demand, Weights()).transfer_s < 0.01
     assert place_all([other, holder], [demand])[0].site_id == "holder"
+
+
+# The federation of tests/integration/test_federation.py as the home (alpha) saw it under load,
+# with figures from its log: a 32 MB dataset at beta, read by a function with no run estimate.
+def alpha(**kw: object) -> SiteView:
+    return SiteView("alpha", total={"CPU": 2.0}, mean_run_s=0.0085, local=True, python_version="3.11", **kw)  # type: ignore[arg-type]
+
+
+def beta(**kw: object) -> SiteView:
+    kw = {"mean_run_s": 0.0094, "rtt_s": 0.0033, **kw}
+    return SiteView("beta", total={"CPU": 4.0}, python_version="3.11", **kw)  # type: ignore[arg-type]
+
+
+def gamma(**kw: object) -> SiteView:
+    kw = {"mean_run_s": 0.017, "rtt_s": 0.0032, **kw}
+    return SiteView("gamma", total={"CPU": 2.0, "GPU": 1.0}, python_version="3.11", **kw)  # type: ignore[arg-type]
+
+
+AT_BETA = Demand(CPU1, input_bytes=600, inputs={"big": 32_000_000}, holders={"big": "beta"})
+
+
+def test_a_slow_link_to_the_holder_counts_on_both_sides() -> None:
+    # One heartbeat to beta took 0.61 s (both gateways busy). Forwarding the task there costs
+    # that round trip, and so does fetching the data from there: the link must not push the
+    # task off its data (it did: 0.61 + 0.01 at beta against 0.32 + 0.01 at alpha).
+    sites = [alpha(), beta(rtt_s=0.6088), gamma()]
+    decision = Placer(sites).place(AT_BETA)
+    assert decision.site_id == "beta", decision.candidates
+    by_site = {c.site: c for c in decision.candidates}
+    assert by_site["alpha"].transfer_s == pytest.approx(0.32 + 0.6088)
+    assert by_site["gamma"].transfer_s == pytest.approx(0.0032 + 0.32 + 0.6088 + 600 / 100e6)
+    # score() alone knows one site: the fetch is its bytes only.
+    assert score(sites[0], AT_BETA, Weights()).transfer_s == pytest.approx(0.32)
+
+
+def test_a_kept_placer_takes_the_holders_newer_status() -> None:
+    # A placer built from beta's status in the middle of a burst (187 queued, 27 running),
+    # kept for the next task: beta's drained status from the next heartbeat must count.
+    placer = Placer([alpha(), beta(queued=187, running=27, mean_run_s=0.0099, rtt_s=0.0009), gamma()])
+    stale = placer.place(AT_BETA, commit=False)
+    assert stale.site_id == "alpha"  # right for what the placer was told: a 0.52 s queue at beta
+    assert {c.site: c.wait_s for c in stale.candidates}["beta"] == pytest.approx((187 + 27 + 1 - 4) / 4 * 0.0099)
+    placer.refresh([beta()])
+    decision = placer.place(AT_BETA)
+    assert decision.site_id == "beta" and decision.chosen is not None and decision.chosen.wait_s == 0
+
+
+def test_a_refresh_replaces_the_pending_count_of_tasks_that_finished_since() -> None:
+    # A chain of steps, each on a 24 MB dataset the previous step left at gamma and each
+    # finished before the next is submitted: the placer's own count says 3 are pending at
+    # gamma (a 0.27 s wait, more than moving 24 MB), gamma's newer status says none.
+    steps = [Demand(CPU1, inputs={f"step{i}": 24_000_000}, holders={f"step{i}": "gamma"}, run_s=0.268)
+             for i in range(4)]
+    placer = Placer([alpha(), beta(), gamma()])
+    assert [placer.place(step).site_id for step in steps[:3]] == ["gamma"] * 3
+    assert placer.place(steps[3], commit=False).site_id == "alpha"  # the phantom queue
+    placer.refresh([gamma(pending=0)])
+    assert placer.place(steps[3]).site_id == "gamma"
+
+
+def test_a_site_whose_load_fell_is_found_again_by_a_kept_shape() -> None:
+    # The lazy heap holds the busy site under its old, higher score; after a refresh it must
+    # not wait behind sites that only look better than that stale score.
+    home, peer = site("home", local=True, queued=40), site("peer", rtt_s=0.01)
+    placer = Placer([home, peer])
+    assert placer.place(Demand(CPU1)).site_id == "peer"
+    placer.refresh([site("home", local=True)])
+    assert placer.place(Demand(CPU1)).site_id == "home"
+
+
+def test_a_refresh_that_changes_what_a_site_can_run_filters_again() -> None:
+    placer = Placer([site("a"), site("b", queued=8)])
+    assert placer.place(Demand(CPU1), commit=False).site_id == "a"
+    placer.refresh([site("a", state="down")])
+    decision = placer.place(Demand(CPU1), commit=False)
+    assert decision.site_id == "b" and ("a", "site is down") in decision.rejected
+    placer.refresh([site("a")])
+    assert placer.place(Demand(CPU1), commit=False).site_id == "a"
+    placer.refresh([site("unknown")])  # not one of the placer's sites: ignored
+    assert [s.site_id for s in placer.sites] == ["a", "b"]
+
+
+def test_lazy_heap_matches_brute_force_with_refreshes_up_and_down() -> None:
+    rng = random.Random(11)
+    names = [f"s{i}" for i in range(40)]
+    cpus = {name: rng.choice([1, 2, 4, 8]) for name in names}
+
+    def view(name: str) -> SiteView:
+        return site(name, cpus=cpus[name], queued=rng.randrange(30), rtt_s=rng.random() / 100)
+
+    twins = {name: view(name) for name in names}
+    placer = Placer([SiteView(**{**v.__dict__}) for v in twins.values()])
+    shapes = [Demand({"CPU": 1.0}), Demand({"CPU": 2.0}), Demand({"CPU": 1.0}, run_s=0.3)]
+    for step in range(600):
+        if step % 7 == 0:  # new statuses of a few sites, their load up or down
+            fresh = [view(name) for name in rng.sample(names, 3)]
+            for v in fresh:
+                twins[v.site_id] = SiteView(**{**v.__dict__})
+            placer.refresh(fresh)
+        demand = rng.choice(shapes)
+        chosen = placer.place(demand).site_id
+        assert chosen is not None
+        best = min(score(t, demand, Weights()).total for t in twins.values() if rejection(t, demand) is None)
+        assert score(twins[chosen], demand, Weights()).total == pytest.approx(best)
+        twins[chosen].pending += 1
+    assert all(len(s.heap) <= 2 * len(s.feasible) + 8 for s in placer._shapes.values())
