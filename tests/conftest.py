@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from faults import fault_proxy  # noqa: F401  (a fixture: a TCP proxy that cuts, stalls and delays links)
 
 REPO = Path(__file__).resolve().parent.parent
 # Ray takes ~6 s to start here, more when several start at once on 2 cores.

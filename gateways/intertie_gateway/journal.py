@@ -195,6 +195,13 @@ class Journal:
                 "WHERE task_id=? AND state IN (1, 2)",
                 (state, attempts, site, now, result, error, json.dumps(history), task_id))
 
+    @staticmethod
+    def forgotten(task_id: str) -> list[tuple[str, Sequence[object]]]:
+        """An unfinished task dropped from this site (its home took it back): its rows go."""
+        return [("DELETE FROM tasks WHERE task_id=? AND state IN (1, 2)", (task_id,)),
+                ("DELETE FROM specs WHERE task_id=? AND NOT EXISTS (SELECT 1 FROM tasks WHERE task_id=?)",
+                 (task_id, task_id))]
+
     def get(self, task_id: str) -> TaskRow | None:
         with self._lock:
             row = self._db.execute(f"SELECT {_ROW_COLUMNS} FROM {_ROWS} WHERE t.task_id=?", (task_id,)).fetchone()

@@ -115,13 +115,18 @@ class Peer:
         try:
             status = await self.site.GetStatus(site_pb2.GetStatusRequest(),
                                                timeout=max(self.membership.heartbeat_s, 0.5))
-        except (grpc.RpcError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, grpc.RpcError) as exc:
             self.missed += 1
             # A draining peer still holds tasks: when it stops answering they are placed again.
             if self.state in ("up", "draining") and self.missed >= self.membership.down_after:
                 logger.warning("peer %s (%s) missed %d heartbeats: down (%s)", self.site_id, self.address,
                                self.missed, exc.code() if isinstance(exc, grpc.RpcError) else exc)
                 self.state = "down"
+                # Its link may still be open (a partition shorter than the keepalive): end it, so
+                # that the link opened when the peer answers again reconciles, and the peer
+                # cancels what this site is about to move elsewhere rather than run it too.
+                if self._call is not None:
+                    self._call.cancel()
                 self.membership.scheduler.on_peer_down(self)
             return
         self.rtt_s = time.monotonic() - started
@@ -284,9 +289,9 @@ class Peer:
                     if kind == "ack":
                         self._on_ack(message.ack)
                     elif kind == "reconciled":
-                        if message.reconciled.cancelled:
-                            logger.info("peer %s cancelled %d tasks this site had moved elsewhere", self.site_id,
-                                        message.reconciled.cancelled)
+                        if message.reconciled.dropped:
+                            logger.info("peer %s dropped %d tasks this site had moved elsewhere", self.site_id,
+                                        message.reconciled.dropped)
                         scheduler.on_reconciled(self, message.reconciled.unknown_task_ids, unsent)
                     else:
                         scheduler.on_peer_events(self, message.events.events)
@@ -388,26 +393,31 @@ class Membership:
             if room <= 0:
                 return
 
-    async def verify(self, site_id: str, session_id: str) -> str | None:
+    async def verify(self, site_id: str, session_id: str) -> tuple[str, str]:
         """Asks the configured peer that is (or may be) ``site_id`` whether it opened a
-        link here with ``session_id``: None if it confirms, else why not. The answer comes
-        from the address in this site's configuration, not from the stream that claims it."""
+        link here with ``session_id``. The answer comes from the address in this site's
+        configuration, not from the stream that claims it. Returns ("ok", ""), ("refused",
+        why) or ("unreachable", why): the peer could not be asked (it may be starting)."""
         candidates = [p for p in self.peers if p.state != "self" and p.site_id in (site_id, "")]
         if not candidates:
-            return f"{clip(site_id)!r} is not one of its peers"
+            return "refused", f"{clip(site_id)!r} is not one of its peers"
 
-        async def ask(peer: Peer) -> bool:
+        async def ask(peer: Peer) -> bool | None:
             try:
                 answer = await peer.peer.VerifyLink(peer_pb2.VerifyLinkRequest(
-                    site_id=self.scheduler.site_id, session_id=session_id), timeout=VERIFY_TIMEOUT_S)
+                    site_id=self.scheduler.site_id, session_id=session_id), timeout=VERIFY_TIMEOUT_S,
+                    wait_for_ready=True)
             except grpc.RpcError as exc:
                 logger.info("verifying a link from %s at %s failed: %s", clip(site_id), peer.address, exc.code())
-                return False
+                return None
             return answer.ok and answer.site_id == site_id
 
-        if any(await asyncio.gather(*(ask(p) for p in candidates))):
-            return None
-        return f"no configured peer {clip(site_id)!r} confirms that link"
+        answers = await asyncio.gather(*(ask(p) for p in candidates))
+        if any(answers):
+            return "ok", ""
+        if None in answers:
+            return "unreachable", f"could not reach {clip(site_id)!r} at its configured address to verify the link"
+        return "refused", f"no configured peer {clip(site_id)!r} confirms that link"
 
     def owns_link(self, site_id: str, session_id: str) -> bool:
         """Whether this site opened a link to ``site_id`` with ``session_id``."""

@@ -488,13 +488,14 @@ class Scheduler:
     def reconcile(self, home: str, session_id: str, listed: Sequence[str]) -> tuple[list[str], int]:
         """The home ``home`` lists every unfinished task it has here (on its verified link,
         after it (re)opened). Held tasks it lists run; tasks of that home it does not list
-        were moved elsewhere (or finished there) and are cancelled, journaled, so that no
-        restart runs them again. Returns (listed ids unknown here, how many were cancelled)."""
+        were moved elsewhere (or finished there) and are dropped, journaled, so that no
+        restart runs them again. Returns (listed ids unknown here, how many were dropped)."""
         keep = set(listed)
         held = self._held.pop(home, {})
-        moved = [t.task_id for t in self.tasks.values()
+        moved = [t for t in self.tasks.values()
                  if t.spec.home == home and t.task_id not in keep and t.state not in jr.TERMINAL]
-        cancelled = self.cancel(moved, f"was moved elsewhere by its home {home}") if moved else []
+        for task in moved:
+            self._drop(task)
         released = 0
         for task, was_running in held.values():
             if task.task_id not in keep or task.state in jr.TERMINAL:
@@ -505,14 +506,14 @@ class Scheduler:
             else:
                 self.queue.append(task)
         if held:
-            logger.info("home %s confirmed %d of the %d tasks held since the restart; %d cancelled", home, released,
-                        len(held), len(cancelled))
-        elif cancelled:
-            logger.warning("cancelled %d tasks that home %s moved elsewhere", len(cancelled), home)
+            logger.info("home %s confirmed %d of the %d tasks held since the restart", home, released, len(held))
+        if moved:
+            logger.warning("dropped %d tasks that home %s moved elsewhere (e.g. %s)", len(moved), home,
+                           moved[0].task_id)
         unknown = self.subscribe(session_id, listed)
         self.flush()
         self.pump()
-        return unknown, len(cancelled)
+        return unknown, len(moved)
 
     def on_reconciled(self, peer: Peer, unknown: Sequence[str], unsent: set[str]) -> None:
         """A peer does not know tasks this home has there (its journal was lost): they are
@@ -524,11 +525,11 @@ class Scheduler:
             self._retry_or_fail(task, f"site {peer.site_id} no longer knows the task")
         self.pump()
 
-    async def verify_link(self, site_id: str, session_id: str) -> str | None:
-        """None when ``site_id`` (a configured peer) confirms it opened a link here with
-        ``session_id``; else why not."""
+    async def verify_link(self, site_id: str, session_id: str) -> tuple[str, str]:
+        """Whether ``site_id`` (a configured peer) confirms it opened a link here with
+        ``session_id``: ("ok", ""), ("refused", why) or ("unreachable", why)."""
         if self.membership is None:
-            return f"site {self.site_id!r} has no peers configured"
+            return "refused", f"site {self.site_id!r} has no peers configured"
         return await self.membership.verify(site_id, session_id)
 
     def owns_link(self, site_id: str, session_id: str) -> bool:
@@ -1045,10 +1046,7 @@ class Scheduler:
             if task is None:
                 continue
             if task.ref is not None:
-                # Stopping a fused call would fail the other tasks in it: it is stopped only with
-                # the last of them; until then the cancelled task's outcome is ignored.
-                if not any(t is not task and t.ref is task.ref and t.state == jr.RUNNING for t in task.group):
-                    self.runner.cancel(task.ref)
+                self._stop_run(task)
             elif task.site and task.site != self.site_id and self.membership is not None:
                 peer = self.membership.peer_for(task.site)
                 if peer is not None:
@@ -1062,6 +1060,26 @@ class Scheduler:
             self.flush()
             self.pump()
         return cancelled
+
+    def _stop_run(self, task: Task) -> None:
+        """Stops the Ray call of a task running here. Stopping a fused call would fail the
+        other tasks in it: it is stopped only with the last of them; until then the task's
+        outcome is ignored."""
+        if task.ref is not None and not any(t is not task and t.ref is task.ref and t.state == jr.RUNNING
+                                            for t in task.group):
+            self.runner.cancel(task.ref)
+
+    def _drop(self, task: Task) -> None:
+        """Forgets a forwarded task its home took back: stopped if running, its journal rows
+        deleted, no event (the home moved it; a CANCELLED event could reach it after it sent
+        the same task here again). A later forward of the same id is then a new task here."""
+        self._stop_run(task)
+        self._release(task)
+        task.state = jr.CANCELLED  # in memory only: late callbacks of its run are ignored
+        task.ref = None
+        self.tasks.pop(task.task_id, None)
+        for statement in jr.Journal.forgotten(task.task_id):
+            self._write(statement)
 
     def info(self, task_id: str) -> tasks_pb2.TaskInfo | None:
         task = self.tasks.get(task_id)

@@ -190,9 +190,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                          "characters)")
         peer = first.open.peer_site
         if peer:
-            why = await self._scheduler.verify_link(peer, first.open.session_id)
-            if why is not None:
-                await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_INVALID_ARGUMENT",
+            verdict, why = await self._scheduler.verify_link(peer, first.open.session_id)
+            if verdict != "ok":  # unreachable: the opener retries (UNAVAILABLE), refused: it is told why
+                code = grpc.StatusCode.PERMISSION_DENIED if verdict == "refused" else grpc.StatusCode.UNAVAILABLE
+                await _abort(context, code, "ERROR_KIND_INVALID_ARGUMENT",
                              f"site {self._scheduler.site_id!r} did not open a peer link: {why}")
         session = self._hub.open(first.open.session_id, first.open.progress, peer)
         reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
@@ -238,9 +239,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     session.reconciling.extend(message.reconcile.task_ids)
                     if not message.reconcile.more:
                         listed, session.reconciling = session.reconciling, []
-                        unknown, cancelled = self._scheduler.reconcile(session.peer, session.session_id, listed)
+                        unknown, dropped = self._scheduler.reconcile(session.peer, session.session_id, listed)
                         session.push_reply(tasks_pb2.ServerMessage(reconciled=tasks_pb2.ReconcileAck(
-                            unknown_task_ids=unknown, cancelled=cancelled)))
+                            unknown_task_ids=unknown, dropped=dropped)))
                     continue
                 request = message.submit.request
                 request.session_id = session.session_id

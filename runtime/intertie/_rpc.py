@@ -30,6 +30,9 @@ ERROR_KIND_KEY = "intertie-error-kind"
 # Keepalive: a ping after this long without traffic, and how long its ack may take.
 KEEPALIVE_TIME_MS = 10_000
 PING_TIMEOUT_MS = 10_000
+# gRPC's own reconnect backoff to a transport that failed: from this, to at most that.
+RECONNECT_MIN_MS = 100
+RECONNECT_MAX_MS = 1_000
 
 # Headroom above the payload limit for the rest of a message (ids, specs, functions).
 MESSAGE_OVERHEAD_BYTES = 16 * 1024 * 1024
@@ -50,6 +53,13 @@ def channel_options(max_payload_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.http2.ping_timeout_ms", PING_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # Reconnect to a gateway that went away soon after it is back: gRPC's own backoff
+        # (1 s growing to 120 s) left a restarted gateway unused for seconds after a long
+        # outage, whatever the caller's own retry pace. One attempt per RECONNECT_MAX_MS at
+        # most is cheap for a client and for a peer.
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_MIN_MS),
+        ("grpc.min_reconnect_backoff_ms", RECONNECT_MIN_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
     ]
 
 

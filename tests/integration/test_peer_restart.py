@@ -50,16 +50,17 @@ def test_a_restarted_peer_never_reruns_what_its_home_moved_away(federation: Loca
         f = intertie.remote(max_retries=3)(record)
         futures = [f.submit(i, str(runs), 0.3) for i in range(TASKS)]
 
-        def unfinished_at_beta() -> int:
-            infos = [home.task(fut.task_id) for fut in futures[::4]]
-            return sum(i.site == "beta" and i.state in ("QUEUED", "RUNNING") for i in infos)
+        def running_at_beta() -> int:  # RUNNING: delivered and started there, not on its way
+            infos = [home.task(fut.task_id) for fut in futures[::2]]
+            return sum(i.site == "beta" and i.state == "RUNNING" for i in infos)
 
         # Killed while it has work queued and running.
-        wait_for(lambda: unfinished_at_beta() >= 5, "beta never had work in hand")
+        wait_for(lambda: running_at_beta() >= 2, "beta never had work in hand: "
+                 f"{collections.Counter((i.site, i.state) for i in (home.task(f.task_id) for f in futures))}")
         beta.kill()
         assert sorted(fut.result(timeout=300) for fut in futures) == list(range(TASKS))
         moved = [fut for fut in futures if fut.attempts > 1]
-        assert moved, "no task was at beta when it died"
+        assert moved, f"no task was at beta when it died: {collections.Counter((f.site, f.attempts) for f in futures)}"
         assert all(fut.site != "beta" for fut in moved)
 
         restarted_at = time.time()
@@ -68,12 +69,16 @@ def test_a_restarted_peer_never_reruns_what_its_home_moved_away(federation: Loca
         wait_for(lambda: {s.site_id: s.state for s in home.sites()}["beta"] == "up", "beta never came back up")
         with intertie.connect(beta.address) as at_beta:
             # Its link from alpha reopens and lists what alpha still has there (nothing): beta
-            # cancels every task it held since its restart, and journals that.
-            wait_for(lambda: all(at_beta.task(fut.task_id).state in ("CANCELLED", "SUCCEEDED", "FAILED")
-                                 for fut in moved), "beta never settled the tasks it held")
-            states = collections.Counter(at_beta.task(fut.task_id).state for fut in moved)
-            assert states == {"CANCELLED": len(moved)}, states
-            assert "moved elsewhere by its home alpha" in at_beta.task(moved[0].task_id).error
+            # drops every task it held since its restart, from its journal too.
+            def known_at_beta(task_id: str) -> str:
+                try:
+                    return at_beta.task(task_id).state
+                except intertie.TaskNotFoundError:
+                    return "dropped"
+
+            wait_for(lambda: all(known_at_beta(fut.task_id) == "dropped" for fut in moved),
+                     "beta kept tasks that alpha had moved elsewhere: "
+                     f"{collections.Counter(known_at_beta(fut.task_id) for fut in moved)}")
         runs_done = [(int(i), float(t)) for i, t in (line.split() for line in runs.read_text().splitlines())]
         assert sorted({i for i, _ in runs_done}) == list(range(TASKS))
         # Every result had arrived before beta came back: nothing may complete after that. (Runs

@@ -48,7 +48,7 @@ class FakeScheduler:
 
 class Unanswered:
     async def GetStatus(self, *args: Any, **kwargs: Any) -> Any:
-        raise asyncio.TimeoutError
+        raise TimeoutError
 
 
 class FakeCall:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from intertie.v1 import common_pb2 as intertie_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17intertie/v1/tasks.proto\x12\x0bintertie.v1\x1a\x18intertie/v1/common.proto\"9\n\x08\x46unction\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xd1\x02\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66unction_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12/\n\tresources\x18\x04 \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12\x13\n\x0bmax_retries\x18\x05 \x01(\x05\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x08\x12\x16\n\x0epython_version\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12-\n\x0b\x63onstraints\x18\n \x01(\x0b\x32\x18.intertie.v1.Constraints\x12\x0c\n\x04home\x18\x0b \x01(\t\x12)\n\x06inputs\x18\x0c \x03(\x0b\x32\x19.intertie.v1.DatasetInput\x12\x17\n\x0freturns_dataset\x18\r \x01(\x08\";\n\x0c\x44\x61tasetInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\"s\n\rSubmitRequest\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.intertie.v1.Function\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\x9b\x01\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.intertie.v1.WatchRequestH\x00\x12*\n\x06submit\x18\x02 \x01(\x0b\x32\x18.intertie.v1.SubmitBatchH\x00\x12+\n\treconcile\x18\x03 \x01(\x0b\x32\x16.intertie.v1.ReconcileH\x00\x42\x06\n\x04kind\"+\n\tReconcile\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0c\n\x04more\x18\x02 \x01(\x08\";\n\x0cReconcileAck\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\x12\x11\n\tcancelled\x18\x02 \x01(\x05\"G\n\x0bSubmitBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.intertie.v1.SubmitRequest\"<\n\tSubmitAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x04\x61\x63ks\x18\x02 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"\x9a\x01\n\rServerMessage\x12)\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x17.intertie.v1.TaskEventsH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.intertie.v1.SubmitAckH\x00\x12/\n\nreconciled\x18\x03 \x01(\x0b\x32\x19.intertie.v1.ReconcileAckH\x00\x42\x06\n\x04kind\"O\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.intertie.v1.Error\"4\n\x0eSubmitResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"G\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x08\x12\x11\n\tpeer_site\x18\x03 \x01(\t\"\xa4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.intertie.v1.Error\x12\r\n\x05run_s\x18\x07 \x01(\x01\"4\n\nTaskEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.intertie.v1.TaskEvent\"8\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"-\n\x11SubscribeResponse\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"_\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"\xf9\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x06 \x01(\x05\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.intertie.v1.Error\x12\x14\n\x0csubmitted_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12/\n\tresources\x18\x0b \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.intertie.v1.Attempt\x12*\n\nplacements\x18\r \x03(\x0b\x32\x16.intertie.v1.Placement\x12\x0c\n\x04home\x18\x0e \x01(\t\"\x81\x01\n\x0ePlacementScore\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\r\n\x05run_s\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63\x61rbon_g\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\")\n\tRejection\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc8\x01\n\tPlacement\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.intertie.v1.PlacementScore\x12(\n\x08rejected\x18\x04 \x03(\x0b\x32\x16.intertie.v1.Rejection\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x65\x61sible_count\x18\x06 \x01(\x05\x12\x12\n\ndecided_at\x18\x07 \x01(\x01\"G\n\x0cQuoteRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nargs_bytes\x18\x02 \x01(\x03\"!\n\rCancelRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x03(\t*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xe0\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.intertie.v1.SubmitRequest\x1a\x1b.intertie.v1.SubmitResponse\x12=\n\x05Watch\x12\x19.intertie.v1.WatchRequest\x1a\x17.intertie.v1.TaskEvents0\x01\x12\x45\n\x07\x43onnect\x12\x1a.intertie.v1.ClientMessage\x1a\x1a.intertie.v1.ServerMessage(\x01\x30\x01\x12J\n\tSubscribe\x12\x1d.intertie.v1.SubscribeRequest\x1a\x1e.intertie.v1.SubscribeResponse\x12=\n\x07GetTask\x12\x1b.intertie.v1.GetTaskRequest\x1a\x15.intertie.v1.TaskInfo\x12\x41\n\x06\x43\x61ncel\x12\x1a.intertie.v1.CancelRequest\x1a\x1b.intertie.v1.CancelResponse\x12:\n\x05Quote\x12\x19.intertie.v1.QuoteRequest\x1a\x16.intertie.v1.Placementb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17intertie/v1/tasks.proto\x12\x0bintertie.v1\x1a\x18intertie/v1/common.proto\"9\n\x08\x46unction\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04name\x18\x03 \x01(\t\"\xd1\x02\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66unction_digest\x18\x02 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x03 \x01(\x0c\x12/\n\tresources\x18\x04 \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12\x13\n\x0bmax_retries\x18\x05 \x01(\x05\x12\x11\n\ttimeout_s\x18\x06 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x07 \x01(\x08\x12\x16\n\x0epython_version\x18\x08 \x01(\t\x12\x0c\n\x04name\x18\t \x01(\t\x12-\n\x0b\x63onstraints\x18\n \x01(\x0b\x32\x18.intertie.v1.Constraints\x12\x0c\n\x04home\x18\x0b \x01(\t\x12)\n\x06inputs\x18\x0c \x03(\x0b\x32\x19.intertie.v1.DatasetInput\x12\x17\n\x0freturns_dataset\x18\r \x01(\x08\";\n\x0c\x44\x61tasetInput\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x11\n\tnum_bytes\x18\x03 \x01(\x03\"s\n\rSubmitRequest\x12(\n\tfunctions\x18\x01 \x03(\x0b\x32\x15.intertie.v1.Function\x12$\n\x05tasks\x18\x02 \x03(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nsession_id\x18\x03 \x01(\t\"\x9b\x01\n\rClientMessage\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.intertie.v1.WatchRequestH\x00\x12*\n\x06submit\x18\x02 \x01(\x0b\x32\x18.intertie.v1.SubmitBatchH\x00\x12+\n\treconcile\x18\x03 \x01(\x0b\x32\x16.intertie.v1.ReconcileH\x00\x42\x06\n\x04kind\"+\n\tReconcile\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x0c\n\x04more\x18\x02 \x01(\x08\"9\n\x0cReconcileAck\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x05\"G\n\x0bSubmitBatch\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.intertie.v1.SubmitRequest\"<\n\tSubmitAck\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\"\n\x04\x61\x63ks\x18\x02 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"\x9a\x01\n\rServerMessage\x12)\n\x06\x65vents\x18\x01 \x01(\x0b\x32\x17.intertie.v1.TaskEventsH\x00\x12%\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x16.intertie.v1.SubmitAckH\x00\x12/\n\nreconciled\x18\x03 \x01(\x0b\x32\x19.intertie.v1.ReconcileAckH\x00\x42\x06\n\x04kind\"O\n\x07TaskAck\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.intertie.v1.Error\"4\n\x0eSubmitResponse\x12\"\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x14.intertie.v1.TaskAck\"G\n\x0cWatchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08progress\x18\x02 \x01(\x08\x12\x11\n\tpeer_site\x18\x03 \x01(\t\"\xa4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x0e\n\x06result\x18\x05 \x01(\x0c\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.intertie.v1.Error\x12\r\n\x05run_s\x18\x07 \x01(\x01\"4\n\nTaskEvents\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.intertie.v1.TaskEvent\"8\n\x10SubscribeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08task_ids\x18\x02 \x03(\t\"-\n\x11SubscribeResponse\x12\x18\n\x10unknown_task_ids\x18\x01 \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"_\n\x07\x41ttempt\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x12\n\nstarted_at\x18\x03 \x01(\x01\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x01\x12\x0f\n\x07outcome\x18\x05 \x01(\t\"\xf9\x02\n\x08TaskInfo\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.intertie.v1.TaskState\x12\x0c\n\x04site\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x13\n\x0bmax_retries\x18\x06 \x01(\x05\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.intertie.v1.Error\x12\x14\n\x0csubmitted_at\x18\x08 \x01(\x01\x12\x12\n\nstarted_at\x18\t \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\n \x01(\x01\x12/\n\tresources\x18\x0b \x01(\x0b\x32\x1c.intertie.v1.ResourceRequest\x12%\n\x07history\x18\x0c \x03(\x0b\x32\x14.intertie.v1.Attempt\x12*\n\nplacements\x18\r \x03(\x0b\x32\x16.intertie.v1.Placement\x12\x0c\n\x04home\x18\x0e \x01(\t\"\x81\x01\n\x0ePlacementScore\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06wait_s\x18\x02 \x01(\x01\x12\x12\n\ntransfer_s\x18\x03 \x01(\x01\x12\r\n\x05run_s\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x10\n\x08\x63\x61rbon_g\x18\x06 \x01(\x01\x12\r\n\x05total\x18\x07 \x01(\x01\")\n\tRejection\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xc8\x01\n\tPlacement\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12/\n\ncandidates\x18\x03 \x03(\x0b\x32\x1b.intertie.v1.PlacementScore\x12(\n\x08rejected\x18\x04 \x03(\x0b\x32\x16.intertie.v1.Rejection\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12\x16\n\x0e\x66\x65\x61sible_count\x18\x06 \x01(\x05\x12\x12\n\ndecided_at\x18\x07 \x01(\x01\"G\n\x0cQuoteRequest\x12#\n\x04task\x18\x01 \x01(\x0b\x32\x15.intertie.v1.TaskSpec\x12\x12\n\nargs_bytes\x18\x02 \x01(\x03\"!\n\rCancelRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"#\n\x0e\x43\x61ncelResponse\x12\x11\n\tcancelled\x18\x01 \x03(\t*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xe0\x03\n\x0bTaskService\x12\x41\n\x06Submit\x12\x1a.intertie.v1.SubmitRequest\x1a\x1b.intertie.v1.SubmitResponse\x12=\n\x05Watch\x12\x19.intertie.v1.WatchRequest\x1a\x17.intertie.v1.TaskEvents0\x01\x12\x45\n\x07\x43onnect\x12\x1a.intertie.v1.ClientMessage\x1a\x1a.intertie.v1.ServerMessage(\x01\x30\x01\x12J\n\tSubscribe\x12\x1d.intertie.v1.SubscribeRequest\x1a\x1e.intertie.v1.SubscribeResponse\x12=\n\x07GetTask\x12\x1b.intertie.v1.GetTaskRequest\x1a\x15.intertie.v1.TaskInfo\x12\x41\n\x06\x43\x61ncel\x12\x1a.intertie.v1.CancelRequest\x1a\x1b.intertie.v1.CancelResponse\x12:\n\x05Quote\x12\x19.intertie.v1.QuoteRequest\x1a\x16.intertie.v1.Placementb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'intertie.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=2769
-  _globals['_TASKSTATE']._serialized_end=2930
+  _globals['_TASKSTATE']._serialized_start=2767
+  _globals['_TASKSTATE']._serialized_end=2928
   _globals['_FUNCTION']._serialized_start=66
   _globals['_FUNCTION']._serialized_end=123
   _globals['_TASKSPEC']._serialized_start=126
@@ -47,45 +47,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECONCILE']._serialized_start=801
   _globals['_RECONCILE']._serialized_end=844
   _globals['_RECONCILEACK']._serialized_start=846
-  _globals['_RECONCILEACK']._serialized_end=905
-  _globals['_SUBMITBATCH']._serialized_start=907
-  _globals['_SUBMITBATCH']._serialized_end=978
-  _globals['_SUBMITACK']._serialized_start=980
-  _globals['_SUBMITACK']._serialized_end=1040
-  _globals['_SERVERMESSAGE']._serialized_start=1043
-  _globals['_SERVERMESSAGE']._serialized_end=1197
-  _globals['_TASKACK']._serialized_start=1199
-  _globals['_TASKACK']._serialized_end=1278
-  _globals['_SUBMITRESPONSE']._serialized_start=1280
-  _globals['_SUBMITRESPONSE']._serialized_end=1332
-  _globals['_WATCHREQUEST']._serialized_start=1334
-  _globals['_WATCHREQUEST']._serialized_end=1405
-  _globals['_TASKEVENT']._serialized_start=1408
-  _globals['_TASKEVENT']._serialized_end=1572
-  _globals['_TASKEVENTS']._serialized_start=1574
-  _globals['_TASKEVENTS']._serialized_end=1626
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1628
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1684
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=1686
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1731
-  _globals['_GETTASKREQUEST']._serialized_start=1733
-  _globals['_GETTASKREQUEST']._serialized_end=1766
-  _globals['_ATTEMPT']._serialized_start=1768
-  _globals['_ATTEMPT']._serialized_end=1863
-  _globals['_TASKINFO']._serialized_start=1866
-  _globals['_TASKINFO']._serialized_end=2243
-  _globals['_PLACEMENTSCORE']._serialized_start=2246
-  _globals['_PLACEMENTSCORE']._serialized_end=2375
-  _globals['_REJECTION']._serialized_start=2377
-  _globals['_REJECTION']._serialized_end=2418
-  _globals['_PLACEMENT']._serialized_start=2421
-  _globals['_PLACEMENT']._serialized_end=2621
-  _globals['_QUOTEREQUEST']._serialized_start=2623
-  _globals['_QUOTEREQUEST']._serialized_end=2694
-  _globals['_CANCELREQUEST']._serialized_start=2696
-  _globals['_CANCELREQUEST']._serialized_end=2729
-  _globals['_CANCELRESPONSE']._serialized_start=2731
-  _globals['_CANCELRESPONSE']._serialized_end=2766
-  _globals['_TASKSERVICE']._serialized_start=2933
-  _globals['_TASKSERVICE']._serialized_end=3413
+  _globals['_RECONCILEACK']._serialized_end=903
+  _globals['_SUBMITBATCH']._serialized_start=905
+  _globals['_SUBMITBATCH']._serialized_end=976
+  _globals['_SUBMITACK']._serialized_start=978
+  _globals['_SUBMITACK']._serialized_end=1038
+  _globals['_SERVERMESSAGE']._serialized_start=1041
+  _globals['_SERVERMESSAGE']._serialized_end=1195
+  _globals['_TASKACK']._serialized_start=1197
+  _globals['_TASKACK']._serialized_end=1276
+  _globals['_SUBMITRESPONSE']._serialized_start=1278
+  _globals['_SUBMITRESPONSE']._serialized_end=1330
+  _globals['_WATCHREQUEST']._serialized_start=1332
+  _globals['_WATCHREQUEST']._serialized_end=1403
+  _globals['_TASKEVENT']._serialized_start=1406
+  _globals['_TASKEVENT']._serialized_end=1570
+  _globals['_TASKEVENTS']._serialized_start=1572
+  _globals['_TASKEVENTS']._serialized_end=1624
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=1626
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1682
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1684
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1729
+  _globals['_GETTASKREQUEST']._serialized_start=1731
+  _globals['_GETTASKREQUEST']._serialized_end=1764
+  _globals['_ATTEMPT']._serialized_start=1766
+  _globals['_ATTEMPT']._serialized_end=1861
+  _globals['_TASKINFO']._serialized_start=1864
+  _globals['_TASKINFO']._serialized_end=2241
+  _globals['_PLACEMENTSCORE']._serialized_start=2244
+  _globals['_PLACEMENTSCORE']._serialized_end=2373
+  _globals['_REJECTION']._serialized_start=2375
+  _globals['_REJECTION']._serialized_end=2416
+  _globals['_PLACEMENT']._serialized_start=2419
+  _globals['_PLACEMENT']._serialized_end=2619
+  _globals['_QUOTEREQUEST']._serialized_start=2621
+  _globals['_QUOTEREQUEST']._serialized_end=2692
+  _globals['_CANCELREQUEST']._serialized_start=2694
+  _globals['_CANCELREQUEST']._serialized_end=2727
+  _globals['_CANCELRESPONSE']._serialized_start=2729
+  _globals['_CANCELRESPONSE']._serialized_end=2764
+  _globals['_TASKSERVICE']._serialized_start=2931
+  _globals['_TASKSERVICE']._serialized_end=3411
 # @@protoc_insertion_point(module_scope)

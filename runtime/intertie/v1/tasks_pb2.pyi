@@ -102,12 +102,12 @@ class Reconcile(_message.Message):
     def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class ReconcileAck(_message.Message):
-    __slots__ = ("unknown_task_ids", "cancelled")
+    __slots__ = ("unknown_task_ids", "dropped")
     UNKNOWN_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
-    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     unknown_task_ids: _containers.RepeatedScalarFieldContainer[str]
-    cancelled: int
-    def __init__(self, unknown_task_ids: _Optional[_Iterable[str]] = ..., cancelled: _Optional[int] = ...) -> None: ...
+    dropped: int
+    def __init__(self, unknown_task_ids: _Optional[_Iterable[str]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class SubmitBatch(_message.Message):
     __slots__ = ("seq", "request")
