@@ -60,7 +60,3 @@ def _rebuild_exception(cls: type, args: tuple[object, ...], attrs: dict[str, obj
     if attrs and hasattr(exc, "__dict__"):
         exc.__dict__.update(attrs)
     return exc
-
-
-def error_to_wire(kind: common_pb2.ErrorKind, message: str) -> common_pb2.Error:
-    return common_pb2.Error(kind=kind, message=message)

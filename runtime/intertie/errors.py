@@ -8,7 +8,7 @@ exceptions.
 
 from __future__ import annotations
 
-import importlib
+import sys
 from typing import Any
 
 
@@ -155,14 +155,16 @@ def _dual_class(base: type) -> type:
 
 
 def resolve_class(qualified: str) -> type | None:
-    """``"pkg.mod.Name"`` -> the class, when it can be imported here."""
+    """``"pkg.mod.Name"`` -> the class, when its module is already imported here.
+
+    The name comes from a remote site: importing whatever module it names would let a
+    site run a module's import-time code on the client, so only loaded modules are looked in."""
     module, _, name = qualified.rpartition(".")
-    if not module:
+    obj: Any = sys.modules.get(module) if module else None
+    if obj is None:
         return None
-    try:
-        obj: Any = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-    except Exception:
-        return None
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
     return obj if isinstance(obj, type) else None

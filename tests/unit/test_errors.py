@@ -78,3 +78,16 @@ def test_every_error_is_an_intertie_error() -> None:
         obj = getattr(intertie, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, intertie.IntertieError), name
+
+
+def test_a_remote_class_name_never_imports_a_module() -> None:
+    import sys
+
+    from intertie import errors
+
+    assert errors.resolve_class("builtins.KeyError") is KeyError
+    assert errors.resolve_class("collections.OrderedDict") is not None  # loaded already
+    assert "antigravity" not in sys.modules
+    assert errors.resolve_class("antigravity.Anything") is None  # a site names it: not imported
+    assert "antigravity" not in sys.modules
+    assert errors.resolve_class("builtins.no_such.Thing") is None and errors.resolve_class("NoModule") is None
