@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from intertie import _rpc, errors, serialization
+from intertie import _rpc, _submitter, errors, serialization
 from intertie._wire import error_from_wire
 from intertie.datasets import DatasetClient, DatasetRef, refs_in
 from intertie.futures import TaskFuture
@@ -41,18 +41,9 @@ _SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
 _CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 _TERMINAL = (tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED)
 
-# Open connections, newest last: ``f.submit()`` uses the newest; closing it falls back
-# to the one opened before, as nested ``with intertie.connect(...)`` blocks expect.
-_open: list[Federation] = []
-_open_lock = threading.Lock()
-
-
 def current() -> Federation:
     """The federation that ``f.submit()`` uses: the most recently connected one still open."""
-    with _open_lock:
-        if _open:
-            return _open[-1]
-    raise errors.IntertieError("not connected: call intertie.connect() first")
+    return _submitter.current()  # type: ignore[return-value]
 
 
 class _Pending:
@@ -116,8 +107,7 @@ class Federation:
         if not self._ready.wait(connect_timeout):
             self.close()
             raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")
-        with _open_lock:
-            _open.append(self)
+        _submitter.opened(self)
 
     # ------------------------------------------------------------------ submit
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -521,9 +511,7 @@ class Federation:
         while (self._queue or self._inflight) and self._connected and time.monotonic() < deadline:
             time.sleep(0.005)
         self.closed = True
-        with _open_lock:
-            if self in _open:
-                _open.remove(self)
+        _submitter.closed(self)
         try:
             asyncio.run_coroutine_threadsafe(self._stop_session(), self._loop).result(timeout=10)
         except Exception as exc:

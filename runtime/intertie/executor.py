@@ -14,7 +14,7 @@ from intertie.remote import RemoteFunction
 from intertie.spec import TaskOptions
 
 if TYPE_CHECKING:
-    from intertie.client import Federation
+    from intertie._submitter import Submitter
     from intertie.futures import TaskFuture
 
 
@@ -25,7 +25,7 @@ class FederationExecutor(concurrent.futures.Executor):
     tiny calls cost a thousand tasks; results come back in input order.
     """
 
-    def __init__(self, federation: Federation) -> None:
+    def __init__(self, federation: Submitter) -> None:
         self._fed = federation
         self._futures: set[TaskFuture] = set()
         self._lock = threading.Lock()

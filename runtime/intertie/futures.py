@@ -7,7 +7,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from intertie.client import Federation
+    from intertie._submitter import Submitter
     from intertie.spec import PlacementInfo
 
 
@@ -19,12 +19,13 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     ``attempts`` are filled in when the task finishes.
     """
 
-    def __init__(self, task_id: str, federation: Federation | None = None) -> None:
+    def __init__(self, task_id: str, federation: Submitter | None = None) -> None:
         super().__init__()
         self.task_id = task_id
         self.site: str | None = None
         self.attempts = 0
         self._federation = federation
+        self._final_placement: PlacementInfo | None = None  # once done, where it ran no longer changes
         # Set once the gateway has answered the Submit that carried this task; a cancel
         # must not overtake it, or the gateway would not yet know the task.
         self._acked = threading.Event()
@@ -32,10 +33,17 @@ class TaskFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     @property
     def placement(self) -> PlacementInfo | None:
         """Where the task was placed and why: the chosen site, the candidates with their
-        estimated wait, transfer, run time, price and carbon, and the sites rejected."""
+        estimated wait, transfer, run time, price and carbon, and the sites rejected.
+        Asked of the home gateway while the task is unfinished; kept once it is done."""
+        if self._final_placement is not None:
+            return self._final_placement
         if self._federation is None:
             return None
-        return self._federation.task(self.task_id).placement
+        done = self.done()  # asked before the call: a placement read after it finished is final
+        placement: PlacementInfo | None = self._federation.task(self.task_id).placement
+        if done:
+            self._final_placement = placement
+        return placement
 
     def cancel(self) -> bool:
         """Cancels the task at its gateway, whether it is queued or running.

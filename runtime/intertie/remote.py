@@ -7,11 +7,12 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, overload
 
 from intertie import serialization
+from intertie._submitter import current
 from intertie.errors import PlacementError
 from intertie.spec import Quote, Resources, TaskOptions
 
 if TYPE_CHECKING:
-    from intertie.client import Federation
+    from intertie._submitter import Submitter
     from intertie.futures import TaskFuture
 
 
@@ -49,11 +50,9 @@ class RemoteFunction:
     def submit(self, *args: Any, **kwargs: Any) -> TaskFuture:
         """Runs the function in the federation. ``quote=q`` (from ``fed.quote``) commits
         to the best quoted site."""
-        from intertie.client import current
-
         return self.submit_to(current(), args, kwargs)
 
-    def submit_to(self, fed: Federation, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
+    def submit_to(self, fed: Submitter, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TaskFuture:
         quote = kwargs.get("quote")
         if isinstance(quote, Quote):
             del kwargs["quote"]
@@ -63,10 +62,11 @@ class RemoteFunction:
             return self.options(site=quote[0].site).submit_to(fed, args, kwargs)
         from intertie.datasets import refs_in
 
-        return fed._submit(serialization.pickle_function(self._fn), self._options,
-                           serialization.dumps_call(args, kwargs), batch=False,
-                           resources=self._resources_proto, constraints=self._constraints_proto,
-                           inputs=refs_in(args, kwargs))
+        future: TaskFuture = fed._submit(serialization.pickle_function(self._fn), self._options,
+                                         serialization.dumps_call(args, kwargs), batch=False,
+                                         resources=self._resources_proto, constraints=self._constraints_proto,
+                                         inputs=refs_in(args, kwargs))
+        return future
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {serialization.function_name(self._fn)} {self._options}>"

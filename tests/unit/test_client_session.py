@@ -133,3 +133,21 @@ def test_batches_count_the_functions_they_carry() -> None:
     finally:
         fed.close()
         server.stop(None)
+
+
+def test_a_finished_future_asks_for_its_placement_once() -> None:
+    from intertie.futures import TaskFuture
+
+    class Home:
+        asked = 0
+
+        def task(self, task_id: str) -> object:
+            Home.asked += 1
+            return type("Info", (), {"placement": f"placement of {task_id}"})()
+
+    future = TaskFuture("t1", Home())  # type: ignore[arg-type]
+    assert future.placement == "placement of t1" and future.placement  # running: asked each time
+    assert Home.asked == 2
+    future._resolve(1)
+    assert [future.placement for _ in range(5)] == ["placement of t1"] * 5
+    assert Home.asked == 3  # done: asked once more, then kept
