@@ -220,8 +220,9 @@ class DatasetStore:
                                                    f"site {self.site_id!r} stopped during the transfer")
                             if chunk.data is None:
                                 continue
-                            _check_batch(chunk.data, schema, f"dataset {dataset_id} from {site}, batch {done}")
-                            writer.write_batch(chunk.data)
+                            where = f"dataset {dataset_id} from {site}, batch {done}"
+                            _check_batch(chunk.data, schema, where)
+                            _write_batch(writer, chunk.data, where)
                             deadline = time.monotonic() + timeout_s  # progress: a stall is what times out
                             watch.progress()
                             done += 1
@@ -299,7 +300,7 @@ class DatasetStore:
             with self._sink(part) as fh, pa.ipc.new_file(fh, schema) as writer:
                 for batch in _batches(reader):
                     _check_batch(batch, schema, f"dataset {dataset_id}, batch after row {rows}")
-                    writer.write_batch(batch)
+                    _write_batch(writer, batch, f"dataset {dataset_id}, batch after row {rows}")
                     rows += batch.num_rows
                     if self.quota_bytes and in_use + fh.tell() > self.quota_bytes:
                         raise DatasetError("ERROR_KIND_PAYLOAD_TOO_LARGE",
@@ -457,7 +458,7 @@ def _arrow_call(call: Callable[[], Any], what: str) -> Any:
     """``call()``, with Arrow's complaints about the bytes it decodes made a typed error."""
     try:
         return call()
-    except pa.ArrowException as exc:
+    except (pa.ArrowException, OSError) as exc:  # pyarrow raises some decoding errors as plain OSError
         if isinstance(exc, flight.FlightError) and not isinstance(exc, flight.FlightServerError):
             raise  # the transport (cancelled, timed out, unavailable): not the data's fault
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{what} is not valid Arrow IPC: "
@@ -471,6 +472,16 @@ def _checked_schema(schema: pa.Schema) -> pa.Schema:
     # What _commit stores must read back: a schema that does not round-trip is refused now.
     _arrow_call(lambda: pa.ipc.read_schema(schema.serialize()), "the schema")
     return schema
+
+
+def _write_batch(writer: Any, batch: pa.RecordBatch, where: str) -> None:
+    """Appends a validated batch; what the file format cannot hold (a dictionary that
+    changes between batches) is refused as the sender's, a failing disk is not."""
+    try:
+        writer.write_batch(batch)
+    except pa.ArrowInvalid as exc:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                           f"{where} cannot be stored: {_clip(_first_line(exc))}") from None
 
 
 def _check_batch(batch: pa.RecordBatch, schema: pa.Schema, where: str) -> None:
@@ -573,11 +584,13 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
             else:
                 key = _text(key, "ticket")
             _, file_reader = self.store.open(key)
-            batches: Iterator[pa.RecordBatch] = _served_batches(
-                self.store.site_id, file_reader, min(start, file_reader.num_record_batches))
+            batches: Iterator[pa.RecordBatch] = (
+                file_reader.get_batch(i) for i in range(min(start, file_reader.num_record_batches),
+                                                        file_reader.num_record_batches))
             if self.max_rate > 0:
                 batches = _paced(batches, self.max_rate)
-            return flight.GeneratorStream(file_reader.schema, batches)
+            # A RecordBatchStream (not a GeneratorStream) sends dictionary batches too.
+            return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(file_reader.schema, batches))
 
         return self._served("get", get)
 
@@ -622,7 +635,21 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: this Flight method is not served by Intertie "
                                        "(use do_put, do_get, list_flights and the actions)")
 
-    get_flight_info = get_schema = do_exchange = _unsupported
+    get_flight_info = do_exchange = _unsupported
+
+    def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        """The schema of a dataset (descriptor command: its id or name). pyarrow attaches the
+        server's traceback to any error raised here (unlike every other method), so a
+        request that cannot be answered gets an empty schema whose metadata says why."""
+        def schema() -> pa.Schema:
+            key = _text(descriptor.command or b"", "descriptor") if descriptor.command is not None else ""
+            meta = self.store.resolve(key)
+            return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
+
+        try:
+            return flight.SchemaResult(self._served("schema", schema))
+        except flight.FlightError as exc:
+            return flight.SchemaResult(pa.schema([], metadata={"intertie-error": _clip(str(exc), 1000)}))
 
 
 # The largest ticket, descriptor or action body read (ids and names are 128 characters).
@@ -648,16 +675,3 @@ def _json_request(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: expected a JSON object")
     return request
-
-
-def _served_batches(site_id: str, file_reader: Any, start: int) -> Iterator[pa.RecordBatch]:
-    """A stored file's batches from ``start``; a read that fails ends the stream with a
-    bounded error rather than pyarrow's traceback."""
-    for i in range(start, file_reader.num_record_batches):
-        try:
-            batch = file_reader.get_batch(i)
-        except Exception as exc:
-            logger.error("site %s: reading batch %d of a stored dataset failed: %s", site_id, i, exc)
-            raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {site_id!r} could not read batch {i}") \
-                from None
-        yield batch

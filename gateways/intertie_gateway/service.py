@@ -84,6 +84,9 @@ async def _reject(request: Malformed, context: grpc.aio.ServicerContext) -> None
 
 
 async def _internal(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(exc, NotImplementedError):  # a stock servicer's method it does not implement
+        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "ERROR_KIND_INVALID_ARGUMENT",
+                     f"{name} is not implemented by this gateway")
     log_throttled(logger, f"rpc:{name}", "%s failed: %s: %s", name, type(exc).__name__, clip(str(exc)),
                   level=logging.ERROR, exc_info=True)
     await _abort(context, grpc.StatusCode.INTERNAL, "ERROR_KIND_INTERNAL",

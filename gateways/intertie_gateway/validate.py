@@ -13,6 +13,10 @@ _TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RESOURCE = re.compile(r"^[!-~]{1,128}$")  # Ray resource names: printable ASCII, e.g. accelerator_type:T4
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+_PYTHON = re.compile(r"^[0-9]{1,2}\.[0-9]{1,3}$")
+MAX_LABEL_CHARS = 128
 MAX_INPUTS = 1000
 MAX_RETRIES_LIMIT = 100
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
@@ -58,8 +62,9 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
     if res.memory_bytes < 0:
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources.memory must be >= 0, got {res.memory_bytes}")
     for name, value in res.custom.items():
-        if not name or _bad_number(value):
-            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources[{clip(name)!r}] must be a finite number >= 0")
+        if not _RESOURCE.match(name) or _bad_number(value):
+            return err(K.ERROR_KIND_INVALID_ARGUMENT, f"resources[{clip(name)!r}] must be named with 1-128 printable "
+                       "characters and be a finite number >= 0")
     if not 0 <= spec.max_retries <= MAX_RETRIES_LIMIT:
         return err(K.ERROR_KIND_INVALID_ARGUMENT,
                    f"max_retries must be between 0 and {MAX_RETRIES_LIMIT}, got {spec.max_retries}")
@@ -72,8 +77,11 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"site {clip(c.site)!r} is not a valid site id")
     if c.arch and not _NAME.match(c.arch):
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"arch {clip(c.arch)!r} is not a valid architecture name")
-    if any(not key for key in c.labels):
-        return err(K.ERROR_KIND_INVALID_ARGUMENT, "label constraints need non-empty keys")
+    if any(not _LABEL_KEY.match(key) or len(value) > MAX_LABEL_CHARS for key, value in c.labels.items()):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"label constraints need keys of 1-{MAX_LABEL_CHARS} letters, "
+                   f"digits, '.', '_', '/' or '-' and values of at most {MAX_LABEL_CHARS} characters")
+    if spec.python_version and not _PYTHON.match(spec.python_version):
+        return err(K.ERROR_KIND_INVALID_ARGUMENT, f"python_version {clip(spec.python_version)!r} is not MAJOR.MINOR")
     if len(spec.inputs) > MAX_INPUTS:
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"at most {MAX_INPUTS} dataset arguments, got {len(spec.inputs)}")
     for item in spec.inputs:

@@ -279,3 +279,20 @@ def test_bad_flight_requests_get_a_short_typed_error_without_a_traceback(
         assert client.list_actions()  # still serving
     finally:
         client.close()
+
+
+def test_a_dictionary_encoded_dataset_downloads_and_resumes(holder: tuple[DatasetStore, str]) -> None:
+    store, address = holder
+    t = pa.table({"d": pa.array(["x", "y", "x", "z"]).dictionary_encode(), "v": pa.array(range(4), pa.int64())})
+    meta = store.write("dict", pa.RecordBatchReader.from_batches(t.schema, t.to_batches(max_chunksize=2)))
+    client = flight.FlightClient(f"grpc://{address}")
+    try:
+        assert client.do_get(flight.Ticket(meta.id.encode())).read_all().equals(t)
+        rest = client.do_get(flight.Ticket(json.dumps({"id": meta.id, "from_batch": 1}).encode())).read_all()
+        assert rest.to_pydict() == {"d": ["x", "z"], "v": [2, 3]}
+        # GetSchema: the schema, or an empty one saying why (never pyarrow's traceback).
+        assert client.get_schema(flight.FlightDescriptor.for_command(meta.id)).schema.equals(t.schema)
+        missing = client.get_schema(flight.FlightDescriptor.for_command(b"nope")).schema
+        assert len(missing) == 0 and b"ERROR_KIND_NOT_FOUND" in missing.metadata[b"intertie-error"]
+    finally:
+        client.close()
