@@ -41,6 +41,7 @@ import pyarrow.flight as flight
 from fsspec.implementations.local import LocalFileSystem
 
 from intertie_gateway.throttle import log_throttled
+from intertie_gateway.validate import clip
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class DatasetStore:
                 named = [m for m in self._meta.values() if m.name == key]
                 meta = max(named, key=lambda m: m.created_at) if named else None
         if meta is None:
-            raise DatasetError("ERROR_KIND_NOT_FOUND", f"site {self.site_id!r} has no dataset {key!r}")
+            raise DatasetError("ERROR_KIND_NOT_FOUND", f"site {self.site_id!r} has no dataset {clip(key)!r}")
         return meta
 
     def ids(self) -> list[str]:
@@ -170,7 +171,7 @@ class DatasetStore:
         sends is validated like an upload: a site that sends invalid data is not asked
         again, and when every holder did, the pull fails at once."""
         if not _NAME.match(dataset_id):
-            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {_clip(dataset_id)!r} is not valid")
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {clip(dataset_id)!r} is not valid")
         part = self._path(dataset_id, "arrow.part")
         deadline = time.monotonic() + timeout_s
         delay = retry_s
@@ -286,10 +287,10 @@ class DatasetStore:
         recorded is what was written, not what the batches claim."""
         if name and not _NAME.match(name):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                               f"dataset name {_clip(name)!r}: use 1-128 letters, digits, '.', '_' or '-'")
+                               f"dataset name {clip(name)!r}: use 1-128 letters, digits, '.', '_' or '-'")
         if dataset_id is not None and not _NAME.match(dataset_id):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                               f"dataset id {_clip(dataset_id)!r}: use 1-128 letters, digits, '.', '_' or '-'")
+                               f"dataset id {clip(dataset_id)!r}: use 1-128 letters, digits, '.', '_' or '-'")
         dataset_id = dataset_id or uuid.uuid4().hex
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = 0
@@ -443,15 +444,8 @@ def _batches(reader: Any) -> Any:
         yield from reader
 
 
-# Messages about bad input quote at most this much of it: an error travels in gRPC
-# metadata, which a peer refuses past a few KiB (the typed error would never arrive).
-MAX_QUOTE_CHARS = 200
 # An uploaded schema is refused past this many fields (each costs memory per batch).
 MAX_FIELDS = 10_000
-
-
-def _clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
 def _arrow_call(call: Callable[[], Any], what: str) -> Any:
@@ -462,7 +456,7 @@ def _arrow_call(call: Callable[[], Any], what: str) -> Any:
         if isinstance(exc, flight.FlightError) and not isinstance(exc, flight.FlightServerError):
             raise  # the transport (cancelled, timed out, unavailable): not the data's fault
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"{what} is not valid Arrow IPC: "
-                           f"{_clip(_first_line(exc))}") from None
+                           f"{clip(_first_line(exc))}") from None
 
 
 def _checked_schema(schema: pa.Schema) -> pa.Schema:
@@ -481,7 +475,7 @@ def _write_batch(writer: Any, batch: pa.RecordBatch, where: str) -> None:
         writer.write_batch(batch)
     except pa.ArrowInvalid as exc:
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                           f"{where} cannot be stored: {_clip(_first_line(exc))}") from None
+                           f"{where} cannot be stored: {clip(_first_line(exc))}") from None
 
 
 def _check_batch(batch: pa.RecordBatch, schema: pa.Schema, where: str) -> None:
@@ -493,7 +487,7 @@ def _check_batch(batch: pa.RecordBatch, schema: pa.Schema, where: str) -> None:
         batch.validate(full=True)
     except pa.ArrowException as exc:
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                           f"{where} is not valid Arrow data: {_clip(_first_line(exc))}") from None
+                           f"{where} is not valid Arrow data: {clip(_first_line(exc))}") from None
 
 
 def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
@@ -551,12 +545,12 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         try:
             return call()
         except DatasetError as exc:
-            raise flight.FlightServerError(f"{exc.kind}: {_clip(str(exc), 1000)}") from None
+            raise flight.FlightServerError(f"{exc.kind}: {clip(str(exc), 1000)}") from None
         except flight.FlightError:
             raise
         except Exception as exc:
             log_throttled(logger, f"flight-{what}", "Flight %s failed: %s: %s", what, type(exc).__name__,
-                          _clip(str(exc)), level=logging.ERROR, exc_info=True)
+                          clip(str(exc)), level=logging.ERROR, exc_info=True)
             raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {self.store.site_id!r} could not serve "
                                              f"this {what} ({type(exc).__name__})") from None
 
@@ -620,9 +614,9 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
             if action.type == "delete-replica":
                 if not self.store.resolve(key).replica:
                     raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                                       f"{_clip(key)!r} is a primary at {self.store.site_id!r}")
+                                       f"{clip(key)!r} is a primary at {self.store.site_id!r}")
                 return self.store.delete(key)
-            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {_clip(action.type)!r}")
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {clip(action.type)!r}")
 
         return iter([flight.Result(pa.py_buffer(self._served("action", act).to_json()))])
 
@@ -649,7 +643,7 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         try:
             return flight.SchemaResult(self._served("schema", schema))
         except flight.FlightError as exc:
-            return flight.SchemaResult(pa.schema([], metadata={"intertie-error": _clip(str(exc), 1000)}))
+            return flight.SchemaResult(pa.schema([], metadata={"intertie-error": clip(str(exc), 1000)}))
 
 
 # The largest ticket, descriptor or action body read (ids and names are 128 characters).
@@ -671,7 +665,7 @@ def _json_request(data: bytes, what: str) -> dict[str, Any]:
     try:
         request = json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: {_clip(str(exc))}") from None
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: {clip(str(exc))}") from None
     if not isinstance(request, dict):
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: expected a JSON object")
     return request

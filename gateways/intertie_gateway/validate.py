@@ -24,15 +24,18 @@ MAX_TIMEOUT_S = 365 * 24 * 3600.0
 MAX_NAME_CHARS = 256
 
 
-# Ids and names from the network are quoted in messages at most this long: an error
-# travels back in gRPC metadata or a reply, and a 10 MB id repeated per task would make
-# a reply nobody can send.
-MAX_QUOTE_CHARS = 140
+# Ids and names from the network are quoted in messages at most this many UTF-8 bytes: an
+# error travels back in gRPC metadata (8 KiB by default, non-ASCII bytes sent as %XX), and
+# a 10 MB id repeated per task would make a reply nobody can send.
+MAX_QUOTE_BYTES = 140
 
 
-def clip(text: str, limit: int = MAX_QUOTE_CHARS) -> str:
-    """``text`` for a message: as it is when short, else its start and its length."""
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+def clip(text: str, limit: int = MAX_QUOTE_BYTES) -> str:
+    """``text`` for a message: as it is when short, else its first ``limit`` bytes and its length."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return f"{data[:limit].decode('utf-8', 'ignore')}...({len(text)} chars)"
 
 
 def _bad_number(value: float) -> bool:

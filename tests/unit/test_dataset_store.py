@@ -259,12 +259,15 @@ def test_a_peer_that_sends_invalid_data_is_not_asked_again_and_nothing_is_stored
     lambda c: c.do_get(flight.Ticket(b"k" * 100_000)).read_all(),  # a 100 KB key is not repeated back
     lambda c: c.do_get(flight.Ticket(b"\xff\xfe")).read_all(),
     lambda c: list(c.do_action(flight.Action("get", b"k" * 100_000))),
+    lambda c: list(c.do_action(flight.Action("get", "\U0001f642".encode() * 1000))),  # 4 KB of emoji, %-encoded 3x
+    lambda c: c.do_get(flight.Ticket("\U0001f642".encode() * 1000)).read_all(),
     lambda c: list(c.do_action(flight.Action("x" * 100_000, b"k"))),
     lambda c: list(c.do_action(flight.Action("delete-replica", b"\xff"))),
     lambda c: c.get_flight_info(flight.FlightDescriptor.for_command(b"x")),
     lambda c: c.do_put(flight.FlightDescriptor.for_command(b'{"name": ["a"]}'), table(1).schema)[0].close(),
     lambda c: c.do_put(flight.FlightDescriptor.for_command(b"[" * 50_000), table(1).schema)[0].close(),
 ], ids=["deep-json", "id-not-string", "negative-batch", "huge-batch", "100kb-key", "not-utf8", "100kb-action-key",
+        "emoji-action-key", "emoji-ticket",
         "100kb-action-type", "action-not-utf8", "flight-info", "name-not-string", "deep-descriptor"])
 def test_bad_flight_requests_get_a_short_typed_error_without_a_traceback(
         holder: tuple[DatasetStore, str], call) -> None:  # type: ignore[no-untyped-def]
