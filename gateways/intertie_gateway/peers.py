@@ -1,10 +1,11 @@
-"""Membership: this gateway's links to its peers.
+"""The link to one peer gateway: what this site sends it and hears back from it.
 
-Each peer is pulled for its status every ``heartbeat_s``; ``down_after`` missed answers
-in a row mark it down, one answer marks it up again. Over a link the gateway forwards
-tasks (one Submit in flight per peer, the rest batched behind it, function bytes sent
-once per digest), cancels them, asks for work when idle, and holds one Watch stream on
-which the peer reports the tasks this gateway sent it.
+Forwarded tasks wait in an outbox and are written as batches (bounded in tasks and bytes,
+function bytes sent once per digest) on one Connect stream, the session stream, on which
+the peer acknowledges each batch and reports the tasks' events. After every (re)connect the
+unacknowledged batches are resent and a Reconcile lists what this site has there. The link
+also cancels tasks at the peer and asks it for work. Whether the peer is up is decided by
+``membership``, which opens the stream when it comes up and ends it when it goes down.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import Generic
 
 import grpc
 
@@ -23,10 +23,7 @@ from intertie._rpc import channel_options
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from intertie_gateway.journal import TERMINAL
 from intertie_gateway.placement import SiteView
-from intertie_gateway.validate import clip
-
-if TYPE_CHECKING:
-    from intertie_gateway.scheduler import Scheduler, Task
+from intertie_gateway.ports import PeerListener, TaskT
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +41,16 @@ SESSION_PREFIX = "peer:"
 RECONCILE_CHUNK = 50_000
 # A peer that refuses our link (it does not list this site as a peer) is asked again this often.
 REFUSED_RETRY_S = 5.0
-# How long a peer may take to confirm a link we are asked to accept.
-VERIFY_TIMEOUT_S = 5.0
 
 
-class Peer:
-    """One configured peer gateway."""
+class Peer(Generic[TaskT]):
+    """One configured peer gateway: what its heartbeats told (kept by ``membership``) and
+    the link to it."""
 
-    def __init__(self, address: str, membership: Membership) -> None:
+    def __init__(self, address: str, listener: PeerListener[TaskT], bandwidth: Mapping[str, float]) -> None:
         self.address = address
-        self.membership = membership
+        self.listener = listener
+        self._bandwidth = bandwidth  # bytes/s per peer site, as configured
         self.site_id = ""  # learnt from its first status
         self.state = "down"  # until it answers
         self.status: site_pb2.SiteStatus | None = None
@@ -61,7 +58,7 @@ class Peer:
         self.rtt_s = 0.0
         self.missed = 0
         self.shipped: set[str] = set()  # function digests the peer has from us
-        self.outbox: list[Task] = []
+        self.outbox: list[TaskT] = []
         self.sending = False
         self._sender: asyncio.Task[None] | None = None  # referenced: the loop keeps only weak references
         self.pending = 0  # forwarded since its last status
@@ -71,13 +68,14 @@ class Peer:
         self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)
         self._watch: asyncio.Task[None] | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
-        self.session_id = f"{SESSION_PREFIX}{membership.scheduler.site_id}:{secrets.token_hex(16)}"
+        self.session_id = f"{SESSION_PREFIX}{listener.site_id}:{secrets.token_hex(16)}"
         self._seq = 0
-        self.inflight: dict[int, list[Task]] = {}  # batches written, not yet acknowledged
+        self.inflight: dict[int, list[TaskT]] = {}  # batches written, not yet acknowledged
         self.offered: set[str] = set()  # function digests sent on this stream, not yet acknowledged
         # Set while the session stream to the peer is open: tasks are sent on it, and their
         # events come back on it (the peer does not buffer for absent sessions).
         self.watching = asyncio.Event()
+        self.closed = False  # this site is stopping: the stream is not reopened
 
     @property
     def up(self) -> bool:
@@ -93,69 +91,26 @@ class Peer:
             free=dict(status.resources_free), queued=status.queued, running=status.running,
             mean_run_s=status.mean_run_s or None, labels=dict(status.labels),
             max_payload_bytes=status.max_payload_bytes, rtt_s=self.rtt_s,
-            bandwidth=self.membership.scheduler.config.bandwidth.get(status.site_id, 0.0), pending=self.pending,
+            bandwidth=self._bandwidth.get(status.site_id, 0.0), pending=self.pending,
             resident=dict.fromkeys(status.datasets, 0))
 
-    def catalogue_entry(self) -> site_pb2.SiteStatus:
-        entry = site_pb2.SiteStatus()
-        if self.status is not None:
-            entry.CopyFrom(self.status)
-        else:
-            entry.site_id = self.site_id or "?"
-        entry.address = self.address
-        if not self.up:
-            entry.state = self.state
-        entry.last_seen = self.last_seen
-        entry.rtt_s = self.rtt_s
-        return entry
+    # ------------------------------------------------------------------ up and down
+    def open(self) -> None:
+        """The peer came up: the session stream is opened, unless it still is."""
+        self.shipped.clear()  # it may have restarted with a fresh function store
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.create_task(self._session_loop())
 
-    # ------------------------------------------------------------------ heartbeat
-    async def heartbeat(self) -> None:
-        started = time.monotonic()
-        try:
-            status = await self.site.GetStatus(site_pb2.GetStatusRequest(),
-                                               timeout=max(self.membership.heartbeat_s, 0.5))
-        except (TimeoutError, grpc.RpcError) as exc:
-            self.missed += 1
-            # A draining peer still holds tasks: when it stops answering they are placed again.
-            if self.state in ("up", "draining") and self.missed >= self.membership.down_after:
-                logger.warning("peer %s (%s) missed %d heartbeats: down (%s)", self.site_id, self.address,
-                               self.missed, exc.code() if isinstance(exc, grpc.RpcError) else exc)
-                self.state = "down"
-                # Its link may still be open (a partition shorter than the keepalive): end it, so
-                # that the link opened when the peer answers again reconciles, and the peer
-                # cancels what this site is about to move elsewhere rather than run it too.
-                if self._call is not None:
-                    self._call.cancel()
-                self.membership.scheduler.on_peer_down(self)
-            return
-        self.rtt_s = time.monotonic() - started
-        self.last_seen = time.time()
-        self.missed = 0
-        if self.site_id and status.site_id != self.site_id:
-            logger.warning("peer at %s is now site %s (was %s)", self.address, status.site_id, self.site_id)
-        if status.site_id == self.membership.scheduler.site_id:
-            if self.state != "self":
-                logger.error("peer %s is this site itself; ignoring it", self.address)
-            self.state = "self"
-            return
-        self.site_id = status.site_id
-        self.status = status
-        self.pending = 0
-        # In the same turn: what a client sees in the catalogue is what the next placement uses.
-        self.membership.scheduler.catalogue_changed()
-        was = self.state
-        self.state = "up" if status.state != "draining" else "draining"
-        if was != self.state and self.state == "up":
-            logger.info("peer %s (%s) is up", self.site_id, self.address)
-            self.shipped.clear()  # it may have restarted with a fresh function store
-            self.membership.by_site[self.site_id] = self
-            if self._watch is None or self._watch.done():
-                self._watch = asyncio.create_task(self._session_loop())
-            self.membership.scheduler.on_peer_up(self)
+    def end_stream(self) -> None:
+        """The peer went down. Its stream may still be open (a partition shorter than the
+        keepalive): it is ended, so that the stream opened when the peer answers again
+        reconciles, and the peer cancels what this site is about to move elsewhere rather
+        than run it too."""
+        if self._call is not None:
+            self._call.cancel()
 
     # ------------------------------------------------------------------ forwarding
-    def forward(self, tasks: Sequence[Task]) -> None:
+    def forward(self, tasks: Sequence[TaskT]) -> None:
         self.outbox.extend(tasks)
         self.pending += len(tasks)
         if not self.sending:
@@ -181,10 +136,10 @@ class Peer:
         finally:
             self.sending = False
 
-    def _take_batch(self) -> list[Task]:
+    def _take_batch(self) -> list[TaskT]:
         """The next batch from the outbox: up to FORWARD_BATCH_TASKS tasks and about
         FORWARD_BATCH_BYTES of specs; tasks no longer this peer's are dropped on the way."""
-        batch: list[Task] = []
+        batch: list[TaskT] = []
         size = taken = 0
         for task in self.outbox:
             if len(batch) >= FORWARD_BATCH_TASKS:
@@ -199,21 +154,20 @@ class Peer:
         self.outbox = self.outbox[taken:]
         return batch
 
-    def _sendable(self, task: Task) -> bool:
+    def _sendable(self, task: TaskT) -> bool:
         """Still this peer's to run: not placed elsewhere meanwhile, nor finished (cancelled)."""
         return task.site == self.site_id and task.state not in TERMINAL
 
-    def _message(self, seq: int, batch: Sequence[Task]) -> tasks_pb2.ClientMessage:
-        scheduler = self.membership.scheduler
+    def _message(self, seq: int, batch: Sequence[TaskT]) -> tasks_pb2.ClientMessage:
         functions: list[tasks_pb2.Function] = []
         for task in batch:
             digest = task.spec.function_digest
             if digest not in self.shipped and digest not in self.offered:
-                payload = scheduler.function_bytes(digest)
+                payload = self.listener.function_bytes(digest)
                 if payload is not None:
                     self.offered.add(digest)
                     functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
-        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[_forwarded(t.spec, scheduler.site_id)
+        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[_forwarded(t.spec, self.listener.site_id)
                                                                       for t in batch])
         return tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=request))
 
@@ -225,9 +179,9 @@ class Peer:
         if any(not a.accepted and a.error.kind == 6 for a in ack.acks):  # NOT_FOUND: its function store was lost
             self.shipped.clear()
             self.offered.clear()
-        self.membership.scheduler.on_forward_acks(self, batch, ack.acks)
+        self.listener.on_forward_acks(self, batch, ack.acks)
 
-    def abandon(self) -> list[Task]:
+    def abandon(self) -> list[TaskT]:
         """The peer went down: what was on its way there (queued here, or sent and not
         acknowledged, so not started there) is placed elsewhere by the caller."""
         lost = [t for batch in self.inflight.values() for t in batch] + self.outbox
@@ -245,7 +199,7 @@ class Peer:
         """Asks this (busy) peer to send us up to ``max_tasks`` of its queued tasks."""
         try:
             response = await self.peer.Steal(peer_pb2.StealRequest(
-                site_id=self.membership.scheduler.site_id, max_tasks=max_tasks), timeout=10)
+                site_id=self.listener.site_id, max_tasks=max_tasks), timeout=10)
         except grpc.RpcError as exc:
             logger.debug("steal from %s failed: %s", self.site_id, exc.code())
             return 0
@@ -255,13 +209,13 @@ class Peer:
     async def _session_loop(self) -> None:
         """One Connect stream to the peer: our batches go up, their acks and the tasks'
         events come down. Reopened with backoff while the peer is configured."""
-        scheduler = self.membership.scheduler
+        listener = self.listener
         backoff = 0.05
-        while not self.membership.closed:
+        while not self.closed:
             call = self.tasks.Connect()
             try:
                 await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(
-                    session_id=self.session_id, progress=True, peer_site=scheduler.site_id)))
+                    session_id=self.session_id, progress=True, peer_site=listener.site_id)))
                 opened = await call.read()
                 if opened is grpc.aio.EOF:
                     raise ConnectionError("the peer closed the stream")
@@ -292,11 +246,11 @@ class Peer:
                         if message.reconciled.dropped:
                             logger.info("peer %s dropped %d tasks this site had moved elsewhere", self.site_id,
                                         message.reconciled.dropped)
-                        scheduler.on_reconciled(self, message.reconciled.unknown_task_ids, unsent)
+                        listener.on_reconciled(self, message.reconciled.unknown_task_ids, unsent)
                     else:
-                        scheduler.on_peer_events(self, message.events.events)
+                        listener.on_peer_events(self, message.events.events)
             except grpc.RpcError as exc:
-                if self.membership.closed:
+                if self.closed:
                     return
                 if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
                     logger.error("peer %s (%s) refused this site's link: %s (does it list this site as a peer?)",
@@ -319,7 +273,7 @@ class Peer:
     async def _reconcile(self, call: grpc.aio.StreamStreamCall) -> set[str]:
         """Writes the Reconcile of this link; returns the ids listed that were not yet sent
         (the peer cannot know those yet)."""
-        ids = self.membership.scheduler.tasks_at(self.site_id)
+        ids = self.listener.tasks_at(self.site_id)
         unsent = {t.task_id for t in self.outbox}
         for start in range(0, max(len(ids), 1), RECONCILE_CHUNK):
             chunk = ids[start:start + RECONCILE_CHUNK]
@@ -328,6 +282,7 @@ class Peer:
         return unsent
 
     async def close(self) -> None:
+        self.closed = True
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -342,101 +297,3 @@ def _forwarded(spec: tasks_pb2.TaskSpec, home: str) -> tasks_pb2.TaskSpec:
     copy.CopyFrom(spec)
     copy.home = home
     return copy
-
-
-class Membership:
-    """All peers of this gateway, their heartbeats, and work stealing when idle."""
-
-    def __init__(self, scheduler: Scheduler, addresses: Sequence[str], *, heartbeat_s: float,
-                 down_after: int, steal: bool) -> None:
-        self.scheduler = scheduler
-        self.heartbeat_s = heartbeat_s
-        self.down_after = down_after
-        self.steal_enabled = steal
-        self.peers = [Peer(a, self) for a in addresses]
-        self.by_site: dict[str, Peer] = {}
-        self.closed = False
-        self._loop_task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self.closed:
-            started = time.monotonic()
-            peers = [p for p in self.peers if p.state != "self"]
-            results = await asyncio.gather(*(p.heartbeat() for p in peers), return_exceptions=True)
-            for peer, result in zip(peers, results, strict=True):
-                if isinstance(result, Exception):  # e.g. from on_peer_down / on_peer_up
-                    logger.error("heartbeat of peer %s (%s) failed", peer.site_id, peer.address, exc_info=result)
-            try:
-                if self.steal_enabled:
-                    await self._maybe_steal()
-                self.scheduler.retry_unplaced()
-            except Exception:
-                logger.exception("federation housekeeping failed")
-            await asyncio.sleep(max(0.0, self.heartbeat_s - (time.monotonic() - started)))
-
-    async def _maybe_steal(self) -> None:
-        room = self.scheduler.idle_slots()
-        if room <= 0:
-            return
-        busy = sorted((p for p in self.peers if p.up and p.status is not None and p.status.movable > 0),
-                      key=lambda p: -p.status.movable if p.status else 0)
-        for peer in busy:
-            moved = await peer.steal(room)
-            if moved:
-                logger.info("took %d queued tasks from busy peer %s", moved, peer.site_id)
-                room -= moved
-                if peer.status is not None:
-                    peer.status.movable = max(0, peer.status.movable - moved)
-            if room <= 0:
-                return
-
-    async def verify(self, site_id: str, session_id: str) -> tuple[str, str]:
-        """Asks the configured peer that is (or may be) ``site_id`` whether it opened a
-        link here with ``session_id``. The answer comes from the address in this site's
-        configuration, not from the stream that claims it. Returns ("ok", ""), ("refused",
-        why) or ("unreachable", why): the peer could not be asked (it may be starting)."""
-        candidates = [p for p in self.peers if p.state != "self" and p.site_id in (site_id, "")]
-        if not candidates:
-            return "refused", f"{clip(site_id)!r} is not one of its peers"
-
-        async def ask(peer: Peer) -> bool | None:
-            try:
-                answer = await peer.peer.VerifyLink(peer_pb2.VerifyLinkRequest(
-                    site_id=self.scheduler.site_id, session_id=session_id), timeout=VERIFY_TIMEOUT_S,
-                    wait_for_ready=True)
-            except grpc.RpcError as exc:
-                logger.info("verifying a link from %s at %s failed: %s", clip(site_id), peer.address, exc.code())
-                return None
-            return answer.ok and answer.site_id == site_id
-
-        answers = await asyncio.gather(*(ask(p) for p in candidates))
-        if any(answers):
-            return "ok", ""
-        if None in answers:
-            return "unreachable", f"could not reach {clip(site_id)!r} at its configured address to verify the link"
-        return "refused", f"no configured peer {clip(site_id)!r} confirms that link"
-
-    def owns_link(self, site_id: str, session_id: str) -> bool:
-        """Whether this site opened a link to ``site_id`` with ``session_id``."""
-        return any(p.session_id == session_id and p.site_id == site_id for p in self.peers)
-
-    def views(self) -> list[SiteView]:
-        return [v for v in (p.view() for p in self.peers if p.state != "self") if v is not None]
-
-    def peer_for(self, site_id: str) -> Peer | None:
-        return self.by_site.get(site_id)
-
-    def catalogue(self) -> list[site_pb2.SiteStatus]:
-        return [p.catalogue_entry() for p in self.peers if p.state != "self"]
-
-    async def close(self) -> None:
-        self.closed = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
-        await asyncio.gather(*(p.close() for p in self.peers), return_exceptions=True)
-

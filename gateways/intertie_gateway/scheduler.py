@@ -27,13 +27,13 @@ from intertie_gateway.config import GatewayConfig
 from intertie_gateway.datasets import DatasetError
 from intertie_gateway.journal import Journal
 from intertie_gateway.placement import Decision, Demand, Placer, SiteView, Weights, rejection
+from intertie_gateway.ports import Federation, PeerPort
 from intertie_gateway.runner import PREEMPTED, RETRY, RayRunner, Running
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip, ray_request
 
 if TYPE_CHECKING:
     from intertie_gateway.datasets import DatasetStore
-    from intertie_gateway.peers import Membership, Peer
 
 logger = logging.getLogger(__name__)
 K = common_pb2.ErrorKind
@@ -134,7 +134,7 @@ class Scheduler:
         self._bucket_second = 0
         self._loop = asyncio.get_running_loop()
         self.draining = False
-        self.membership: Membership | None = None
+        self.membership: Federation[Task] | None = None  # set by the composition root when peers are configured
         self.weights = Weights(price=config.price_weight, carbon=config.carbon_weight,
                                default_bandwidth=config.default_bandwidth)
         self._unplaced: list[Task] = []  # home tasks waiting for a placement decision
@@ -397,7 +397,7 @@ class Scheduler:
         self._write(jr.Journal.requeued(task.task_id, task.attempts, task.history))
         self._unplaced.append(task)
 
-    def on_forward_acks(self, peer: Peer, batch: Sequence[Task], acks: Sequence[tasks_pb2.TaskAck]) -> None:
+    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task], acks: Sequence[tasks_pb2.TaskAck]) -> None:
         refused = {a.task_id: a.error for a in acks if not a.accepted}
         resend: list[Task] = []
         for task in batch:
@@ -414,7 +414,7 @@ class Scheduler:
             peer.forward(resend)
         self.pump()
 
-    def on_forward_failed(self, peer: Peer | None, batch: Sequence[Task], why: str) -> None:
+    def on_forward_failed(self, peer: PeerPort[Task] | None, batch: Sequence[Task], why: str) -> None:
         for task in batch:
             if task.state in jr.TERMINAL or (peer is not None and task.site != peer.site_id):
                 continue
@@ -423,7 +423,7 @@ class Scheduler:
             self._unassign(task, why, spent=False)
         self.pump()
 
-    def on_peer_events(self, peer: Peer, events: Sequence[tasks_pb2.TaskEvent]) -> None:
+    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[tasks_pb2.TaskEvent]) -> None:
         for event in events:
             task = self.tasks.get(event.task_id)
             # Only the site the task is at now may report on it: a site it was moved away
@@ -444,7 +444,7 @@ class Scheduler:
                              error=event.error if event.HasField("error") else None, run_s=event.run_s)
         self.pump()
 
-    def on_peer_down(self, peer: Peer) -> None:
+    def on_peer_down(self, peer: PeerPort[Task]) -> None:
         """Every unfinished task at a peer that went down is placed again: at the cost of an
         attempt when the peer had it, free when it never got there."""
         self._placer = None
@@ -460,7 +460,7 @@ class Scheduler:
             logger.warning("site %s went down: placing its %d unfinished tasks again", peer.site_id, len(lost))
         self.pump()
 
-    def on_peer_up(self, peer: Peer) -> None:
+    def on_peer_up(self, peer: PeerPort[Task]) -> None:
         self._placer = None
         self._unplaced.extend(self._waiting)
         self._waiting = []
@@ -515,7 +515,7 @@ class Scheduler:
         self.pump()
         return unknown, len(moved)
 
-    def on_reconciled(self, peer: Peer, unknown: Sequence[str], unsent: set[str]) -> None:
+    def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:
         """A peer does not know tasks this home has there (its journal was lost): they are
         run elsewhere, at the cost of an attempt (they may have started there)."""
         for task_id in unknown:
@@ -727,8 +727,7 @@ class Scheduler:
         """The last status of each up peer that serves datasets (read from Flight threads too)."""
         if self.membership is None:
             return []
-        return [p.status for p in list(self.membership.peers)
-                if p.state != "self" and p.up and p.status is not None and p.status.flight_address]
+        return [s for s in self.membership.up_statuses() if s.flight_address]
 
     def dataset_sources(self, dataset_id: str, holder: str) -> list[tuple[str, str]]:
         """(site, Flight address) of the up peers that hold a dataset: the site its ref
@@ -1040,7 +1039,7 @@ class Scheduler:
 
     def cancel(self, task_ids: Sequence[str], why: str = "was cancelled") -> list[str]:
         cancelled = []
-        remote: dict[Peer, list[str]] = {}
+        remote: dict[PeerPort[Task], list[str]] = {}
         for task_id in task_ids:
             task = self.tasks.get(task_id)
             if task is None:

@@ -17,7 +17,7 @@ from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.datasets import DatasetStore, FlightService
 from intertie_gateway.journal import Journal
-from intertie_gateway.peers import Membership
+from intertie_gateway.membership import Membership
 from intertie_gateway.runner import RayRunner
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.service import PeerService, SiteService, TaskService, register
@@ -43,9 +43,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     runner = RayRunner(config)
     hub = SessionHub()
     scheduler = Scheduler(config, journal, runner, hub)
-    if config.peers:
-        scheduler.membership = Membership(scheduler, config.peers, heartbeat_s=config.heartbeat_s,
-                                          down_after=config.down_after, steal=config.steal)
+    membership = Membership(scheduler, config.peers, heartbeat_s=config.heartbeat_s, down_after=config.down_after,
+                            steal=config.steal, bandwidth=config.bandwidth) if config.peers else None
+    # Each needs the other: the scheduler is built first and is the membership's listener,
+    # then learns of the membership (through the ports protocols: neither imports the other).
+    scheduler.membership = membership
 
     server = grpc.aio.server(options=server_options(config.max_payload_bytes))
     register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
@@ -80,8 +82,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     if requeued or failed:
         logger.info("recovered from journal: %d tasks requeued, %d failed (no retries left)", requeued, failed)
     await server.start()
-    if scheduler.membership is not None:
-        scheduler.membership.start()
+    if membership is not None:
+        membership.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     stop = asyncio.Event()
@@ -128,8 +130,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         await health_servicer.enter_graceful_shutdown()
         scheduler.drain()
         store.close()  # after drain: tasks waiting for data stay queued rather than fail
-        if scheduler.membership is not None:
-            await scheduler.membership.close()
+        if membership is not None:
+            await membership.close()
         await server.stop(STOP_GRACE_S)
     finally:
         for job in (keeper, watcher):

@@ -1,5 +1,5 @@
-"""Imports go one way: no module of the SDK is part of an import circle (TYPE_CHECKING
-imports count: they are the same coupling, deferred)."""
+"""Imports go one way: no module of the SDK or of the gateway is part of an import circle
+(TYPE_CHECKING imports count: they are the same coupling, deferred)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import ast
 from pathlib import Path
 
 import intertie
+import intertie_gateway
 
 RUNTIME = Path(intertie.__file__).parent
+GATEWAY = Path(intertie_gateway.__file__).parent
 
 
 def import_graph(root: Path, package: str) -> dict[str, set[str]]:
@@ -65,6 +67,14 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_sdk_has_no_import_circles() -> None:
     graph = import_graph(RUNTIME, "intertie")
     assert "intertie.client" in graph and graph["intertie.futures"] <= {"intertie._submitter", "intertie.spec"}
+    assert circles(graph) == []
+
+
+def test_the_gateway_has_no_import_circles() -> None:
+    graph = import_graph(GATEWAY, "intertie_gateway")
+    assert "intertie_gateway.ports" in graph["intertie_gateway.scheduler"]  # the core sees the federation through ports
+    assert not graph["intertie_gateway.ports"] & {"intertie_gateway.scheduler", "intertie_gateway.peers",
+                                                   "intertie_gateway.membership"}
     assert circles(graph) == []
 
 

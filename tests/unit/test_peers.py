@@ -1,54 +1,59 @@
-"""A gateway's links to its peers, with the peer's side and the scheduler stood in for."""
+"""The link to a peer gateway, with the peer's side and this site's core stood in for."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
-import pytest
 
 from intertie.v1 import tasks_pb2
 from intertie_gateway import journal as jr
-from intertie_gateway.peers import Membership, Peer
+from intertie_gateway.membership import Membership
+from intertie_gateway.peers import Peer
+from intertie_gateway.ports import PeerPort
 from intertie_gateway.scheduler import Task
 
 
-class FakeScheduler:
+class FakeListener:
+    """This site's core, as the link and membership call it (a ``ports.PeerListener``)."""
+
     site_id = "home"
 
     def __init__(self) -> None:
-        self.downs: list[Peer] = []
         self.at_peer: list[str] = []
 
     def tasks_at(self, site_id: str) -> list[str]:
         return self.at_peer
 
-    def function_bytes(self, digest: str) -> bytes:
+    def function_bytes(self, digest: str) -> bytes | None:
         return b"pickled function"
 
-    def on_peer_events(self, peer: Peer, events: Any) -> None:
+    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task],
+                        acks: Sequence[tasks_pb2.TaskAck]) -> None:
         pass
 
-    def on_peer_down(self, peer: Peer) -> None:
-        self.downs.append(peer)
+    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[tasks_pb2.TaskEvent]) -> None:
+        pass
 
-    def on_peer_up(self, peer: Peer) -> None:
-        raise RuntimeError("a bug in on_peer_up")
+    def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:
+        pass
 
-    def retry_unplaced(self) -> None:
+    def on_peer_down(self, peer: PeerPort[Task]) -> None:
+        pass
+
+    def on_peer_up(self, peer: PeerPort[Task]) -> None:
         pass
 
     def catalogue_changed(self) -> None:
         pass
 
+    def retry_unplaced(self) -> None:
+        pass
 
-class Unanswered:
-    async def GetStatus(self, *args: Any, **kwargs: Any) -> Any:
-        raise TimeoutError
+    def idle_slots(self) -> int:
+        return 0
 
 
 class FakeCall:
@@ -62,7 +67,7 @@ class FakeCall:
     async def write(self, message: tasks_pb2.ClientMessage) -> None:
         self.written.append(message)
 
-    async def read(self) -> Any:
+    async def read(self) -> object:
         if not self.opened:
             self.opened = True
             return tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())
@@ -100,52 +105,22 @@ async def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def run(body: Callable[[Membership], Awaitable[None]]) -> None:
+def run(body: Callable[[Peer[Task], FakeListener], Awaitable[None]]) -> None:
+    """Runs ``body`` with a link to a peer at a closed port, known as site b."""
     async def main() -> None:
-        membership = Membership(FakeScheduler(), ["127.0.0.1:1"], heartbeat_s=0.01,  # type: ignore[arg-type]
-                                down_after=3, steal=False)
+        listener = FakeListener()
+        peer = Peer("127.0.0.1:1", listener, {})
+        peer.site_id = "b"
         try:
-            await body(membership)
+            await body(peer, listener)
         finally:
-            await membership.close()
+            await peer.close()
 
     asyncio.run(main())
 
 
-def test_a_draining_peer_that_stops_answering_goes_down() -> None:
-    async def body(membership: Membership) -> None:
-        peer = membership.peers[0]
-        peer.site_id, peer.state = "b", "draining"
-        peer.site = Unanswered()  # type: ignore[assignment]
-        for _ in range(3):
-            await peer.heartbeat()
-        assert peer.state == "down"
-        assert membership.scheduler.downs == [peer]  # type: ignore[attr-defined]
-
-    run(body)
-
-
-def test_a_failing_heartbeat_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    async def body(membership: Membership) -> None:
-        async def heartbeat() -> None:
-            membership.scheduler.on_peer_up(membership.peers[0])
-
-        membership.peers[0].heartbeat = heartbeat  # type: ignore[method-assign]
-        membership.start()
-        for _ in range(100):
-            if caplog.records:
-                break
-            await asyncio.sleep(0.01)
-
-    with caplog.at_level(logging.ERROR, logger="intertie_gateway.peers"):
-        run(body)
-    assert any("heartbeat of peer" in r.getMessage() and r.exc_info for r in caplog.records)
-
-
 def test_a_task_cancelled_before_it_was_sent_is_not_sent() -> None:
-    async def body(membership: Membership) -> None:
-        peer = membership.peers[0]
-        peer.site_id = "b"
+    async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer._call = call = FakeCall()  # type: ignore[assignment]
         peer.watching.set()
         live, cancelled, moved = task("live"), task("cancelled", state=jr.CANCELLED), task("moved", site="c")
@@ -159,9 +134,7 @@ def test_a_task_cancelled_before_it_was_sent_is_not_sent() -> None:
 
 
 def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None:
-    async def body(membership: Membership) -> None:
-        peer = membership.peers[0]
-        peer.site_id = "b"
+    async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
         live = task("live")
         peer.inflight = {1: [live, task("cancelled", state=jr.CANCELLED)], 2: [task("done", state=jr.SUCCEEDED)]}
@@ -174,34 +147,38 @@ def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None
 
 
 def test_the_link_opens_as_a_peer_and_reconciles_after_resent_batches_before_new_ones() -> None:
-    async def body(membership: Membership) -> None:
-        peer = membership.peers[0]
-        peer.site_id = "b"
-        peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
-        resent, waiting = task("resent"), task("waiting")
-        peer.inflight = {1: [resent]}
-        membership.scheduler.at_peer = ["resent", "running-there", "waiting"]  # type: ignore[attr-defined]
-        peer.outbox = [waiting]
-        peer._watch = asyncio.create_task(peer._session_loop())
-        await until(peer.watching.is_set)
-        written = stub.calls[0].written
-        assert [m.WhichOneof("kind") for m in written] == ["open", "submit", "reconcile"]
-        opened = written[0].open
-        assert opened.peer_site == "home" and opened.session_id.startswith("peer:home:")
-        assert len(opened.session_id) >= len("peer:home:") + 32  # an unguessable secret per link
-        assert opened.session_id != Peer("127.0.0.1:2", membership).session_id
-        assert list(written[2].reconcile.task_ids) == ["resent", "running-there", "waiting"]
-        assert not written[2].reconcile.more
-        assert membership.owns_link("b", opened.session_id) and not membership.owns_link("c", opened.session_id)
-        assert not membership.owns_link("b", "peer:home")
+    async def main() -> None:
+        listener = FakeListener()
+        membership = Membership(listener, ["127.0.0.1:1"], heartbeat_s=0.01, down_after=3, steal=False,
+                                bandwidth={})
+        try:
+            peer = membership.peers[0]
+            peer.site_id = "b"
+            peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
+            resent, waiting = task("resent"), task("waiting")
+            peer.inflight = {1: [resent]}
+            listener.at_peer = ["resent", "running-there", "waiting"]
+            peer.outbox = [waiting]
+            peer._watch = asyncio.create_task(peer._session_loop())
+            await until(peer.watching.is_set)
+            written = stub.calls[0].written
+            assert [m.WhichOneof("kind") for m in written] == ["open", "submit", "reconcile"]
+            opened = written[0].open
+            assert opened.peer_site == "home" and opened.session_id.startswith("peer:home:")
+            assert len(opened.session_id) >= len("peer:home:") + 32  # an unguessable secret per link
+            assert opened.session_id != Peer("127.0.0.1:2", listener, {}).session_id
+            assert list(written[2].reconcile.task_ids) == ["resent", "running-there", "waiting"]
+            assert not written[2].reconcile.more
+            assert membership.owns_link("b", opened.session_id) and not membership.owns_link("c", opened.session_id)
+            assert not membership.owns_link("b", "peer:home")
+        finally:
+            await membership.close()
 
-    run(body)
+    asyncio.run(main())
 
 
 def test_batches_to_a_peer_are_bounded_in_bytes_as_in_tasks() -> None:
-    async def body(membership: Membership) -> None:
-        peer = membership.peers[0]
-        peer.site_id = "b"
+    async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer._call = call = FakeCall()  # type: ignore[assignment]
         peer.watching.set()
         big = [task(f"big{i}") for i in range(5)]
