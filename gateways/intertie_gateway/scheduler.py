@@ -33,7 +33,7 @@ from intertie_gateway.sessions import SessionHub
 from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip, ray_request
 
 if TYPE_CHECKING:
-    from intertie_gateway.datasets import DatasetStore
+    from intertie_gateway.dataplane import DataPlane
 
 logger = logging.getLogger(__name__)
 K = common_pb2.ErrorKind
@@ -114,7 +114,7 @@ class Scheduler:
         self.python = python_version()
         self.address = ""
         self.flight_address = ""
-        self.store: DatasetStore | None = None
+        self.store: DataPlane | None = None
         self._pulling: set[str] = set()  # tasks waiting for a dataset to arrive
         self._pulls: dict[str, asyncio.Future[Any]] = {}  # dataset id -> its transfer here, under way
         self._reading: Counter[str] = Counter()  # dataset id -> running tasks that read it

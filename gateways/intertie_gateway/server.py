@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.config import GatewayConfig
-from intertie_gateway.datasets import DatasetStore, FlightService
+from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
 from intertie_gateway.membership import Membership
 from intertie_gateway.runner import RayRunner
@@ -69,13 +69,15 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     host = config.listen.rpartition(":")[0]
     address = f"{host}:{port}"
     scheduler.address = address
-    store = DatasetStore(config.data_url or str(state / "datasets"), config.site_id,
-                         quota_bytes=config.dataset_quota_bytes, replica_cache_bytes=config.replica_cache_bytes)
-    flight_server = FlightService(f"grpc://{config.flight_listen or host + ':0'}", store,
-                                  max_rate=config.flight_max_rate, peers=scheduler.peer_flight_addresses)
+    # Datasets are stored and served by a process of its own (Arrow decoding of network
+    # data can crash; see dataplane.py), restarted on the same port when it dies.
+    flight_host, _, flight_port = (config.flight_listen or f"{host}:0").rpartition(":")
+    store = DataPlane(state, config.data_url or str(state / "datasets"), config.site_id, host=flight_host,
+                      port=int(flight_port), quota_bytes=config.dataset_quota_bytes,
+                      replica_cache_bytes=config.replica_cache_bytes, max_rate=config.flight_max_rate,
+                      peers=scheduler.peer_flight_addresses)
     scheduler.store = store
-    flight_host = config.flight_listen.rpartition(":")[0] if config.flight_listen else host
-    scheduler.flight_address = f"{flight_host}:{flight_server.port}"
+    scheduler.flight_address = store.address
     runner.keep_results_at(scheduler.flight_address, config.result_dataset_bytes)
 
     requeued, failed = scheduler.recover()
@@ -140,7 +142,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
                 with contextlib.suppress(asyncio.CancelledError):
                     await job
         (state / "address").unlink(missing_ok=True)
-        flight_server.shutdown()
+        store.shutdown()
         runner.shutdown()
         journal.close()
         logger.info("site %s stopped", config.site_id)

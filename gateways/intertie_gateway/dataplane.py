@@ -1,0 +1,312 @@
+"""The site's data plane in a process of its own, so that Arrow decoding of network data
+cannot take the gateway down.
+
+Arrow's C++ IPC reader can crash on some malformed streams before any Python code sees a
+batch (Arrow 26: a Flight message with a body but no header dereferences a null buffer in
+``arrow::ipc::Message::Open``), and validation in the handler cannot catch that. So the
+Flight endpoint (uploads from clients and workers, downloads, actions) and the pulls from
+peers run in a child process that owns the dataset store; the gateway talks to it over
+Flight on loopback and restarts it, on the same port, when it dies. A crash then fails the
+transfers under way, not the site: its journal, its Ray and its tasks go on.
+
+The child serves the public Flight surface of :class:`~intertie_gateway.datasets.FlightService`
+plus internal actions (``dp-*``) that carry a secret only the gateway knows: pull a dataset
+from peers, evict replicas, where a dataset lies, stop transfers, and a sync that hands it
+the peers' Flight addresses and returns the ids it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore, FlightService
+
+logger = logging.getLogger(__name__)
+
+# How often the gateway refreshes the ids the data plane holds (the site's status lists them,
+# placement counts them as resident) and tells it the peers' Flight addresses.
+SYNC_S = 0.5
+# How long a (re)started data plane may take to serve.
+START_TIMEOUT_S = 60.0
+# An internal call that is not a pull answers within this (a pull may take minutes).
+CALL_TIMEOUT_S = 30.0
+# Restarts closer together than this are delayed to it: a data plane that dies at once on
+# every start must not spin.
+RESTART_MIN_INTERVAL_S = 1.0
+SECRET_ENV = "INTERTIE_DATAPLANE_SECRET"
+# A pull that has no source yet (peers not up after a restart) asks again this often.
+SOURCES_RETRY_S = 0.5
+
+
+class DataPlaneService(FlightService):
+    """The child's Flight service: the public surface plus the gateway's own actions."""
+
+    def __init__(self, location: str, store: DatasetStore, secret: str, **kwargs: Any) -> None:
+        self._peer_addresses: list[str] = []
+        super().__init__(location, store, peers=lambda: list(self._peer_addresses), **kwargs)
+        self._secret = secret
+
+    def do_action(self, context: Any, action: flight.Action) -> Any:
+        if not action.type.startswith("dp-"):
+            return super().do_action(context, action)
+
+        def internal() -> Any:
+            try:
+                request = json.loads(action.body.to_pybytes())
+            except ValueError:
+                request = None
+            if not isinstance(request, dict) or not secrets.compare_digest(str(request.get("secret", "")),
+                                                                            self._secret):
+                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type[:40]!r}")
+            if action.type == "dp-sync":
+                self._peer_addresses = [str(a) for a in request.get("peers", [])]
+                return {"ids": self.store.ids()}
+            if action.type == "dp-location":
+                return {"path": self.store.location(str(request["id"]))}
+            if action.type == "dp-pull":
+                sources = [(str(s), str(a)) for s, a in request["sources"]]
+                meta = self.store.pull(str(request["id"]), lambda: sources, timeout_s=float(request["timeout_s"]))
+                return json.loads(meta.to_json())
+            if action.type == "dp-evict":
+                return {"dropped": [m.id for m in self.store.evict(set(request["keep"]))]}
+            if action.type == "dp-close":
+                self.store.close()
+                return {}
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type[:40]!r}")
+
+        answer = self._served("action", internal)
+        return iter([flight.Result(pa.py_buffer(json.dumps(answer).encode()))])
+
+
+class DataPlane:
+    """The gateway's handle on its data-plane process: what the scheduler asks of the
+    dataset store, as calls to the child, which it starts and restarts."""
+
+    def __init__(self, state_dir: Path, url: str, site_id: str, *, host: str, port: int = 0,
+                 quota_bytes: int = 0, replica_cache_bytes: int = 0, max_rate: float = 0.0,
+                 peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
+        self.url = url
+        self.site_id = site_id
+        self._state_dir = state_dir
+        self._host = host
+        self._port = port
+        self._args = ["--quota", str(quota_bytes), "--replica-cache", str(replica_cache_bytes),
+                      "--max-rate", str(max_rate)]
+        self._peers = peers
+        self._secret = secrets.token_hex(16)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._client: flight.FlightClient | None = None
+        self._lock = threading.Lock()
+        self._ids: list[str] = []
+        self._stopping = threading.Event()
+        self._closing = threading.Event()  # transfers give up
+        self._started_at = 0.0
+        self.restarts = 0
+        self._start()
+        self._watch = threading.Thread(target=self._supervise, name="intertie-dataplane", daemon=True)
+        self._watch.start()
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+    def _start(self) -> None:
+        ready = self._state_dir / "dataplane.port"
+        ready.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "intertie_gateway.dataplane", "--url", self.url, "--site-id", self.site_id,
+               "--listen", f"{self._host}:{self._port}", "--ready-file", str(ready),
+               "--parent-pid", str(os.getpid()), "--log-level", logging.getLevelName(logger.getEffectiveLevel()),
+               *self._args]
+        # Its log lines go where the gateway's go: one log per site for the operator.
+        self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env={**os.environ, SECRET_ENV: self._secret})
+        self._started_at = time.monotonic()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self._process.kill()
+                raise OSError(f"the data plane of site {self.site_id!r} did not start (its log lines are above)")
+            time.sleep(0.02)
+        self._port = int(ready.read_text())
+        client = flight.FlightClient(f"grpc://{self.address}")
+        with self._lock:
+            old, self._client = self._client, client
+        if old is not None:
+            old.close()
+        self._sync()
+
+    def _supervise(self) -> None:
+        """Restarts the child when it dies (a crash decoding a hostile stream); refreshes ids."""
+        while not self._stopping.wait(SYNC_S):
+            process = self._process
+            if process is not None and process.poll() is not None:
+                logger.error("the data plane of site %s died (exit %s); restarting it on port %d", self.site_id,
+                             process.returncode, self._port)
+                wait = RESTART_MIN_INTERVAL_S - (time.monotonic() - self._started_at)
+                if wait > 0 and self._stopping.wait(wait):
+                    return
+                try:
+                    self._start()
+                    self.restarts += 1
+                except OSError as exc:
+                    logger.error("%s", exc)
+                continue
+            try:
+                self._sync()
+            except DatasetError as exc:
+                logger.debug("data plane sync: %s", exc)
+
+    def _sync(self) -> None:
+        answer = self._call("dp-sync", {"peers": list(self._peers())})
+        with self._lock:
+            self._ids = list(answer["ids"])
+
+    def _call(self, action: str, body: dict[str, Any], timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        with self._lock:
+            client = self._client
+        if client is None:
+            raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r}: its data plane is not running")
+        request = json.dumps({**body, "secret": self._secret}).encode()
+        try:
+            result = next(iter(client.do_action(flight.Action(action, request),
+                                                flight.FlightCallOptions(timeout=timeout))))
+        except flight.FlightError as exc:
+            text = str(exc).split(". Detail:", 1)[0]
+            for kind in ("ERROR_KIND_NOT_FOUND", "ERROR_KIND_DATASET_NOT_FOUND", "ERROR_KIND_SITE_FAILURE",
+                         "ERROR_KIND_INVALID_ARGUMENT", "ERROR_KIND_PAYLOAD_TOO_LARGE"):
+                if text.startswith(kind + ": "):
+                    raise DatasetError(kind, text[len(kind) + 2:]) from None
+            raise DatasetError("ERROR_KIND_SITE_FAILURE",
+                               f"site {self.site_id!r}: its data plane failed ({text[:300]})") from None
+        return json.loads(result.body.to_pybytes())
+
+    # ---------------------------------------------------------------- what the scheduler asks
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._ids)
+
+    def location(self, dataset_id: str) -> str | None:
+        try:
+            path = self._call("dp-location", {"id": dataset_id})["path"]
+        except DatasetError as exc:
+            logger.warning("where is dataset %s? %s", dataset_id, exc)
+            return None
+        return path if isinstance(path, str) else None
+
+    def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
+             timeout_s: float) -> DatasetMeta:
+        """Has the data plane copy a dataset from the sites that hold it. ``sources()`` is
+        asked again until it names one (peers come up after a restart) and after a transfer
+        that failed for want of a reachable source, until nothing has arrived for ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = list(sources())
+            left = deadline - time.monotonic()
+            if found:
+                try:
+                    meta = self._call("dp-pull", {"id": dataset_id, "sources": found, "timeout_s": max(left, 1.0)},
+                                      timeout=None)
+                    break
+                except DatasetError as exc:
+                    # Asked again only when no source answered in time (the store's stall error):
+                    # one that sent invalid data, or no longer holds it, fails the pull at once.
+                    if "nothing arrived for" not in str(exc) or self._closing.is_set() \
+                            or time.monotonic() > deadline:
+                        raise
+            elif left <= 0:
+                raise DatasetError("ERROR_KIND_SITE_FAILURE",
+                                   f"dataset {dataset_id} could not be fetched to site {self.site_id!r} "
+                                   f"(nothing arrived for {timeout_s:.0f} s): no site that holds it is reachable")
+            if self._closing.wait(SOURCES_RETRY_S):
+                raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r} stopped during the transfer")
+        with self._lock:
+            if dataset_id not in self._ids:
+                self._ids.append(dataset_id)
+        return DatasetMeta(**{f.name: meta[f.name] for f in fields(DatasetMeta) if f.name in meta})
+
+    def evict(self, keep: Collection[str] = ()) -> list[str]:
+        dropped = list(self._call("dp-evict", {"keep": sorted(keep)})["dropped"])
+        with self._lock:
+            self._ids = [i for i in self._ids if i not in dropped]
+        return dropped
+
+    def close(self) -> None:
+        """Stops the transfers under way (the gateway is stopping)."""
+        self._closing.set()
+        try:
+            self._call("dp-close", {}, timeout=5)
+        except DatasetError as exc:
+            logger.info("stopping the data plane's transfers: %s", exc)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._watch.join(timeout=5)
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="intertie_gateway.dataplane")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--site-id", required=True)
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--quota", type=int, default=0)
+    parser.add_argument("--replica-cache", type=int, default=0)
+    parser.add_argument("--max-rate", type=float, default=0.0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s [data plane]: %(message)s",
+                        stream=sys.stderr)
+    secret = os.environ.pop(SECRET_ENV, "")
+    if not secret:
+        print("intertie_gateway.dataplane: started without its secret", file=sys.stderr)
+        return 2
+    store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache)
+    server = DataPlaneService(f"grpc://{args.listen}", store, secret, max_rate=args.max_rate)
+    ready = Path(args.ready_file)
+    tmp = ready.with_suffix(".tmp")
+    tmp.write_text(str(server.port))
+    os.replace(tmp, ready)
+
+    def watch_parent() -> None:  # stops with the gateway, however that ends
+        while os.getppid() == args.parent_pid:
+            time.sleep(1.0)
+        store.close()
+        server.shutdown()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
