@@ -49,6 +49,8 @@ CALL_TIMEOUT_S = 30.0
 # every start must not spin.
 RESTART_MIN_INTERVAL_S = 1.0
 SECRET_ENV = "INTERTIE_DATAPLANE_SECRET"
+# Asking a non-local store where a dataset is happens on the event loop: briefly.
+LOCATION_TIMEOUT_S = 2.0
 # A pull that has no source yet (peers not up after a restart) asks again this often.
 SOURCES_RETRY_S = 0.5
 
@@ -75,6 +77,7 @@ class DataPlaneService(FlightService):
                 raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type[:40]!r}")
             if action.type == "dp-sync":
                 self._peer_addresses = [str(a) for a in request.get("peers", [])]
+                self.store.touch([str(i) for i in request.get("touched", [])])
                 return {"ids": self.store.ids()}
             if action.type == "dp-location":
                 return {"path": self.store.location(str(request["id"]))}
@@ -113,6 +116,10 @@ class DataPlane:
         self._client: flight.FlightClient | None = None
         self._lock = threading.Lock()
         self._ids: list[str] = []
+        self._touched: set[str] = set()
+        # A local folder (what workers memory-map): the gateway finds files there itself.
+        self._root = None if "://" in url and not url.startswith("file://") \
+            else Path(url.removeprefix("file://")).expanduser().resolve()  # absolute: workers run elsewhere
         self._stopping = threading.Event()
         self._closing = threading.Event()  # transfers give up
         self._started_at = 0.0
@@ -171,7 +178,9 @@ class DataPlane:
                 logger.debug("data plane sync: %s", exc)
 
     def _sync(self) -> None:
-        answer = self._call("dp-sync", {"peers": list(self._peers())})
+        with self._lock:
+            touched, self._touched = self._touched, set()
+        answer = self._call("dp-sync", {"peers": list(self._peers()), "touched": sorted(touched)})
         with self._lock:
             self._ids = list(answer["ids"])
 
@@ -200,8 +209,17 @@ class DataPlane:
             return list(self._ids)
 
     def location(self, dataset_id: str) -> str | None:
+        """Where a worker reads a dataset (see DatasetStore.location). Called on the event
+        loop: a local folder is looked at directly (ids were validated as plain names), other
+        stores are asked briefly."""
+        if self._root is not None:
+            if not (self._root / f"{dataset_id}.json").exists():
+                return None
+            with self._lock:
+                self._touched.add(dataset_id)  # for the eviction order, told at the next sync
+            return str(self._root / f"{dataset_id}.arrow")
         try:
-            path = self._call("dp-location", {"id": dataset_id})["path"]
+            path = self._call("dp-location", {"id": dataset_id}, timeout=LOCATION_TIMEOUT_S)["path"]
         except DatasetError as exc:
             logger.warning("where is dataset %s? %s", dataset_id, exc)
             return None

@@ -160,6 +160,14 @@ class DatasetStore:
             self._used_at[dataset_id] = time.time()
         return self._path(dataset_id, "arrow") if self.local else ""
 
+    def touch(self, dataset_ids: Collection[str]) -> None:
+        """Datasets read meanwhile (told by the gateway, which finds local files itself)."""
+        now = time.time()
+        with self._lock:
+            for dataset_id in dataset_ids:
+                if dataset_id in self._meta:
+                    self._used_at[dataset_id] = now
+
     def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
              timeout_s: float = 120.0, retry_s: float = 0.5) -> DatasetMeta:
         """Copies a dataset from other sites' Flight endpoints, keeping its id (a replica).
