@@ -299,3 +299,15 @@ def test_a_dictionary_encoded_dataset_downloads_and_resumes(holder: tuple[Datase
         assert len(missing) == 0 and b"ERROR_KIND_NOT_FOUND" in missing.metadata[b"intertie-error"]
     finally:
         client.close()
+
+
+def test_a_read_reported_later_counts_for_the_eviction_order(holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    source, address = holder
+    metas = [source.write(f"t{i}", batches(table(1000, start=i))) for i in range(3)]
+    here = DatasetStore(str(tmp_path / "here"), "here", replica_cache_bytes=2 * metas[0].num_bytes)
+    for meta in metas[:2]:
+        here.pull(meta.id, lambda: [("holder", address)])
+        time.sleep(0.01)
+    here.touch([metas[0].id, "unknown"])  # the gateway found t0's file itself and a task read it
+    here.pull(metas[2].id, lambda: [("holder", address)])
+    assert [m.id for m in here.evict(keep={metas[2].id})] == [metas[1].id]
