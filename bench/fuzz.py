@@ -13,7 +13,9 @@ drawn by the strategies of tests/fuzzing.py (random bytes, valid messages with h
 mutated serializations, wire-level oddities), raw, each with a deadline.
 
 One row per method: inputs; ok / typed / arrow (answered by Arrow Flight's C++ transport
-before any gateway code, as a bare pyarrow server answers: counted, not failed); crashes (the
+before any gateway code, as a bare pyarrow server answers: counted, not failed); dp restarts
+(UNAVAILABLE from the data-plane process, which died on the input, an Arrow C++ crash, or was
+being restarted by the gateway when it came: counted and shown, not failed); crashes (the
 gateway died: it is restarted on its state dir and the run goes on; after --max-crashes in one
 method the rest of its inputs are skipped); hangs (no answer by the deadline); untyped (UNKNOWN,
 INTERNAL, a traceback or raw Python exception in the details, details over 2 KB, a per-task
@@ -42,7 +44,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import fuzzing  # noqa: E402
 
-COLUMNS = ("ok", "typed", "transport", "crash", "hang", "untyped", "bad-data")
+COLUMNS = ("ok", "typed", "transport", "restart", "crash", "hang", "untyped", "bad-data")
 
 
 @dataclass
@@ -113,8 +115,8 @@ def restart(site: fuzzing.Site, method: str, why: str) -> None:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'method':40} {'inputs':>7} {'ok':>6} {'typed':>6} {'arrow':>6} {'crashes':>7} {'hangs':>6} "
-            f"{'untyped':>7} {'bad data':>8} {'p50 ms':>7} {'max ms':>7}")
+    head = (f"{'method':40} {'inputs':>7} {'ok':>6} {'typed':>6} {'arrow':>6} {'dp restarts':>11} {'crashes':>7} "
+            f"{'hangs':>6} {'untyped':>7} {'bad data':>8} {'p50 ms':>7} {'max ms':>7}")
     print(head)
     print("-" * len(head))
     total = Row("total")
@@ -122,13 +124,13 @@ def print_table(rows: list[Row]) -> None:
         c = r.counts
         p50 = statistics.median(r.times) * 1000 if r.times else 0.0
         top = max(r.times) * 1000 if r.times else 0.0
-        print(f"{r.method:40} {r.inputs:7} {c['ok']:6} {c['typed']:6} {c['transport']:6} {c['crash']:7} "
+        print(f"{r.method:40} {r.inputs:7} {c['ok']:6} {c['typed']:6} {c['transport']:6} {c['restart']:11} {c['crash']:7} "
               f"{c['hang']:6} {c['untyped']:7} {c['bad-data']:8} {p50:7.1f} {top:7.0f}")
         for k in COLUMNS:
             total.counts[k] += c[k]
     c = total.counts
     print("-" * len(head))
-    print(f"{'total':40} {total.inputs:7} {c['ok']:6} {c['typed']:6} {c['transport']:6} {c['crash']:7} "
+    print(f"{'total':40} {total.inputs:7} {c['ok']:6} {c['typed']:6} {c['transport']:6} {c['restart']:11} {c['crash']:7} "
           f"{c['hang']:6} {c['untyped']:7} {c['bad-data']:8}")
 
 

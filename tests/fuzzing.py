@@ -37,6 +37,9 @@ An answer (``Outcome.kind``) is one of
              before first message sent", "Invalid flatbuffers message.", "Expected IPC message
              of type schema but got record batch" for a DoPut without a usable first message.
              A bare pyarrow FlightServerBase answers the same; counted, not failed;
+  restart    (Flight) UNAVAILABLE: the data-plane process died on this input (an Arrow C++ crash
+             in decoding, which no handler can catch) or was restarting when it came; the gateway
+             kept serving and restarted it. Counted and shown, not failed: a client retries it;
   untyped    anything else: UNKNOWN, INTERNAL (the gateway failing on the client's bytes),
              UNAVAILABLE from a live gateway, a traceback or "Python exception" in the
              details, details over MAX_DETAILS_CHARS (or too big for gRPC's metadata limit),
@@ -303,7 +306,7 @@ class Case:
 @dataclass
 class Outcome:
     case: Case
-    kind: str  # ok | typed | transport | untyped | bad-data | hang | crash
+    kind: str  # ok | typed | transport | restart | untyped | bad-data | hang | crash
     code: str = "OK"
     details: str = ""
     why: str = ""
@@ -354,8 +357,9 @@ def judge_status(method: Method, case: Case, code: str, details: str) -> tuple[s
             # pyarrow's server appends ". Detail: ..." to whatever the Python servicer raises:
             # without it, Arrow's C++ layer answered before (or without) any gateway code.
             return "transport", f"Arrow's transport: {details or 'the request did not parse'}"
-        if code != "UNAVAILABLE":
-            return "untyped", f"a Flight error ({code}) without the ERROR_KIND_ prefix"
+        if code == "UNAVAILABLE":
+            return "restart", "the data plane died on this input or was restarting; the gateway served on"
+        return "untyped", f"a Flight error ({code}) without the ERROR_KIND_ prefix"
     if code in CLEAN_CODES:
         return "typed", code
     if code == "UNAVAILABLE":
