@@ -4,56 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from peer_fakes import FakeListener
 
-from intertie.v1 import tasks_pb2
 from intertie_gateway.membership import Membership
 from intertie_gateway.peers import Peer
-from intertie_gateway.ports import PeerPort
 from intertie_gateway.scheduler import Task
-
-
-class FakeListener:
-    """This site's core, as membership and the links call it (a ``ports.PeerListener``)."""
-
-    site_id = "home"
-
-    def __init__(self) -> None:
-        self.downs: list[PeerPort[Task]] = []
-
-    def tasks_at(self, site_id: str) -> list[str]:
-        return []
-
-    def function_bytes(self, digest: str) -> bytes | None:
-        return b"pickled function"
-
-    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task],
-                        acks: Sequence[tasks_pb2.TaskAck]) -> None:
-        pass
-
-    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[tasks_pb2.TaskEvent]) -> None:
-        pass
-
-    def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:
-        pass
-
-    def on_peer_down(self, peer: PeerPort[Task]) -> None:
-        self.downs.append(peer)
-
-    def on_peer_up(self, peer: PeerPort[Task]) -> None:
-        raise RuntimeError("a bug in on_peer_up")
-
-    def catalogue_changed(self) -> None:
-        pass
-
-    def retry_unplaced(self) -> None:
-        pass
-
-    def idle_slots(self) -> int:
-        return 0
 
 
 class Unanswered:
@@ -63,7 +22,7 @@ class Unanswered:
 
 def run(body: Callable[[Membership[Task], FakeListener], Awaitable[None]]) -> None:
     async def main() -> None:
-        listener = FakeListener()
+        listener = FakeListener(broken_up=True)
         membership = Membership(listener, ["127.0.0.1:1"], heartbeat_s=0.01, down_after=3, steal=False,
                                 bandwidth={})
         try:

@@ -4,56 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 import grpc
+from peer_fakes import FakeListener
 
 from intertie.v1 import tasks_pb2
 from intertie_gateway import journal as jr
 from intertie_gateway.membership import Membership
 from intertie_gateway.peers import Peer
-from intertie_gateway.ports import PeerPort
 from intertie_gateway.scheduler import Task
-
-
-class FakeListener:
-    """This site's core, as the link and membership call it (a ``ports.PeerListener``)."""
-
-    site_id = "home"
-
-    def __init__(self) -> None:
-        self.at_peer: list[str] = []
-
-    def tasks_at(self, site_id: str) -> list[str]:
-        return self.at_peer
-
-    def function_bytes(self, digest: str) -> bytes | None:
-        return b"pickled function"
-
-    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task],
-                        acks: Sequence[tasks_pb2.TaskAck]) -> None:
-        pass
-
-    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[tasks_pb2.TaskEvent]) -> None:
-        pass
-
-    def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:
-        pass
-
-    def on_peer_down(self, peer: PeerPort[Task]) -> None:
-        pass
-
-    def on_peer_up(self, peer: PeerPort[Task]) -> None:
-        pass
-
-    def catalogue_changed(self) -> None:
-        pass
-
-    def retry_unplaced(self) -> None:
-        pass
-
-    def idle_slots(self) -> int:
-        return 0
 
 
 class FakeCall:
