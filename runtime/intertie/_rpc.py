@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import grpc
 
 from intertie import errors
-from intertie._wire import ErrorKind
+from intertie._wire import ErrorKind, error_class
 
 # Status codes a client never retries: retrying cannot change the answer.
 NON_RETRYABLE_CODES: tuple[grpc.StatusCode, ...] = (
@@ -85,14 +85,6 @@ _CODE_TO_CLASS: dict[grpc.StatusCode, type[errors.IntertieError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.PlacementError,
 }
 
-_KIND_NAME_TO_CLASS: dict[str, type[errors.IntertieError]] = {
-    "ERROR_KIND_PLACEMENT": errors.PlacementError,
-    "ERROR_KIND_PAYLOAD_TOO_LARGE": errors.PayloadTooLargeError,
-    "ERROR_KIND_NOT_FOUND": errors.TaskNotFoundError,
-    "ERROR_KIND_INVALID_ARGUMENT": errors.InvalidRequestError,
-    "ERROR_KIND_SERIALIZATION": errors.SerializationError,
-}
-
 
 def translate(exc: grpc.RpcError, target: str = "") -> errors.IntertieError:
     """Maps a gRPC failure onto the Intertie hierarchy."""
@@ -103,7 +95,8 @@ def translate(exc: grpc.RpcError, target: str = "") -> errors.IntertieError:
     for key, value in trailing or ():
         if key == ERROR_KIND_KEY:
             kind = value if isinstance(value, str) else value.decode()
-    cls = _KIND_NAME_TO_CLASS.get(kind) or _CODE_TO_CLASS.get(code, errors.IntertieError)  # type: ignore[arg-type]
+    by_kind = error_class(ErrorKind.Value(kind)) if kind in ErrorKind.keys() else None
+    cls = by_kind or _CODE_TO_CLASS.get(code, errors.IntertieError)  # type: ignore[arg-type]
     if cls is errors.SiteUnavailableError and target:
         details = f"gateway {target} unavailable: {details}"
     return cls(details)

@@ -29,6 +29,11 @@ _KIND_TO_CLASS: dict[int, type[errors.IntertieError]] = {
 }
 
 
+def error_class(kind: int) -> type[errors.IntertieError] | None:
+    """The exception class of an ErrorKind (one table for errors in results and in statuses)."""
+    return _KIND_TO_CLASS.get(kind)
+
+
 def error_from_wire(err: common_pb2.Error) -> errors.IntertieError:
     """Turns a wire Error into the exception a future raises."""
     if err.kind == ErrorKind.ERROR_KIND_REMOTE:
