@@ -167,8 +167,8 @@ class Peer(Generic[TaskT]):
                 if payload is not None:
                     self.offered.add(digest)
                     functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
-        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[_forwarded(t.spec, self.listener.site_id)
-                                                                      for t in batch])
+        # The specs go as they are: the peer sets ``home`` to this link's site itself (no copy here).
+        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[t.spec for t in batch])
         return tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=request))
 
     def _on_ack(self, ack: tasks_pb2.SubmitAck) -> None:
@@ -288,12 +288,3 @@ class Peer(Generic[TaskT]):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watch
         await self._channel.close()
-
-
-def _forwarded(spec: tasks_pb2.TaskSpec, home: str) -> tasks_pb2.TaskSpec:
-    if spec.home:
-        return spec
-    copy = tasks_pb2.TaskSpec()
-    copy.CopyFrom(spec)
-    copy.home = home
-    return copy
