@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import intertie
-from intertie.embedded import LOCAL_SITES, EmbeddedGateway, LocalFederation, free_ports
+from intertie.embedded import LOCAL_SITES, EmbeddedGateway, LocalFederation, free_ports, stop_all
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -285,11 +285,7 @@ class ProxiedFederation:
         return next(g for g in self.gateways if g.site_id == site_id)
 
     def stop(self) -> None:
-        for gateway in self.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.process.send_signal(signal.SIGTERM)
-        for gateway in self.gateways:
-            gateway.stop()
+        stop_all(self.gateways)
         for proxy in self.links.values():
             proxy.close()
 

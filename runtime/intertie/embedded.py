@@ -112,6 +112,15 @@ class EmbeddedGateway:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+def stop_all(gateways: list[EmbeddedGateway]) -> None:
+    """Stops gateways together: SIGTERM to all first (they drain in parallel), then waits for each."""
+    for gateway in gateways:
+        if gateway.process is not None and gateway.process.poll() is None:
+            gateway.process.send_signal(signal.SIGTERM)
+    for gateway in gateways:
+        gateway.stop()
+
+
 # The sites of a local federation: different sizes, prices, carbon intensity, and one
 # with a (logical) GPU of accelerator type T4, so placement has something to choose.
 LOCAL_SITES: tuple[dict[str, object], ...] = (
@@ -195,11 +204,7 @@ class LocalFederation:
         raise KeyError(site_id)
 
     def stop(self) -> None:
-        for gateway in self.gateways:
-            if gateway.process is not None and gateway.process.poll() is None:
-                gateway.process.send_signal(signal.SIGTERM)
-        for gateway in self.gateways:
-            gateway.stop()
+        stop_all(self.gateways)
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -23,7 +22,7 @@ import pytest
 from faults import DeliveryTap, FaultProxy, executions, wait_until
 
 import intertie
-from intertie.embedded import EmbeddedGateway, free_ports
+from intertie.embedded import EmbeddedGateway, free_ports, stop_all
 
 HEARTBEAT_S = 0.5
 # grpc keepalive (runtime/intertie/_rpc.py): a ping after 10 s, unanswered for 10 s, closes
@@ -65,11 +64,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
                 gateway.wait_ready()
             yield Sites(gateways[0], gateways[1], link)
         finally:
-            for gateway in gateways:  # SIGTERM both first, then wait for each
-                if gateway.process is not None and gateway.process.poll() is None:
-                    gateway.process.send_signal(signal.SIGTERM)
-            for gateway in gateways:
-                gateway.stop()
+            stop_all(gateways)
 
 
 def all_up(fed: intertie.Federation) -> bool:
