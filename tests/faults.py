@@ -394,7 +394,8 @@ class DeliveryTap:
     The client resolves a future on the first terminal event and drops later ones, so the
     user never sees a result twice; a count above 1 is a duplicate on the wire (e.g. an
     event sent on the new stream and again in answer to the resubscription after a
-    reconnect), harmless but worth measuring. Wraps the client's private event handler.
+    reconnect), harmless but worth measuring. Wraps the private event handler of the
+    client's session.
     """
 
     def __init__(self, fed: Any) -> None:
@@ -402,7 +403,8 @@ class DeliveryTap:
 
         terminal = (tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED)
         self.counts: collections.Counter[str] = collections.Counter()
-        original = fed._on_events
+        session = fed._session
+        original = session._on_events
 
         def on_events(events: Any) -> None:
             events = list(events)
@@ -411,7 +413,7 @@ class DeliveryTap:
                     self.counts[event.task_id] += 1
             original(events)
 
-        fed._on_events = on_events
+        session._on_events = on_events
 
     def duplicates(self, task_ids: Any = None) -> int:
         ids = self.counts if task_ids is None else task_ids

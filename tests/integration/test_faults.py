@@ -211,7 +211,7 @@ def test_a_frozen_client_link_is_noticed_and_results_still_arrive(
         wait_until(lambda: len(finished_at) >= 4, "no result arrived before the freeze")
         # Freeze the link with results still to come: no byte, FIN or RST passes, the sockets
         # stay open. Only the client's own keepalive on its session stream (the grpc.aio channel
-        # in Federation._session_loop) can tell: the gateway's pings and its eventual close are
+        # in Session._session_loop) can tell: the gateway's pings and its eventual close are
         # held by the proxy too. The client then reconnects, which is the new connection below;
         # new connections are not frozen (a new flow, as through a NAT whose old entry went stale).
         connections = proxy.connections

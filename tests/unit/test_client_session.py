@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import pytest
 
-from intertie import client, errors
+from intertie import _session, errors
 from intertie.client import Federation
 from intertie.v1 import site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
@@ -84,7 +84,7 @@ def test_a_failed_resubscribe_after_a_reconnect_is_asked_again() -> None:
 
 
 def test_tasks_failed_after_the_reconnect_timeout_are_not_sent_later(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(client, "RECONNECT_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_session, "RECONNECT_TIMEOUT_S", 0.5)
     server, port = serve(FakeGateway())
     fed = Federation(f"127.0.0.1:{port}")
     try:
@@ -123,10 +123,11 @@ def test_batches_count_the_functions_they_carry() -> None:
         for i in range(4):  # four functions of 3 MB each (their closures), tiny arguments
             blob = bytes([i]) * (3 << 20)
             functions.append(lambda x, blob=blob: len(blob) + x)
-        with fed._lock:  # all four queued before the I/O loop flushes them
-            fed._flush_scheduled = True
+        session = fed._session
+        with session._lock:  # all four queued before the I/O loop flushes them
+            session._flush_scheduled = True
         futures = [fed.submit(f, 1) for f in functions]
-        fed._loop.call_soon_threadsafe(fed._flush)
+        session._loop.call_soon_threadsafe(session._flush)
         until(lambda: len(gateway.submitted) == 4)
         assert [f.task_id for f in futures] == gateway.submitted
         assert len(gateway.batch_bytes) >= 2 and max(gateway.batch_bytes) < 10 << 20
