@@ -165,7 +165,7 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
     site's copy (memory-mapped when the store is a local folder: no copy)."""
     import pyarrow as pa
 
-    from intertie.datasets import DatasetRef
+    from intertie.datasets import DatasetRef, map_refs
 
     cache: dict[str, Any] = {}
 
@@ -181,19 +181,8 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
                 cache[ref.id] = pa.ipc.open_file(pa.memory_map(location)).read_all()
         return cache[ref.id]
 
-    def swap(value: Any) -> Any:
-        if isinstance(value, DatasetRef):
-            return table(value)
-        if isinstance(value, list):
-            return [table(v) if isinstance(v, DatasetRef) else v for v in value]
-        if isinstance(value, tuple):
-            return tuple(table(v) if isinstance(v, DatasetRef) else v for v in value)
-        if isinstance(value, dict):
-            return {k: table(v) if isinstance(v, DatasetRef) else v for k, v in value.items()}
-        return value
-
     args, kwargs = call
-    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+    return map_refs(args, kwargs, table)
 
 
 def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None,

@@ -191,14 +191,30 @@ class DatasetClient:
         self._clients.clear()
 
 
+def map_refs(args: tuple[Any, ...], kwargs: dict[str, Any],
+             fn: Callable[[DatasetRef], Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A call's ``(args, kwargs)`` with each DatasetRef replaced by ``fn(ref)``, in order:
+    at the top level, and one level inside lists, tuples and dict values (where a task
+    finds them as tables). Those containers are rebuilt as plain lists, tuples and dicts."""
+    def one(value: Any) -> Any:
+        return fn(value) if isinstance(value, DatasetRef) else value
+
+    def swap(value: Any) -> Any:
+        if isinstance(value, DatasetRef):
+            return fn(value)
+        if isinstance(value, list):
+            return [one(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(one(v) for v in value)
+        if isinstance(value, dict):
+            return {k: one(v) for k, v in value.items()}
+        return value
+
+    return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
+
+
 def refs_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[DatasetRef]:
-    """The DatasetRefs among a call's arguments: top level, and one level inside lists,
-    tuples and dict values (where a task finds them as tables)."""
+    """The DatasetRefs among a call's arguments (as :func:`map_refs` finds them), once each."""
     found: dict[str, DatasetRef] = {}
-    for value in (*args, *kwargs.values()):
-        items = (value.values() if isinstance(value, dict) else value
-                 if isinstance(value, (list, tuple)) else (value,))
-        for item in items:
-            if isinstance(item, DatasetRef):
-                found.setdefault(item.id, item)
+    map_refs(args, kwargs, lambda ref: found.setdefault(ref.id, ref))
     return list(found.values())
