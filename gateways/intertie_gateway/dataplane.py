@@ -9,7 +9,7 @@ peers run in a child process that owns the dataset store; the gateway talks to i
 Flight on loopback and restarts it, on the same port, when it dies. A crash then fails the
 transfers under way, not the site: its journal, its Ray and its tasks go on.
 
-The child serves the public Flight surface of :class:`~intertie_gateway.datasets.FlightService`
+The child serves the public Flight surface of :class:`~intertie_gateway.flight_service.FlightService`
 plus internal actions (``dp-*``) that carry a secret only the gateway knows: pull a dataset
 from peers, evict replicas, where a dataset lies, stop transfers, and a sync that hands it
 the peers' Flight addresses and returns the ids it holds.
@@ -34,7 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore, FlightService
+from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
+from intertie_gateway.flight_service import FlightService
 
 logger = logging.getLogger(__name__)
 

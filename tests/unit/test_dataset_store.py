@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
-from intertie_gateway.datasets import DatasetError, DatasetStore, FlightService
+from intertie_gateway.datasets import DatasetError, DatasetStore
+from intertie_gateway.flight_service import FlightService
 
 
 def table(rows: int, start: int = 0) -> pa.Table:

@@ -1,0 +1,221 @@
+"""The site's Arrow Flight endpoint for datasets: the handlers that serve a
+:class:`~intertie_gateway.datasets.DatasetStore` over Flight.
+
+Flight surface (the gateway never unpickles anything here; it is all Arrow):
+- ``do_put`` with descriptor command ``{"name": ..., "id": ...}`` (the id is optional;
+  a task's stored result names its own, so a rerun replaces it): stores a stream of
+  record batches; answers with the dataset's metadata as JSON in the put result.
+- ``do_get`` with ticket = dataset id or name, or ``{"id": ..., "from_batch": k}`` to
+  resume an interrupted transfer at batch k: streams the batches back.
+- ``list_flights``: one FlightInfo per dataset (its metadata JSON in the descriptor).
+- actions ``get`` (metadata of an id or name), ``delete`` (which also asks the up
+  peers to drop their replicas) and ``delete-replica``.
+
+Every handler runs inside ``_served``, which answers bad input with a typed
+``ERROR_KIND_<KIND>`` and anything unexpected with a bounded internal error; tickets,
+descriptors and action bodies are bounded and parsed here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.flight as flight
+
+from intertie_gateway.arrow_checks import first_line
+from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
+from intertie_gateway.throttle import log_throttled
+from intertie_gateway.validate import clip
+
+logger = logging.getLogger(__name__)
+
+# A peer that does not answer a replica deletion in this time keeps its copy until it
+# is evicted from its cache.
+REPLICA_DELETE_TIMEOUT_S = 5.0
+
+
+def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
+    """Yields batches no faster than ``rate`` bytes/s (an operator's cap on what a site's
+    uplink gives to one transfer)."""
+    started = time.monotonic()
+    sent = 0
+    for batch in batches:
+        ahead = sent / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+        yield batch
+        sent += batch.nbytes
+
+
+class FlightService(flight.FlightServerBase):  # type: ignore[misc]
+    """The site's dataset endpoint (its own port, in the site's status as flight_address)."""
+
+    def __init__(self, location: str, store: DatasetStore, *, max_rate: float = 0.0,
+                 peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
+        super().__init__(location)
+        self.store = store
+        self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
+        self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
+
+    def _drop_replicas(self, meta: DatasetMeta) -> int:
+        """Asks every up peer to delete its replica of a deleted primary; how many did."""
+        def drop(address: str) -> int:
+            client = flight.FlightClient(f"grpc://{address}")
+            try:
+                options = flight.FlightCallOptions(timeout=REPLICA_DELETE_TIMEOUT_S)
+                list(client.do_action(flight.Action("delete-replica", meta.id.encode()), options))
+                return 1
+            except flight.FlightError as exc:
+                if "ERROR_KIND_NOT_FOUND" not in str(exc):
+                    logger.warning("could not delete the replica of %s at %s: %s", meta.id, address,
+                                   first_line(exc))
+                return 0
+            finally:
+                client.close()
+
+        addresses = list(self.peers())
+        if not addresses:
+            return 0
+        with ThreadPoolExecutor(min(16, len(addresses))) as pool:
+            return sum(pool.map(drop, addresses))
+
+    # Every handler answers bad input with a FlightServerError "ERROR_KIND_<KIND>: message"
+    # (the SDK maps the kind onto its error hierarchy) and anything unexpected with a bounded
+    # FlightInternalError. Only Flight's own exceptions reach the client without the
+    # server's Python traceback attached, which pyarrow adds to every other exception (and
+    # there is no Flight exception for INVALID_ARGUMENT: its gRPC status is UNKNOWN, with
+    # the kind in the message).
+    def _served(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call()
+        except DatasetError as exc:
+            raise flight.FlightServerError(f"{exc.kind}: {clip(str(exc), 1000)}") from None
+        except flight.FlightError:
+            raise
+        except Exception as exc:
+            log_throttled(logger, f"flight-{what}", "Flight %s failed: %s: %s", what, type(exc).__name__,
+                          clip(str(exc)), level=logging.ERROR, exc_info=True)
+            raise flight.FlightInternalError(f"ERROR_KIND_INTERNAL: site {self.store.site_id!r} could not serve "
+                                             f"this {what} ({type(exc).__name__})") from None
+
+    def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
+        def put() -> DatasetMeta:
+            request = _json_request(descriptor.command or b"{}", "put descriptor")
+            name, dataset_id = request.get("name") or "", request.get("id") or None
+            if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)):
+                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad put descriptor: name and id must be strings")
+            return self.store.write(name, reader, dataset_id=dataset_id)
+
+        meta = self._served("put", put)
+        writer.write(pa.py_buffer(meta.to_json()))
+        logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
+
+    def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        def get() -> flight.GeneratorStream:
+            key, start = ticket.ticket, 0
+            if key.startswith(b"{"):
+                request = _json_request(key, "ticket")
+                key, start = request.get("id"), request.get("from_batch", 0)
+                if not isinstance(key, str) or not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad ticket: expected {\"id\": a string, "
+                                       "\"from_batch\": a whole number >= 0}")
+            else:
+                key = _text(key, "ticket")
+            _, file_reader = self.store.open(key)
+            batches: Iterator[pa.RecordBatch] = (
+                file_reader.get_batch(i) for i in range(min(start, file_reader.num_record_batches),
+                                                        file_reader.num_record_batches))
+            if self.max_rate > 0:
+                batches = _paced(batches, self.max_rate)
+            # A RecordBatchStream (not a GeneratorStream) sends dictionary batches too.
+            return flight.RecordBatchStream(pa.RecordBatchReader.from_batches(file_reader.schema, batches))
+
+        return self._served("get", get)
+
+    def list_flights(self, context: Any, criteria: bytes) -> Any:
+        def listing() -> list[flight.FlightInfo]:
+            out = []
+            for meta in self.store.listing():
+                schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
+                out.append(flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
+                                             [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes))
+            return out
+
+        return iter(self._served("listing", listing))
+
+    def do_action(self, context: Any, action: flight.Action) -> Any:
+        def act() -> DatasetMeta:
+            key = _text(action.body.to_pybytes(), "action body")
+            if action.type == "get":
+                return self.store.resolve(key)
+            if action.type == "delete":
+                meta = self.store.delete(key)
+                if not meta.replica:
+                    dropped = self._drop_replicas(meta)
+                    if dropped:
+                        logger.info("deleted dataset %s and %d replicas of it", meta.id, dropped)
+                return meta
+            if action.type == "delete-replica":
+                if not self.store.resolve(key).replica:
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                       f"{clip(key)!r} is a primary at {self.store.site_id!r}")
+                return self.store.delete(key)
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {clip(action.type)!r}")
+
+        return iter([flight.Result(pa.py_buffer(self._served("action", act).to_json()))])
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [("get", "metadata of a dataset (id or name)"),
+                ("delete", "delete a dataset (id or name), and the federation's replicas of it"),
+                ("delete-replica", "delete this site's replica of a dataset (by id)")]
+
+    def _unsupported(self, *args: Any) -> Any:
+        raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: this Flight method is not served by Intertie "
+                                       "(use do_put, do_get, list_flights and the actions)")
+
+    get_flight_info = do_exchange = _unsupported
+
+    def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
+        """The schema of a dataset (descriptor command: its id or name). pyarrow attaches the
+        server's traceback to any error raised here (unlike every other method), so a
+        request that cannot be answered gets an empty schema whose metadata says why."""
+        def schema() -> pa.Schema:
+            key = _text(descriptor.command or b"", "descriptor") if descriptor.command is not None else ""
+            meta = self.store.resolve(key)
+            return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
+
+        try:
+            return flight.SchemaResult(self._served("schema", schema))
+        except flight.FlightError as exc:
+            return flight.SchemaResult(pa.schema([], metadata={"intertie-error": clip(str(exc), 1000)}))
+
+
+# The largest ticket, descriptor or action body read (ids and names are 128 characters).
+MAX_REQUEST_BYTES = 4096
+
+
+def _text(data: bytes, what: str) -> str:
+    if len(data) > MAX_REQUEST_BYTES:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"the {what} is {len(data)} bytes, over {MAX_REQUEST_BYTES}")
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"the {what} is not UTF-8") from None
+
+
+def _json_request(data: bytes, what: str) -> dict[str, Any]:
+    """A small JSON object from the network (bounded in size, so in nesting too)."""
+    text = _text(data, what)
+    try:
+        request = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: {clip(str(exc))}") from None
+    if not isinstance(request, dict):
+        raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"bad {what}: expected a JSON object")
+    return request
