@@ -16,22 +16,20 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from intertie.v1 import tasks_pb2
+from intertie_gateway import convert
+from intertie_gateway.lifecycle import TERMINAL_STATES, State
+from intertie_gateway.model import Change, Finished, Forgotten, Placed, Requeued, Started
 
 logger = logging.getLogger(__name__)
 
-# Task states as stored: the wire enum's values (1..5).
-QUEUED = tasks_pb2.TASK_STATE_QUEUED
-RUNNING = tasks_pb2.TASK_STATE_RUNNING
-SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
-FAILED = tasks_pb2.TASK_STATE_FAILED
-CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+# Task states as stored: the public states (the wire enum's values, 1..5).
+QUEUED = State.QUEUED
+RUNNING = State.RUNNING
+TERMINAL = TERMINAL_STATES
 
 SCHEMA_VERSION = 3
 _SCHEMA = """
@@ -71,7 +69,7 @@ CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state 
 class TaskRow:
     task_id: str
     spec: bytes
-    state: tasks_pb2.TaskState
+    state: int
     attempts: int
     site: str
     submitted_at: float
@@ -166,41 +164,11 @@ class Journal:
                 raise
         return existed
 
-    def write(self, statements: list[tuple[str, Sequence[object]]]) -> None:
-        """Several state changes in one transaction (group commit)."""
-        if statements:
-            self._tx(statements)
-
-    @staticmethod
-    def started(task_id: str, attempts: int, site: str, now: float) -> tuple[str, Sequence[object]]:
-        return ("UPDATE tasks SET state=?, attempts=?, site=?, started_at=? WHERE task_id=? AND state IN (1, 2)",
-                (RUNNING, attempts, site, now, task_id))
-
-    @staticmethod
-    def placed(task_id: str, attempts: int, site: str, placements: bytes) -> tuple[str, Sequence[object]]:
-        """The task was sent to ``site`` (possibly this one) and is waiting there."""
-        return ("UPDATE tasks SET state=?, attempts=?, site=?, placements=? WHERE task_id=? AND state IN (1, 2)",
-                (QUEUED, attempts, site, placements, task_id))
-
-    @staticmethod
-    def requeued(task_id: str, attempts: int, history: list[dict[str, object]]) -> tuple[str, Sequence[object]]:
-        return ("UPDATE tasks SET state=?, attempts=?, history=? WHERE task_id=? AND state IN (1, 2)",
-                (QUEUED, attempts, json.dumps(history), task_id))
-
-    @staticmethod
-    def finished(task_id: str, state: tasks_pb2.TaskState, attempts: int, site: str, now: float, result: bytes | None,
-                 error: bytes | None, history: list[dict[str, object]]) -> tuple[str, Sequence[object]]:
-        # "AND state IN (1, 2)": completion is idempotent; a late duplicate changes nothing.
-        return ("UPDATE tasks SET state=?, attempts=?, site=?, finished_at=?, result=?, error=?, history=? "
-                "WHERE task_id=? AND state IN (1, 2)",
-                (state, attempts, site, now, result, error, json.dumps(history), task_id))
-
-    @staticmethod
-    def forgotten(task_id: str) -> list[tuple[str, Sequence[object]]]:
-        """An unfinished task dropped from this site (its home took it back): its rows go."""
-        return [("DELETE FROM tasks WHERE task_id=? AND state IN (1, 2)", (task_id,)),
-                ("DELETE FROM specs WHERE task_id=? AND NOT EXISTS (SELECT 1 FROM tasks WHERE task_id=?)",
-                 (task_id, task_id))]
+    def write(self, changes: Sequence[Change]) -> None:
+        """The changes of one loop turn in one transaction (group commit). Each applies only
+        to an unfinished row: completion is idempotent, a late duplicate changes nothing."""
+        if changes:
+            self._tx(_statements(changes))
 
     def get(self, task_id: str) -> TaskRow | None:
         with self._lock:
@@ -245,5 +213,25 @@ class Journal:
             return dict(self._db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
 
 
-def now() -> float:
-    return time.time()
+def _statements(changes: Sequence[Change]) -> Iterator[tuple[str, Sequence[object]]]:
+    for c in changes:
+        if isinstance(c, Started):
+            yield ("UPDATE tasks SET state=?, attempts=?, site=?, started_at=? WHERE task_id=? AND state IN (1, 2)",
+                   (RUNNING, c.attempts, c.site, c.at, c.task_id))
+        elif isinstance(c, Placed):
+            yield ("UPDATE tasks SET state=?, attempts=?, site=?, placements=? WHERE task_id=? AND state IN (1, 2)",
+                   (QUEUED, c.attempts, c.site, convert.placements_blob(c.placements), c.task_id))
+        elif isinstance(c, Requeued):
+            yield ("UPDATE tasks SET state=?, attempts=?, history=? WHERE task_id=? AND state IN (1, 2)",
+                   (QUEUED, c.attempts, json.dumps(c.history), c.task_id))
+        elif isinstance(c, Finished):
+            yield ("UPDATE tasks SET state=?, attempts=?, site=?, finished_at=?, result=?, error=?, history=? "
+                   "WHERE task_id=? AND state IN (1, 2)",
+                   (c.state, c.attempts, c.site, c.at, c.result, convert.failure_bytes(c.error), json.dumps(c.history),
+                    c.task_id))
+        elif isinstance(c, Forgotten):
+            yield ("DELETE FROM tasks WHERE task_id=? AND state IN (1, 2)", (c.task_id,))
+            yield ("DELETE FROM specs WHERE task_id=? AND NOT EXISTS (SELECT 1 FROM tasks WHERE task_id=?)",
+                   (c.task_id, c.task_id))
+        else:  # pragma: no cover - the Change union is closed
+            raise TypeError(f"not a journal change: {c!r}")

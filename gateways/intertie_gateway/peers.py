@@ -21,7 +21,8 @@ import grpc
 
 from intertie._rpc import channel_options
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from intertie_gateway.journal import TERMINAL
+from intertie_gateway.convert import acks_refused, spec_to_proto, update_from_event
+from intertie_gateway.lifecycle import TERMINAL_STATES
 from intertie_gateway.placement import SiteView
 from intertie_gateway.ports import PeerListener, TaskT
 
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 # limit plus 16 MiB, so a batch of many large tasks would be refused, and resent, forever.
 FORWARD_BATCH_TASKS = 1000
 FORWARD_BATCH_BYTES = 8 << 20
+# What a spec takes on the wire besides its arguments (ids, digest, name, limits), about.
+SPEC_OVERHEAD_BYTES = 200
 # Messages between gateways may carry a full payload plus the rest of a batch.
 PEER_MESSAGE_BYTES = 1 << 30
 # The session under which a gateway's forwarded tasks are watched at a peer:
@@ -97,7 +100,8 @@ class Peer(Generic[TaskT]):
     # ------------------------------------------------------------------ up and down
     def open(self) -> None:
         """The peer came up: the session stream is opened, unless it still is."""
-        self.shipped.clear()  # it may have restarted with a fresh function store
+        # Functions it has from us are kept: its function store is journaled. A peer that lost
+        # its journal refuses their tasks NOT_FOUND, and those go again with the bytes.
         if self._watch is None or self._watch.done():
             self._watch = asyncio.create_task(self._session_loop())
 
@@ -145,7 +149,7 @@ class Peer(Generic[TaskT]):
             if len(batch) >= FORWARD_BATCH_TASKS:
                 break
             if self._sendable(task):
-                nbytes = task.spec.ByteSize()
+                nbytes = len(task.spec.args) + SPEC_OVERHEAD_BYTES
                 if batch and size + nbytes > FORWARD_BATCH_BYTES:
                     break
                 batch.append(task)
@@ -156,7 +160,7 @@ class Peer(Generic[TaskT]):
 
     def _sendable(self, task: TaskT) -> bool:
         """Still this peer's to run: not placed elsewhere meanwhile, nor finished (cancelled)."""
-        return task.site == self.site_id and task.state not in TERMINAL
+        return task.site == self.site_id and task.state not in TERMINAL_STATES
 
     def _message(self, seq: int, batch: Sequence[TaskT]) -> tasks_pb2.ClientMessage:
         functions: list[tasks_pb2.Function] = []
@@ -167,8 +171,8 @@ class Peer(Generic[TaskT]):
                 if payload is not None:
                     self.offered.add(digest)
                     functions.append(tasks_pb2.Function(digest=digest, payload=payload, name=task.spec.name))
-        # The specs go as they are: the peer sets ``home`` to this link's site itself (no copy here).
-        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[t.spec for t in batch])
+        # ``home`` is left empty: the peer sets it to this link's site itself.
+        request = tasks_pb2.SubmitRequest(functions=functions, tasks=[spec_to_proto(t.spec) for t in batch])
         return tasks_pb2.ClientMessage(submit=tasks_pb2.SubmitBatch(seq=seq, request=request))
 
     def _on_ack(self, ack: tasks_pb2.SubmitAck) -> None:
@@ -179,7 +183,7 @@ class Peer(Generic[TaskT]):
         if any(not a.accepted and a.error.kind == 6 for a in ack.acks):  # NOT_FOUND: its function store was lost
             self.shipped.clear()
             self.offered.clear()
-        self.listener.on_forward_acks(self, batch, ack.acks)
+        self.listener.on_forward_acks(self, batch, acks_refused(ack.acks))
 
     def abandon(self) -> list[TaskT]:
         """The peer went down: what was on its way there (queued here, or sent and not
@@ -248,7 +252,7 @@ class Peer(Generic[TaskT]):
                                         message.reconciled.dropped)
                         listener.on_reconciled(self, message.reconciled.unknown_task_ids, unsent)
                     else:
-                        listener.on_peer_events(self, message.events.events)
+                        listener.on_peer_events(self, [update_from_event(e) for e in message.events.events])
             except grpc.RpcError as exc:
                 if self.closed:
                     return

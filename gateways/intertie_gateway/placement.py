@@ -120,6 +120,24 @@ class Decision:
         return f"no site can run it ({self.rejected_count} rejected): {shown}"
 
 
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """Where a task was sent and why: kept with the task, journaled, shown by ``info``."""
+
+    site: str
+    reason: str
+    decided_at: float
+    candidates: tuple[Score, ...] = ()
+    rejected: tuple[tuple[str, str], ...] = ()
+    rejected_count: int = 0
+    feasible_count: int = 0
+
+    @classmethod
+    def of(cls, decision: Decision, reason: str, now: float) -> PlacementRecord:
+        return cls(decision.site_id or "", reason, now, decision.candidates, decision.rejected,
+                   decision.rejected_count, decision.feasible_count)
+
+
 def _number(value: str | None) -> float:
     if not value:
         return 0.0

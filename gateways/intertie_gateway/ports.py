@@ -9,17 +9,22 @@ They are generic in the core's task type: a link carries the core's tasks withou
 more of them than ``ForwardedTask``, and hands the same objects back (acks, a peer down), so
 the core gets its own type back without a cast.
 
-Wire types still cross these seams on purpose, until the core has its own (issue 10, wire
-types at the edge): a task's spec is what a link sends, and acks, events and statuses are
-handed over as they arrived, not copied.
+What crosses is the core's own vocabulary: a task's spec (``model.TaskSpec``; the link
+builds the wire message), refusals as ``Failure``s, a peer's events as ``Update``s. Only
+the peers' statuses are handed through as the wire's SiteStatus, untouched, to the two
+readers that serve them on (ListSites, and the dataset transfers' addresses); they are typed
+loosely here so that the core's seams need no generated code.
+
+``Executor`` and ``Loop`` are what local dispatch needs of Ray and of the event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any, Protocol, TypeVar
 
-from intertie.v1 import site_pb2, tasks_pb2
+from intertie_gateway.model import Failure, TaskSpec, Update
 from intertie_gateway.placement import SiteView
 
 
@@ -30,7 +35,7 @@ class ForwardedTask(Protocol):
     def task_id(self) -> str: ...
 
     @property
-    def spec(self) -> tasks_pb2.TaskSpec: ...
+    def spec(self) -> TaskSpec: ...
 
     @property
     def site(self) -> str:
@@ -73,6 +78,12 @@ class PeerPort(Protocol[TaskT]):
 class Federation(Protocol[TaskT]):
     """What the core calls on the set of peers (``membership.Membership``)."""
 
+    def start(self) -> None:
+        """Starts the heartbeats (on the running event loop)."""
+        ...
+
+    async def close(self) -> None: ...
+
     def views(self) -> list[SiteView]:
         """Every peer as placement sees it, up or not."""
         ...
@@ -81,11 +92,11 @@ class Federation(Protocol[TaskT]):
         """The peer that is ``site_id``, once it has been up."""
         ...
 
-    def catalogue(self) -> list[site_pb2.SiteStatus]:
+    def catalogue(self) -> list[Any]:
         """The peers as clients see them in ListSites."""
         ...
 
-    def up_statuses(self) -> list[site_pb2.SiteStatus]:
+    def up_statuses(self) -> list[Any]:
         """The last status of each peer that is up; safe to call from other threads (Flight)."""
         ...
 
@@ -114,12 +125,12 @@ class PeerListener(Protocol[TaskT]):
         """A function's pickled bytes, sent once per link and digest."""
         ...
 
-    def on_forward_acks(self, peer: PeerPort[TaskT], batch: Sequence[TaskT],
-                        acks: Sequence[tasks_pb2.TaskAck]) -> None:
-        """A peer acknowledged a batch: accepted, or refused with a reason, per task."""
+    def on_forward_acks(self, peer: PeerPort[TaskT], batch: Sequence[TaskT], refused: Mapping[str, Failure]) -> None:
+        """A peer acknowledged a batch: the tasks in ``refused`` (by id) with a reason, the
+        others accepted."""
         ...
 
-    def on_peer_events(self, peer: PeerPort[TaskT], events: Sequence[tasks_pb2.TaskEvent]) -> None:
+    def on_peer_events(self, peer: PeerPort[TaskT], events: Sequence[Update]) -> None:
         """Tasks this home sent to ``peer`` started or finished there."""
         ...
 
@@ -143,3 +154,72 @@ class PeerListener(Protocol[TaskT]):
     def idle_slots(self) -> int:
         """How many tasks this site would take from busy peers now (0: it is not idle)."""
         ...
+
+
+class Handle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Loop(Protocol):
+    """The event loop as local dispatch uses it (``asyncio.AbstractEventLoop``)."""
+
+    def call_soon_threadsafe(self, callback: Callable[..., object], *args: Any) -> Any: ...
+
+    def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Handle: ...
+
+
+class Executor(Protocol):
+    """This site's Ray as local dispatch uses it (``runner.RayRunner``)."""
+
+    @property
+    def pool_size(self) -> int: ...
+
+    def pooled(self, request: Mapping[str, float]) -> bool: ...
+
+    def has_function(self, digest: str) -> bool: ...
+
+    def put_function(self, digest: str, payload: bytes) -> None: ...
+
+    def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
+               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False) -> Any:
+        """Starts one call; returns it (``runner.Running``: its ``ref`` resolves when it ends)."""
+        ...
+
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
+                    request: Mapping[str, float]) -> Any:
+        """Starts one call running several tasks of one function (name, args, batch, task id)."""
+        ...
+
+    def outcome(self, running: Any, fut: Future[Any]) -> tuple[str, Any]:
+        """("ok", what the worker returned) or (RETRY | PREEMPTED | INTERNAL, the exception)."""
+        ...
+
+    def cancel(self, running: Any) -> None: ...
+
+
+class NoFederation(Federation[TaskT]):
+    """The federation of a site without peers: nobody to place at, forward to or hear from."""
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def views(self) -> list[SiteView]:
+        return []
+
+    def peer_for(self, site_id: str) -> PeerPort[TaskT] | None:
+        return None
+
+    def catalogue(self) -> list[Any]:
+        return []
+
+    def up_statuses(self) -> list[Any]:
+        return []
+
+    async def verify(self, site_id: str, session_id: str) -> tuple[str, str]:
+        return "refused", "this site has no peers configured"
+
+    def owns_link(self, site_id: str, session_id: str) -> bool:
+        return False

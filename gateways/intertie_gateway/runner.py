@@ -9,6 +9,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from intertie_gateway.config import GatewayConfig
+from intertie_gateway.model import INTERNAL, PREEMPTED, RETRY
 from intertie_gateway.worker import KV_NAMESPACE, KV_PREFIX, Outcome, PoolWorker, execute
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,6 @@ class Running:
         self.ref = ref
         self.slot = slot
         self.index = index
-
-
-# How a failed task inside Ray is to be treated (see RayRunner.classify).
-RETRY = "retry"          # the worker or node failed while running it: spend an attempt
-PREEMPTED = "preempted"  # it only waited on a worker that died for another task: rerun free
-INTERNAL = "internal"    # Ray refused or broke in a way no rerun fixes
 
 
 class RayRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -42,14 +43,37 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     journal = Journal(state / "journal.sqlite", fsync=config.fsync)
     runner = RayRunner(config)
     hub = SessionHub()
-    scheduler = Scheduler(config, journal, runner, hub)
-    membership = Membership(scheduler, config.peers, heartbeat_s=config.heartbeat_s, down_after=config.down_after,
-                            steal=config.steal, bandwidth=config.bandwidth) if config.peers else None
-    # Each needs the other: the scheduler is built first and is the membership's listener,
-    # then learns of the membership (through the ports protocols: neither imports the other).
-    scheduler.membership = membership
 
     server = grpc.aio.server(options=server_options(config.max_payload_bytes))
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    host = config.listen.rpartition(":")[0]
+    address = f"{host}:{port}"
+    cores: list[Scheduler] = []  # the core, once built
+
+    def peer_endpoints() -> list[str]:
+        """The up peers' dataset endpoints (told when an original is deleted). The data plane
+        first asks at its start, before the core exists, when no peer is up yet."""
+        return cores[0].transfers.peer_flight_addresses() if cores else []
+
+    # Datasets are stored and served by a process of its own (Arrow decoding of network
+    # data can crash; see dataplane.py), restarted on the same port when it dies.
+    flight_host, _, flight_port = (config.flight_listen or f"{host}:0").rpartition(":")
+    store = DataPlane(state, config.data_url or str(state / "datasets"), config.site_id, host=flight_host,
+                      port=int(flight_port), quota_bytes=config.dataset_quota_bytes,
+                      replica_cache_bytes=config.replica_cache_bytes, max_rate=config.flight_max_rate,
+                      peers=peer_endpoints)
+    runner.keep_results_at(store.address, config.result_dataset_bytes)
+    # The membership of the peers is built by the core around its own listener (each calls
+    # the other through the ports protocols: neither imports the other).
+    make_federation = functools.partial(
+        Membership, addresses=config.peers, heartbeat_s=config.heartbeat_s, down_after=config.down_after,
+        steal=config.steal, bandwidth=config.bandwidth) if config.peers else None
+    scheduler = Scheduler(config, journal, runner, hub, address=address, store=store,
+                          make_federation=make_federation)
+    cores.append(scheduler)
+
     register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     register(server, PeerService(scheduler), peer_pb2.DESCRIPTOR.services_by_name["PeerService"])
@@ -63,29 +87,12 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME)), reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], own_streams=False)
     quiet_grpc_noise()
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
-    host = config.listen.rpartition(":")[0]
-    address = f"{host}:{port}"
-    scheduler.address = address
-    # Datasets are stored and served by a process of its own (Arrow decoding of network
-    # data can crash; see dataplane.py), restarted on the same port when it dies.
-    flight_host, _, flight_port = (config.flight_listen or f"{host}:0").rpartition(":")
-    store = DataPlane(state, config.data_url or str(state / "datasets"), config.site_id, host=flight_host,
-                      port=int(flight_port), quota_bytes=config.dataset_quota_bytes,
-                      replica_cache_bytes=config.replica_cache_bytes, max_rate=config.flight_max_rate,
-                      peers=scheduler.peer_flight_addresses)
-    scheduler.store = store
-    scheduler.flight_address = store.address
-    runner.keep_results_at(scheduler.flight_address, config.result_dataset_bytes)
 
     requeued, failed = scheduler.recover()
     if requeued or failed:
         logger.info("recovered from journal: %d tasks requeued, %d failed (no retries left)", requeued, failed)
     await server.start()
-    if membership is not None:
-        membership.start()
+    scheduler.federation.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
 
     stop = asyncio.Event()
@@ -106,8 +113,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         while True:
             await asyncio.sleep(RESOURCE_REFRESH_S)
             try:
-                scheduler.capacity.update_total(runner.total_resources())
-                scheduler.pump()
+                scheduler.refresh_resources()
                 since_expire += RESOURCE_REFRESH_S
                 if since_expire >= EXPIRE_INTERVAL_S:
                     since_expire = 0.0
@@ -132,8 +138,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         await health_servicer.enter_graceful_shutdown()
         scheduler.drain()
         store.close()  # after drain: tasks waiting for data stay queued rather than fail
-        if membership is not None:
-            await membership.close()
+        await scheduler.federation.close()
         await server.stop(STOP_GRACE_S)
     finally:
         for job in (keeper, watcher):

@@ -13,6 +13,7 @@ from google.protobuf import symbol_database
 
 from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie_gateway.convert import placement_to_proto, spec_from_proto
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
 from intertie_gateway.throttle import log_throttled
@@ -161,7 +162,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                      context: grpc.aio.ServicerContext) -> tasks_pb2.SubmitResponse:
         if self._scheduler.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        acks = await self._scheduler.submit(request)
+        acks = await self._scheduler.intake.submit(request)
         return tasks_pb2.SubmitResponse(acks=acks)
 
     async def Watch(self, request: tasks_pb2.WatchRequest,
@@ -248,7 +249,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     continue
                 request = message.submit.request
                 request.session_id = session.session_id
-                acks = await self._scheduler.submit(request, peer=session.peer)
+                acks = await self._scheduler.intake.submit(request, peer=session.peer)
                 session.push_reply(tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks)))
         except asyncio.CancelledError:
             raise
@@ -267,12 +268,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if len(request.task_ids) > MAX_IDS_PER_CALL:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
-        unknown = self._scheduler.subscribe(request.session_id, list(request.task_ids))
+        unknown = self._scheduler.queries.subscribe(request.session_id, list(request.task_ids))
         return tasks_pb2.SubscribeResponse(unknown_task_ids=unknown)
 
     async def GetTask(self, request: tasks_pb2.GetTaskRequest,
                       context: grpc.aio.ServicerContext) -> tasks_pb2.TaskInfo:
-        info = self._scheduler.info(request.task_id)
+        info = self._scheduler.queries.info(request.task_id)
         if info is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, "ERROR_KIND_NOT_FOUND",
                          f"site {self._scheduler.site_id!r} knows no task {clip(request.task_id)!r}")
@@ -297,7 +298,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if error is not None or request.args_bytes < 0:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          error.message if error is not None else "args_bytes must be >= 0")
-        return self._scheduler.quote(spec, request.args_bytes)
+        return placement_to_proto(self._scheduler.quote(spec_from_proto(spec), request.args_bytes))
 
 
 class SiteService(site_pb2_grpc.SiteServiceServicer):
@@ -306,11 +307,11 @@ class SiteService(site_pb2_grpc.SiteServiceServicer):
 
     async def GetStatus(self, request: site_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> site_pb2.SiteStatus:
-        return self._scheduler.status()
+        return self._scheduler.queries.status()
 
     async def ListSites(self, request: site_pb2.ListSitesRequest,
                         context: grpc.aio.ServicerContext) -> site_pb2.SiteList:
-        return site_pb2.SiteList(sites=self._scheduler.catalogue())
+        return site_pb2.SiteList(sites=self._scheduler.queries.catalogue())
 
 
 class PeerService(peer_pb2_grpc.PeerServiceServicer):

@@ -6,6 +6,8 @@ import asyncio
 import logging
 
 from intertie.v1 import tasks_pb2
+from intertie_gateway.convert import update_to_event
+from intertie_gateway.model import Update
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ class SessionHub:
             session = self._sessions.get(sid)
             if session is not None and (not progress or session.progress):
                 session.push(event)
+
+    def tell(self, session_ids: set[str] | None, update: Update, *, progress: bool = False) -> None:
+        """The core's update, as the event the sessions' streams carry (built only if one is open)."""
+        if session_ids and any(sid in self._sessions for sid in session_ids):
+            self.push(session_ids, update_to_event(update), progress=progress)
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from intertie.v1 import tasks_pb2
+from intertie_gateway.book import Task
+from intertie_gateway.model import Failure, Update
 from intertie_gateway.ports import PeerPort
-from intertie_gateway.scheduler import Task
 
 
 class FakeListener:
@@ -26,11 +26,10 @@ class FakeListener:
     def function_bytes(self, digest: str) -> bytes | None:
         return b"pickled function"
 
-    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task],
-                        acks: Sequence[tasks_pb2.TaskAck]) -> None:
+    def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task], refused: Mapping[str, Failure]) -> None:
         pass
 
-    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[tasks_pb2.TaskEvent]) -> None:
+    def on_peer_events(self, peer: PeerPort[Task], events: Sequence[Update]) -> None:
         pass
 
     def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from intertie_gateway import journal as jr
 from intertie_gateway.journal import Journal
+from intertie_gateway.lifecycle import State
+from intertie_gateway.model import Failure, Finished, Requeued, Started
 
 
 def make(tmp_path: Path, fsync: bool = False) -> Journal:
@@ -24,33 +26,33 @@ def test_accept_is_idempotent_and_reports_known_ids(tmp_path: Path) -> None:
 def test_completion_is_recorded_once(tmp_path: Path) -> None:
     j = make(tmp_path)
     j.accept([], [("a", b"s")], now=1.0)
-    j.write([Journal.started("a", 1, "site", 2.0)])
-    j.write([Journal.finished("a", jr.SUCCEEDED, 1, "site", 3.0, b"first", None, [])])
+    j.write([Started("a", 1, "site", 2.0)])
+    j.write([Finished("a", State.SUCCEEDED, 1, "site", 3.0, b"first", None)])
     # A late duplicate (another attempt finishing) changes nothing.
-    j.write([Journal.finished("a", jr.FAILED, 2, "other", 4.0, None, b"err", [])])
+    j.write([Finished("a", State.FAILED, 2, "other", 4.0, None, Failure(9, "err"))])
     row = j.get("a")
     assert row is not None
-    assert (row.state, row.result, row.site, row.attempts) == (jr.SUCCEEDED, b"first", "site", 1)
+    assert (row.state, row.result, row.site, row.attempts) == (State.SUCCEEDED, b"first", "site", 1)
     assert list(j.unfinished()) == []
 
 
 def test_state_survives_reopen_and_running_is_visible(tmp_path: Path) -> None:
     j = make(tmp_path)
     j.accept([], [("a", b"s"), ("b", b"s")], now=1.0)
-    j.write([Journal.started("a", 1, "site", 2.0)])
-    j.write([Journal.requeued("b", 1, [{"attempt": 1, "outcome": "worker died"}])])
+    j.write([Started("a", 1, "site", 2.0)])
+    j.write([Requeued("b", 1, [{"attempt": 1, "outcome": "worker died"}])])
     j.close()
     j2 = make(tmp_path)
     rows = {r.task_id: r for r in j2.unfinished()}
-    assert rows["a"].state == jr.RUNNING and rows["a"].attempts == 1
-    assert rows["b"].state == jr.QUEUED and rows["b"].history == [{"attempt": 1, "outcome": "worker died"}]
+    assert rows["a"].state == State.RUNNING and rows["a"].attempts == 1
+    assert rows["b"].state == State.QUEUED and rows["b"].history == [{"attempt": 1, "outcome": "worker died"}]
 
 
 def test_expire_removes_only_old_finished_tasks(tmp_path: Path) -> None:
     j = make(tmp_path)
     j.accept([], [("old", b"s"), ("new", b"s"), ("open", b"s")], now=1.0)
-    j.write([Journal.finished("old", jr.SUCCEEDED, 1, "s", 10.0, b"r", None, []),
-             Journal.finished("new", jr.SUCCEEDED, 1, "s", 100.0, b"r", None, [])])
+    j.write([Finished("old", State.SUCCEEDED, 1, "s", 10.0, b"r", None),
+             Finished("new", State.SUCCEEDED, 1, "s", 100.0, b"r", None)])
     assert j.expire(older_than=50.0) == 1
     assert j.get("old") is None and j.get("new") is not None and j.get("open") is not None
     assert set(j.get_many(["old", "new", "open", "zzz"])) == {"new", "open"}
@@ -76,7 +78,7 @@ def test_committed_rows_are_readable_by_another_connection(tmp_path: Path) -> No
 def test_expire_also_removes_specs(tmp_path: Path) -> None:
     j = make(tmp_path)
     j.accept([], [("old", b"big spec")], now=1.0)
-    j.write([Journal.finished("old", jr.SUCCEEDED, 1, "s", 10.0, b"r", None, [])])
+    j.write([Finished("old", State.SUCCEEDED, 1, "s", 10.0, b"r", None)])
     assert j.expire(older_than=50.0) == 1
     assert j._db.execute("SELECT count(*) FROM specs").fetchone()[0] == 0
 

@@ -13,6 +13,18 @@ RUNTIME = Path(intertie.__file__).parent
 GATEWAY = Path(intertie_gateway.__file__).parent
 
 
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, by name (``from a import b`` counts as ``a`` and ``a.b``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
 def import_graph(root: Path, package: str) -> dict[str, set[str]]:
     modules = {".".join((package, *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
                for p in root.rglob("*.py") if "v1" not in p.relative_to(root).parts}
@@ -72,11 +84,35 @@ def test_the_sdk_has_no_import_circles() -> None:
 
 def test_the_gateway_has_no_import_circles() -> None:
     graph = import_graph(GATEWAY, "intertie_gateway")
-    assert "intertie_gateway.ports" in graph["intertie_gateway.scheduler"]  # the core sees the federation through ports
-    assert not graph["intertie_gateway.ports"] & {"intertie_gateway.scheduler", "intertie_gateway.peers",
-                                                   "intertie_gateway.membership"}
+    assert "intertie_gateway.ports" in graph["intertie_gateway.federate"]  # the core sees the federation through ports
+    assert not graph["intertie_gateway.ports"] & {"intertie_gateway.federate", "intertie_gateway.scheduler",
+                                                   "intertie_gateway.peers", "intertie_gateway.membership"}
     assert circles(graph) == []
 
 
 def test_the_circle_finder_finds_one() -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# The core's decisions: no I/O, no event loop, no wire types; they import only each other
+# (and the gateway's configuration record).
+PURE = {"lifecycle", "model", "estimates", "book", "placement", "admission", "dispatch", "federate", "ports"}
+FORBIDDEN = ("grpc", "ray", "sqlite3", "asyncio", "intertie.v1", "pyarrow", "socket", "threading")
+# Where wire messages are built or read: the servicers and what feeds them, the peer link and
+# membership, the session streams, the checks of wire input, and the one conversion module.
+WIRE = {"service", "intake", "queries", "sessions", "peers", "membership", "validate", "convert", "server"}
+
+
+def test_the_core_s_decisions_do_no_io_and_see_no_wire_types() -> None:
+    for name in PURE:
+        imported = imports_of(GATEWAY / f"{name}.py")
+        bad = {m for m in imported if m.split(".")[0] in FORBIDDEN or m.startswith(FORBIDDEN)}
+        assert not bad, f"{name} imports {sorted(bad)}"
+        ours = {m.split(".")[1] for m in imported if m.startswith("intertie_gateway.")}
+        assert ours <= PURE | {"config"}, f"{name} imports {sorted(ours - PURE - {'config'})}"
+
+
+def test_only_the_edge_imports_the_generated_wire_code() -> None:
+    speaking = {p.stem for p in GATEWAY.glob("*.py")
+                if any(m.startswith("intertie.v1") for m in imports_of(p))}
+    assert speaking <= WIRE, sorted(speaking - WIRE)

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from peer_fakes import FakeListener
 
+from intertie_gateway.book import Task
 from intertie_gateway.membership import Membership
 from intertie_gateway.peers import Peer
-from intertie_gateway.scheduler import Task
 
 
 class Unanswered:

@@ -10,10 +10,11 @@ import grpc
 from peer_fakes import FakeListener
 
 from intertie.v1 import tasks_pb2
-from intertie_gateway import journal as jr
+from intertie_gateway.book import Task
+from intertie_gateway.lifecycle import Phase
 from intertie_gateway.membership import Membership
+from intertie_gateway.model import TaskSpec
 from intertie_gateway.peers import Peer
-from intertie_gateway.scheduler import Task
 
 
 class FakeCall:
@@ -52,9 +53,9 @@ class FakeTasks:
         return self.calls[-1]
 
 
-def task(task_id: str, site: str = "b", state: int = jr.QUEUED) -> Task:
-    t = Task(tasks_pb2.TaskSpec(task_id=task_id, function_digest="0" * 64, name="f"), 0.0)
-    t.site, t.state = site, state  # type: ignore[assignment]
+def task(task_id: str, site: str = "b", phase: Phase = Phase.FORWARDING, args: bytes = b"") -> Task:
+    t = Task(TaskSpec(task_id=task_id, function_digest="0" * 64, args=args, name="f"), 0.0)
+    t.site, t.phase = site, phase
     return t
 
 
@@ -83,7 +84,7 @@ def test_a_task_cancelled_before_it_was_sent_is_not_sent() -> None:
     async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer._call = call = FakeCall()  # type: ignore[assignment]
         peer.watching.set()
-        live, cancelled, moved = task("live"), task("cancelled", state=jr.CANCELLED), task("moved", site="c")
+        live, cancelled, moved = task("live"), task("cancelled", phase=Phase.CANCELLED), task("moved", site="c")
         peer.forward([live, cancelled, moved])
         assert peer._sender is not None
         await peer._sender
@@ -97,7 +98,7 @@ def test_a_reconnect_resends_unacknowledged_tasks_except_finished_ones() -> None
     async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer.tasks = stub = FakeTasks()  # type: ignore[assignment]
         live = task("live")
-        peer.inflight = {1: [live, task("cancelled", state=jr.CANCELLED)], 2: [task("done", state=jr.SUCCEEDED)]}
+        peer.inflight = {1: [live, task("cancelled", phase=Phase.CANCELLED)], 2: [task("done", phase=Phase.SUCCEEDED)]}
         peer._watch = asyncio.create_task(peer._session_loop())
         await until(peer.watching.is_set)
         assert stub.calls[0].sent() == ["live"]
@@ -141,11 +142,9 @@ def test_batches_to_a_peer_are_bounded_in_bytes_as_in_tasks() -> None:
     async def body(peer: Peer[Task], listener: FakeListener) -> None:
         peer._call = call = FakeCall()  # type: ignore[assignment]
         peer.watching.set()
-        big = [task(f"big{i}") for i in range(5)]
-        for t in big:
-            t.spec.args = b"x" * (3 << 20)  # two fit in 8 MiB: 6 MiB + 3 MiB > 8 MiB
+        big = [task(f"big{i}", args=b"x" * (3 << 20)) for i in range(5)]  # two fit in 8 MiB: 6 + 3 > 8 MiB
         small = [task(f"s{i}") for i in range(2500)]
-        peer.forward([*big, task("gone", state=jr.CANCELLED), *small])
+        peer.forward([*big, task("gone", phase=Phase.CANCELLED), *small])
         assert peer._sender is not None
         await peer._sender
         sizes = [len(m.submit.request.tasks) for m in call.written if m.HasField("submit")]

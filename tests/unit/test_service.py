@@ -28,11 +28,14 @@ class FakeContext:
         raise Aborted(message)
 
 
-class BrokenScheduler:
-    draining = False
-
+class BrokenIntake:
     async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "") -> list[tasks_pb2.TaskAck]:
         raise OSError("disk I/O error")
+
+
+class BrokenScheduler:
+    draining = False
+    intake = BrokenIntake()
 
 
 async def messages(second: Any) -> AsyncIterator[Any]:

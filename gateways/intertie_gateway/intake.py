@@ -1,0 +1,175 @@
+"""Intake: where a wire batch of tasks (a client's, or a peer's on a verified link) becomes
+accepted tasks. Each is checked, converted to the core's spec, journaled (the point of
+acknowledgement), and handed to the book; one ack per task, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from intertie.v1 import common_pb2, tasks_pb2
+from intertie_gateway import convert
+from intertie_gateway.book import Task, TaskBook
+from intertie_gateway.config import GatewayConfig
+from intertie_gateway.journal import TERMINAL, Journal, TaskRow
+from intertie_gateway.sessions import SessionHub
+from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip
+
+logger = logging.getLogger(__name__)
+K = common_pb2.ErrorKind
+
+# Batches of accepted tasks larger than this are journaled on a thread, so that one
+# big upload does not stall every other client on the event loop.
+INLINE_JOURNAL_BYTES = 1 << 20
+
+
+class Intake:
+    """``feasibility`` builds, per batch, the check of whether any site can ever run a task;
+    ``restore`` puts a journaled task back in memory; ``commit`` is the driver's group
+    commit, ``pump`` its pump, ``spawn`` runs a coroutine in the background."""
+
+    def __init__(self, book: TaskBook, journal: Journal, hub: SessionHub, *, config: GatewayConfig, python: str,
+                 feasibility: Callable[[], Callable[[Task, bool], str | None]],
+                 restore: Callable[[TaskRow, str], Task], commit: Callable[[], None], pump: Callable[[], None],
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+        self.book = book
+        self.journal = journal
+        self.hub = hub
+        self.config = config
+        self.site_id = config.site_id
+        self.python = python
+        self._feasibility = feasibility
+        self._restore = restore
+        self._commit = commit
+        self._pump = pump
+        self._spawn = spawn
+        self._known_functions = journal.function_digests()
+
+    async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "") -> list[tasks_pb2.TaskAck]:
+        """Validates, journals and queues a batch; one ack per task, in order.
+
+        ``peer``: the site whose verified link the batch came on ("" for a client). Only
+        there is ``home`` honoured, and it is the link's site whatever the spec says."""
+        now = self.book.now()
+        limit = self.config.max_payload_bytes
+        bad_functions: dict[str, common_pb2.Error] = {}
+        new_functions: list[tuple[str, str, bytes]] = []
+        for fn in request.functions:
+            if len(fn.payload) > limit:
+                bad_functions[fn.digest] = common_pb2.Error(
+                    kind=K.ERROR_KIND_PAYLOAD_TOO_LARGE,
+                    message=f"function {clip(fn.name or fn.digest)} is {len(fn.payload)} bytes pickled, over this "
+                            f"site's limit of {limit} bytes")
+            elif hashlib.sha256(fn.payload).hexdigest() != fn.digest:
+                bad_functions[fn.digest] = common_pb2.Error(
+                    kind=K.ERROR_KIND_INVALID_ARGUMENT,
+                    message=f"function {clip(fn.name or fn.digest)}: payload does not match its sha256 digest")
+            elif fn.digest not in self._known_functions:
+                new_functions.append((fn.digest, clip(fn.name, MAX_NAME_CHARS), fn.payload))
+        offered = {d for d, _, _ in new_functions}
+
+        acks: list[tasks_pb2.TaskAck] = []
+        accepted: list[Task] = []
+        rows: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        nbytes = 0
+        never_runs = self._feasibility()
+        for spec in request.tasks:
+            error = None
+            if peer:
+                spec.home = peer
+            elif spec.home:
+                error = common_pb2.Error(kind=K.ERROR_KIND_INVALID_ARGUMENT, message=(
+                    f"task {clip(spec.task_id)}: home is set by the gateway a task was forwarded from, not by a "
+                    "client"))
+            federated = self.book.federated and not spec.home
+            if error is None:
+                error = check_spec(spec, max_payload_bytes=limit, python_version="" if federated else self.python,
+                                   site_id=self.site_id)
+            if error is None:
+                error = bad_functions.get(spec.function_digest)
+            if error is None and spec.function_digest not in self._known_functions \
+                    and spec.function_digest not in offered:
+                error = common_pb2.Error(kind=K.ERROR_KIND_NOT_FOUND, message=(
+                    f"task {spec.task_id}: function {spec.function_digest[:12]} is unknown to site "
+                    f"{self.site_id!r}; send its bytes with the task"))
+            task = None
+            if error is None:
+                task = Task(convert.spec_from_proto(spec), now)
+                why = never_runs(task, federated)
+                if why is not None:
+                    error = common_pb2.Error(kind=K.ERROR_KIND_PLACEMENT, message=f"task {spec.task_id}: {why}")
+            if error is not None or task is None:
+                acks.append(tasks_pb2.TaskAck(task_id=clip(spec.task_id), accepted=False, error=error))
+                continue
+            acks.append(tasks_pb2.TaskAck(task_id=spec.task_id, accepted=True))
+            if spec.task_id in seen:
+                continue
+            seen.add(spec.task_id)
+            live = self.book.get(spec.task_id)
+            if live is not None:  # a resubmission of a task in flight: idempotent
+                live.add_session(request.session_id)
+                continue
+            accepted.append(task)
+            rows.append((spec.task_id, spec.SerializeToString()))
+            nbytes += len(task.spec.args)
+
+        if not accepted and not new_functions:
+            return acks
+        if nbytes + sum(len(p) for _, _, p in new_functions) > INLINE_JOURNAL_BYTES:
+            # One step that cancelling the caller (its stream closed, its deadline passed) does
+            # not split: tasks journaled but not registered would be acknowledged on a resend
+            # (found journaled) and never run.
+            await asyncio.shield(self._spawn(self._accept_off_loop(request.session_id, new_functions, accepted,
+                                                                   rows, now)))
+        else:
+            self._register(request.session_id, new_functions, accepted,
+                           self.journal.accept(new_functions, rows, now))
+        return acks
+
+    async def _accept_off_loop(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
+                               accepted: list[Task], rows: list[tuple[str, bytes]], now: float) -> None:
+        existed = await asyncio.get_running_loop().run_in_executor(None, self.journal.accept, new_functions, rows,
+                                                                   now)
+        self._register(session_id, new_functions, accepted, existed)
+
+    def _register(self, session_id: str, new_functions: list[tuple[str, str, bytes]], accepted: list[Task],
+                  existed: set[str]) -> None:
+        """Journaled: from here on the tasks survive a crash, and may be acknowledged."""
+        for digest, _, _ in new_functions:
+            self._known_functions.add(digest)  # its bytes are read back from the journal when needed
+        journaled_before: list[str] = []
+        for task in accepted:
+            live = self.book.get(task.task_id)
+            if live is not None:  # a concurrent submit of the same task registered it meanwhile
+                live.add_session(session_id)
+                continue
+            if task.task_id in existed:
+                journaled_before.append(task.task_id)
+                continue
+            task.add_session(session_id)
+            self.book.admit(task)
+        if journaled_before:
+            self._rejoin(session_id, journaled_before)
+        self._pump()
+
+    def _rejoin(self, session_id: str, task_ids: list[str]) -> None:
+        """Resubmitted tasks that were journaled before and are not in memory: a finished one is
+        answered from the journal; an unfinished one (its first submit journaled it but never
+        registered it) is put back as at a restart."""
+        self._commit()
+        rows = self.journal.get_many(task_ids)
+        for task_id in task_ids:
+            row = rows.get(task_id)
+            if row is None:
+                continue
+            if row.state in TERMINAL:
+                self.hub.push({session_id}, convert.event_from_row(row.task_id, row.state, row.site, row.attempts,
+                                                                   row.result, row.error))
+            elif not self.book.changes:  # unless the commit failed: then the row may be stale
+                logger.warning("task %s: journaled but not queued; restoring it", task_id)
+                self._restore(row, "lost before it started").add_session(session_id)

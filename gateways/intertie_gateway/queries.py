@@ -1,0 +1,120 @@
+"""What clients and peers read: a task (live from the book, or finished from the journal),
+a session's subscriptions, this site's status and the catalogue of the federation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from intertie.v1 import site_pb2, tasks_pb2
+from intertie_gateway import convert
+from intertie_gateway.book import TaskBook
+from intertie_gateway.config import GatewayConfig
+from intertie_gateway.dispatch import Dispatch
+from intertie_gateway.estimates import Estimates
+from intertie_gateway.federate import ARCH, Federate
+from intertie_gateway.journal import TERMINAL, Journal
+from intertie_gateway.sessions import SessionHub
+
+if TYPE_CHECKING:
+    from intertie_gateway.dataplane import DataPlane
+
+
+class Queries:
+    """``commit``: the driver's group commit; a task that finished this turn must say so in
+    the journal before its row is read."""
+
+    def __init__(self, book: TaskBook, journal: Journal, hub: SessionHub, dispatch: Dispatch, federate: Federate,
+                 estimates: Estimates, *, config: GatewayConfig, python: str, address: str, store: DataPlane | None,
+                 draining: Callable[[], bool], commit: Callable[[], None]) -> None:
+        self.book = book
+        self.journal = journal
+        self.hub = hub
+        self.dispatch = dispatch
+        self.federate = federate
+        self.estimates = estimates
+        self.config = config
+        self.python = python
+        self.address = address
+        self.store = store
+        self.flight_address = store.address if store is not None else ""
+        self._draining = draining
+        self._commit = commit
+
+    def subscribe(self, session_id: str, task_ids: Sequence[str]) -> list[str]:
+        """Adds tasks to a session; finished ones are answered at once from the journal.
+        Returns the ids unknown here."""
+        unknown: list[str] = []
+        lookup: list[str] = []
+        for task_id in task_ids:
+            task = self.book.get(task_id)
+            if task is not None:
+                task.add_session(session_id)
+            else:
+                lookup.append(task_id)
+        if lookup:
+            if self.book.changes:
+                self._commit()
+            rows = self.journal.get_many(lookup)
+            for task_id in lookup:
+                row = rows.get(task_id)
+                if row is None or row.state not in TERMINAL:  # (journaled, not in memory: not after recovery)
+                    unknown.append(task_id)
+                else:
+                    self.hub.push({session_id}, convert.event_from_row(row.task_id, row.state, row.site,
+                                                                       row.attempts, row.result, row.error))
+        return unknown
+
+    def info(self, task_id: str) -> tasks_pb2.TaskInfo | None:
+        task = self.book.get(task_id)
+        if task is not None:
+            spec = task.spec
+            return tasks_pb2.TaskInfo(
+                task_id=task_id, name=spec.name, state=task.state, site=task.site,  # type: ignore[arg-type]
+                attempts=task.attempts, max_retries=spec.max_retries, submitted_at=task.submitted_at,
+                started_at=task.started_at, resources=convert.resources_to_proto(spec.resources),
+                history=convert.attempts(task.history),
+                placements=[convert.placement_to_proto(p) for p in task.placements],
+                home=spec.home or self.config.site_id)
+        if self.book.changes:
+            self._commit()
+        row = self.journal.get(task_id)
+        if row is None:
+            return None
+        wire = tasks_pb2.TaskSpec.FromString(row.spec)
+        info = tasks_pb2.TaskInfo(
+            task_id=task_id, name=wire.name, state=row.state, site=row.site,  # type: ignore[arg-type]
+            attempts=row.attempts, max_retries=wire.max_retries, submitted_at=row.submitted_at,
+            started_at=row.started_at, finished_at=row.finished_at, resources=wire.resources,
+            history=convert.attempts(row.history),
+            placements=tasks_pb2.TaskInfo.FromString(row.placements).placements if row.placements else [],
+            home=wire.home or self.config.site_id)
+        if row.error:
+            info.error.ParseFromString(row.error)
+            info.error.exception = b""  # pickled bytes are for the result stream, not for display
+        return info
+
+    def status(self) -> site_pb2.SiteStatus:
+        capacity = self.dispatch.capacity
+        return site_pb2.SiteStatus(
+            site_id=self.config.site_id, compute_id=self.config.compute_id, address=self.address,
+            state="draining" if self._draining() else "up", arch=ARCH, python_version=self.python,
+            resources_total=capacity.total, resources_free=capacity.free(), queued=self.dispatch.queued(),
+            running=self.dispatch.slots.running, throughput=self.estimates.throughput(time.time()),
+            labels=dict(self.config.labels), max_payload_bytes=self.config.max_payload_bytes, version=_version(),
+            movable=len(self.dispatch.movable()), mean_run_s=capacity.mean_run_s or 0.0,
+            accelerators=sorted(k.split(":", 1)[1] for k in capacity.total if k.startswith("accelerator_type:")),
+            last_seen=time.time(), flight_address=self.flight_address,
+            datasets=self.store.ids() if self.store is not None else [])
+
+    def catalogue(self) -> list[site_pb2.SiteStatus]:
+        """This site, then its peers as last seen."""
+        return [self.status(), *self.federate.federation.catalogue()]
+
+
+def _version() -> str:
+    from intertie import __version__
+
+    return __version__
