@@ -42,9 +42,13 @@ def spec_from_proto(spec: tasks_pb2.TaskSpec, home: str | None = None) -> TaskSp
         returns_dataset=spec.returns_dataset)
 
 
-def spec_from_bytes(blob: bytes) -> TaskSpec:
-    """The core's spec of a journaled wire spec (checked when it was accepted)."""
-    return spec_from_proto(tasks_pb2.TaskSpec.FromString(blob))
+def spec_from_journal(blob: bytes, args: bytes | None) -> TaskSpec:
+    """The core's spec of a journaled wire spec (checked when it was accepted) and its args
+    (None: journaled inside the spec, before schema 4)."""
+    spec = tasks_pb2.TaskSpec.FromString(blob)
+    if args is not None:
+        spec.args = args
+    return spec_from_proto(spec)
 
 
 def spec_to_proto(spec: TaskSpec, *, home: str = "") -> tasks_pb2.TaskSpec:

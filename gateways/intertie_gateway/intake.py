@@ -74,7 +74,7 @@ class Intake:
 
         acks: list[tasks_pb2.TaskAck] = []
         accepted: list[Task] = []
-        rows: list[tuple[str, bytes]] = []
+        rows: list[tuple[str, bytes, bytes]] = []
         seen: set[str] = set()
         nbytes = 0
         never_runs = self._feasibility()
@@ -115,7 +115,9 @@ class Intake:
                 live.add_session(request.session_id)
                 continue
             accepted.append(task)
-            rows.append((spec.task_id, spec.SerializeToString()))
+            # The args go to the journal as they are, beside the rest of the spec: not encoded again.
+            spec.ClearField("args")
+            rows.append((spec.task_id, spec.SerializeToString(), task.spec.args))
             nbytes += len(task.spec.args)
 
         if not accepted and not new_functions:
@@ -132,7 +134,7 @@ class Intake:
         return acks
 
     async def _accept_off_loop(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
-                               accepted: list[Task], rows: list[tuple[str, bytes]], now: float) -> None:
+                               accepted: list[Task], rows: list[tuple[str, bytes, bytes]], now: float) -> None:
         existed = await asyncio.get_running_loop().run_in_executor(None, self.journal.accept, new_functions, rows,
                                                                    now)
         self._register(session_id, new_functions, accepted, existed)

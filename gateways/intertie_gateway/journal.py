@@ -31,7 +31,7 @@ QUEUED = State.QUEUED
 RUNNING = State.RUNNING
 TERMINAL = TERMINAL_STATES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (
@@ -54,11 +54,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     history TEXT NOT NULL DEFAULT '[]',
     placements BLOB              -- intertie.v1.TaskInfo holding only its placements, serialized
 );
--- The spec (with the arguments, up to the payload limit) apart from the task's state: SQLite
+-- The spec and its arguments (up to the payload limit) apart from the task's state: SQLite
 -- rewrites a whole row on UPDATE, and a task's state changes several times.
 CREATE TABLE IF NOT EXISTS specs (
     task_id TEXT PRIMARY KEY,
-    spec BLOB NOT NULL           -- intertie.v1.TaskSpec, serialized; args are opaque bytes
+    spec BLOB NOT NULL,          -- intertie.v1.TaskSpec, serialized; since schema 4 without its args
+    args BLOB                    -- the args as the client sent them, stored as they are (opaque bytes)
 );
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state) WHERE state IN (1, 2);
 CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state IN (3, 4, 5);
@@ -79,16 +80,17 @@ class TaskRow:
     error: bytes | None
     history: list[dict[str, object]]
     placements: bytes | None = None
+    args: bytes | None = None  # None: in ``spec`` (journaled before schema 4)
 
 
 _ROW_COLUMNS = ("t.task_id, coalesce(s.spec, t.spec), state, attempts, site, submitted_at, started_at, "
-                "finished_at, result, error, history, placements")
+                "finished_at, result, error, history, placements, s.args")
 _ROWS = "tasks t LEFT JOIN specs s ON s.task_id = t.task_id"
 
 
 def _row(values: tuple) -> TaskRow:  # type: ignore[type-arg]
     return TaskRow(values[0], values[1], values[2], values[3], values[4], values[5], values[6], values[7],
-                   values[8], values[9], json.loads(values[10]), values[11])
+                   values[8], values[9], json.loads(values[10]), values[11], values[12])
 
 
 class Journal:
@@ -105,10 +107,13 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) in (1, 2):
+            elif int(row[0]) in (1, 2, 3):
                 if int(row[0]) == 1:  # version 2 added where a task was placed and why
                     self._db.execute("ALTER TABLE tasks ADD COLUMN placements BLOB")
-                # version 3 keeps new specs in their own table; older rows keep theirs inline
+                # Version 3 keeps new specs in their own table (older rows keep theirs inline),
+                # version 4 their args in a column of their own (older rows in the spec).
+                if int(row[0]) == 3:
+                    self._db.execute("ALTER TABLE specs ADD COLUMN args BLOB")
                 self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION}")
@@ -139,9 +144,10 @@ class Journal:
         return None if row is None else bytes(row[0])
 
     # --------------------------------------------------------------- tasks
-    def accept(self, functions: Sequence[tuple[str, str, bytes]], tasks: Sequence[tuple[str, bytes]],
+    def accept(self, functions: Sequence[tuple[str, str, bytes]], tasks: Sequence[tuple[str, bytes, bytes]],
                now: float) -> set[str]:
-        """Journals new functions and tasks in one transaction (the point of acknowledgement).
+        """Journals new functions and tasks (id, spec without args, args) in one transaction
+        (the point of acknowledgement).
 
         Returns the ids of tasks that were journaled before (idempotent resubmission)."""
         existed: set[str] = set()
@@ -150,14 +156,14 @@ class Journal:
             try:
                 self._db.executemany("INSERT OR IGNORE INTO functions VALUES (?, ?, ?, ?)",
                                      [(d, n, p, now) for d, n, p in functions])
-                for task_id, spec in tasks:
+                for task_id, spec, args in tasks:
                     cur = self._db.execute(
                         "INSERT OR IGNORE INTO tasks (task_id, spec, state, submitted_at) VALUES (?, x'', ?, ?)",
                         (task_id, QUEUED, now))
                     if cur.rowcount == 0:
                         existed.add(task_id)
                     else:
-                        self._db.execute("INSERT INTO specs VALUES (?, ?)", (task_id, spec))
+                        self._db.execute("INSERT INTO specs VALUES (?, ?, ?)", (task_id, spec, args))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

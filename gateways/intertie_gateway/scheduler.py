@@ -211,7 +211,7 @@ class Scheduler:
 
     def _restore(self, row: TaskRow, why_running: str) -> Task:
         """Puts an unfinished task of the journal back in memory, where the row says it is."""
-        task = Task(convert.spec_from_bytes(row.spec), row.submitted_at)
+        task = Task(convert.spec_from_journal(row.spec, row.args), row.submitted_at)
         task.attempts = row.attempts
         task.history = row.history
         task.site = row.site

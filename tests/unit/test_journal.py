@@ -15,8 +15,8 @@ def make(tmp_path: Path, fsync: bool = False) -> Journal:
 
 def test_accept_is_idempotent_and_reports_known_ids(tmp_path: Path) -> None:
     j = make(tmp_path)
-    assert j.accept([("d" * 64, "f", b"fn")], [("a", b"spec-a"), ("b", b"spec-b")], now=1.0) == set()
-    assert j.accept([("d" * 64, "f", b"other")], [("a", b"changed"), ("c", b"spec-c")], now=2.0) == {"a"}
+    assert j.accept([("d" * 64, "f", b"fn")], [("a", b"spec-a", b""), ("b", b"spec-b", b"")], now=1.0) == set()
+    assert j.accept([("d" * 64, "f", b"other")], [("a", b"changed", b""), ("c", b"spec-c", b"")], now=2.0) == {"a"}
     assert j.get("a").spec == b"spec-a"  # type: ignore[union-attr]
     assert j.function_payload("d" * 64) == b"fn"
     assert j.function_digests() == {"d" * 64}
@@ -25,7 +25,7 @@ def test_accept_is_idempotent_and_reports_known_ids(tmp_path: Path) -> None:
 
 def test_completion_is_recorded_once(tmp_path: Path) -> None:
     j = make(tmp_path)
-    j.accept([], [("a", b"s")], now=1.0)
+    j.accept([], [("a", b"s", b"")], now=1.0)
     j.write([Started("a", 1, "site", 2.0)])
     j.write([Finished("a", State.SUCCEEDED, 1, "site", 3.0, b"first", None)])
     # A late duplicate (another attempt finishing) changes nothing.
@@ -38,7 +38,7 @@ def test_completion_is_recorded_once(tmp_path: Path) -> None:
 
 def test_state_survives_reopen_and_running_is_visible(tmp_path: Path) -> None:
     j = make(tmp_path)
-    j.accept([], [("a", b"s"), ("b", b"s")], now=1.0)
+    j.accept([], [("a", b"s", b""), ("b", b"s", b"")], now=1.0)
     j.write([Started("a", 1, "site", 2.0)])
     j.write([Requeued("b", 1, [{"attempt": 1, "outcome": "worker died"}])])
     j.close()
@@ -50,7 +50,7 @@ def test_state_survives_reopen_and_running_is_visible(tmp_path: Path) -> None:
 
 def test_expire_removes_only_old_finished_tasks(tmp_path: Path) -> None:
     j = make(tmp_path)
-    j.accept([], [("old", b"s"), ("new", b"s"), ("open", b"s")], now=1.0)
+    j.accept([], [("old", b"s", b""), ("new", b"s", b""), ("open", b"s", b"")], now=1.0)
     j.write([Finished("old", State.SUCCEEDED, 1, "s", 10.0, b"r", None),
              Finished("new", State.SUCCEEDED, 1, "s", 100.0, b"r", None)])
     assert j.expire(older_than=50.0) == 1
@@ -69,7 +69,7 @@ def test_fsync_setting_selects_synchronous_mode(tmp_path: Path) -> None:
 def test_committed_rows_are_readable_by_another_connection(tmp_path: Path) -> None:
     # What a restarted gateway sees: the commit is in the WAL before accept() returns.
     j = make(tmp_path)
-    j.accept([], [("a", b"s")], now=1.0)
+    j.accept([], [("a", b"s", b"")], now=1.0)
     other = sqlite3.connect(tmp_path / "j.sqlite")
     assert other.execute("SELECT task_id FROM tasks").fetchall() == [("a",)]
     other.close()
@@ -77,7 +77,7 @@ def test_committed_rows_are_readable_by_another_connection(tmp_path: Path) -> No
 
 def test_expire_also_removes_specs(tmp_path: Path) -> None:
     j = make(tmp_path)
-    j.accept([], [("old", b"big spec")], now=1.0)
+    j.accept([], [("old", b"big spec", b"")], now=1.0)
     j.write([Finished("old", State.SUCCEEDED, 1, "s", 10.0, b"r", None)])
     assert j.expire(older_than=50.0) == 1
     assert j._db.execute("SELECT count(*) FROM specs").fetchone()[0] == 0
@@ -98,6 +98,28 @@ def test_a_schema_2_journal_is_read_and_upgraded(tmp_path: Path) -> None:
     db.commit()
     db.close()
     j = Journal(path)
-    j.accept([], [("new", b"\x03")], now=2.0)
+    j.accept([], [("new", b"\x03", b"")], now=2.0)
     assert {r.task_id: r.spec for r in j.unfinished()} == {"old": b"\x01\x02", "new": b"\x03"}
     assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(jr.SCHEMA_VERSION)
+
+
+def test_args_are_kept_beside_the_spec_and_a_schema_3_journal_keeps_its_inline_ones(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(  # schema 3: specs in their own table, args inside them
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema', '3');"
+        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL, state INTEGER NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, site TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL,"
+        " started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0, result BLOB, error BLOB,"
+        " history TEXT NOT NULL DEFAULT '[]', placements BLOB);"
+        "CREATE TABLE specs (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL);"
+        "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'', 1, 1.0);"
+        "INSERT INTO specs VALUES ('old', x'0102');")
+    db.commit()
+    db.close()
+    j = Journal(path)
+    j.accept([], [("new", b"\x03", b"pickled args")], now=2.0)
+    rows = {r.task_id: (r.spec, r.args) for r in j.unfinished()}
+    assert rows == {"old": (b"\x01\x02", None), "new": (b"\x03", b"pickled args")}
+    assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "4"

@@ -90,7 +90,7 @@ def test_a_large_batch_whose_submit_is_cancelled_still_runs_once(journal: Journa
 def test_a_task_journaled_but_never_queued_is_restored_when_resubmitted(journal: Journal) -> None:
     async def body(s: Scheduler, runner: FakeRunner) -> None:
         lost = spec("lost")
-        journal.accept([(DIGEST, "f", PAYLOAD)], [("lost", lost.SerializeToString())], time.time())
+        journal.accept([(DIGEST, "f", PAYLOAD)], [("lost", lost.SerializeToString(), lost.args)], time.time())
         acks = await s.intake.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[lost], session_id="client"))
         assert [a.accepted for a in acks] == [True]
         assert [ids for ids, _ in runner.started] == [["lost"]]
@@ -148,7 +148,7 @@ def test_a_failed_journal_write_is_retried_and_holds_its_events(journal: Journal
 def test_a_clean_stop_requeues_only_what_runs_here(journal: Journal) -> None:
     async def body(s: Scheduler, runner: FakeRunner) -> None:
         await s.intake.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[spec("here")]))
-        journal.accept([], [("at-peer", spec("at-peer").SerializeToString())], 0)
+        journal.accept([], [("at-peer", spec("at-peer").SerializeToString(), b"args")], 0)
         at_peer = Task(spec_from_proto(spec("at-peer")), 0.0)  # as recovered: sent to b before a restart, running there
         at_peer.site, at_peer.attempts = "b", 1
         s.book.move(at_peer, Phase.FORWARDING)
@@ -174,7 +174,7 @@ def test_forwarded_tasks_recovered_after_a_restart_wait_for_their_home_to_confir
     """A peer restarted on its journal must not rerun what its home moved elsewhere meanwhile."""
     specs = [forwarded("kept"), forwarded("moved"), forwarded("was-running"), forwarded("other", home="g"),
              spec("mine")]
-    journal.accept([(DIGEST, "f", PAYLOAD)], [(s.task_id, s.SerializeToString()) for s in specs], 0)
+    journal.accept([(DIGEST, "f", PAYLOAD)], [(s.task_id, s.SerializeToString(), s.args) for s in specs], 0)
     journal.write([Started("was-running", 1, "here", 1.0)])
 
     async def body(s: Scheduler, runner: FakeRunner) -> None:
