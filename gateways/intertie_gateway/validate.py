@@ -97,16 +97,3 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
                    f"needs Python {spec.python_version} but site {site_id!r} runs Python {python_version} "
                    "(pickled functions do not cross Python minor versions)")
     return None
-
-
-# What a task asks of an accelerator type, as Ray's own accelerator_type resources expect.
-ACCELERATOR_SHARE = 0.001
-
-
-def ray_request(res: common_pb2.ResourceRequest, accelerator: str = "") -> dict[str, float]:
-    """A wire resource request in Ray's resource names; zero entries dropped."""
-    out = {"CPU": res.cpus, "GPU": res.gpus, "memory": float(res.memory_bytes)}
-    out.update(res.custom)
-    if accelerator:
-        out[f"accelerator_type:{accelerator}"] = ACCELERATOR_SHARE
-    return {k: float(v) for k, v in out.items() if v}

@@ -18,11 +18,12 @@ from typing import Any
 
 import cloudpickle
 
-# Values of intertie.v1.ErrorKind, repeated here so workers need no protobuf import.
-KIND_REMOTE = 1
-KIND_PAYLOAD_TOO_LARGE = 5
-KIND_SERIALIZATION = 8
-KIND_SITE_FAILURE = 9
+from intertie_gateway.model import ErrorKind  # the wire's numbers, without a protobuf import in workers
+
+KIND_REMOTE = ErrorKind.REMOTE
+KIND_PAYLOAD_TOO_LARGE = ErrorKind.PAYLOAD_TOO_LARGE
+KIND_SERIALIZATION = ErrorKind.SERIALIZATION
+KIND_SITE_FAILURE = ErrorKind.SITE_FAILURE
 
 # Rows per record batch when a result table is stored at the site.
 STORE_BATCH_ROWS = 64 * 1024

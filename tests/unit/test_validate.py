@@ -5,7 +5,8 @@ import math
 import pytest
 
 from intertie.v1 import common_pb2, tasks_pb2
-from intertie_gateway.validate import check_spec, ray_request
+from intertie_gateway.convert import spec_from_proto
+from intertie_gateway.validate import check_spec
 
 K = common_pb2.ErrorKind
 DIGEST = "a" * 64
@@ -57,4 +58,5 @@ def test_each_problem_is_named(fields: dict[str, object], kind: int, text: str) 
 
 def test_ray_request_drops_zeroes_and_maps_names() -> None:
     req = common_pb2.ResourceRequest(cpus=1, gpus=0, memory_bytes=1024, custom={"tpu": 2, "none": 0})
-    assert ray_request(req) == {"CPU": 1.0, "memory": 1024.0, "tpu": 2.0}
+    task = spec_from_proto(tasks_pb2.TaskSpec(task_id="t", resources=req, constraints={"accelerator": "T4"}))
+    assert task.ray_request() == {"CPU": 1.0, "memory": 1024.0, "tpu": 2.0, "accelerator_type:T4": 0.001}
