@@ -124,6 +124,12 @@ class TaskBook:
     def get(self, task_id: str) -> Task | None:
         return self.tasks.get(task_id)
 
+    def unqueue(self, tasks: Sequence[Task]) -> None:
+        """Takes tasks that left QUEUED (handed to an idle peer) out of the queue at once, so
+        that the queue's length, which placement reads, does not count them."""
+        gone = {id(t) for t in tasks}
+        self.queue = deque(t for t in self.queue if id(t) not in gone)
+
     def admit(self, task: Task) -> None:
         """An accepted task (journaled): placed by this home, or queued here."""
         if self.federated and task.home_here:

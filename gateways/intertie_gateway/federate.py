@@ -168,8 +168,9 @@ class Federate:
             return 0
         now = time.time()
         record = PlacementRecord(thief_id, f"moved from {self.site_id}: idle site {thief_id} asked for work", now)
-        for task in chosen:  # they leave the queue lazily: no longer QUEUED
+        for task in chosen:
             self.book.move(task, Phase.FORWARDING, site=thief_id, placement=record)
+        self.book.unqueue(chosen)
         self._send(thief_id, chosen)
         return len(chosen)
 

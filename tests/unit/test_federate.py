@@ -191,3 +191,17 @@ def test_held_tasks_run_when_their_home_lists_them_and_the_rest_of_that_home_is_
     assert stopped == [moved] and Forgotten("moved") in w.book.changes
     assert any(isinstance(c, Requeued) and c.task_id == "running" for c in w.book.changes)
     assert w.federate.held() == {"g": 1}
+
+
+def test_an_idle_peer_takes_the_newest_movable_tasks_and_the_queue_no_longer_counts_them() -> None:
+    idle = StubPeer("b", peer_view("b"))
+    w = World(idle)
+    tasks = w.add(*(f"t{i}" for i in range(6)), resources=Resources(cpus=2))
+    for task in tasks:  # placed here (the peer was busy then)
+        w.book.move(task, Phase.QUEUED)
+    w.book.unplaced.clear()
+    w.dispatch.run_queue()  # t0 runs: the rest wait for the CPUs
+    assert w.federate.steal("b", 2) == 2
+    assert [t.task_id for t in idle.sent[0]] == ["t5", "t4"] and tasks[5].phase is Phase.FORWARDING
+    assert [t.task_id for t in w.book.queue] == ["t1", "t2", "t3"]
+    assert w.federate.local_view().queued == 3
