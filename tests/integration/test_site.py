@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import intertie
+from intertie import serialization
+from intertie.v1 import tasks_pb2, tasks_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,6 +80,27 @@ def test_health_and_reflection(gateway) -> None:  # type: ignore[no-untyped-def]
                                               timeout=10)
         names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"intertie.v1.TaskService", "intertie.v1.SiteService", "grpc.health.v1.Health"} <= names
+
+
+def test_submit_and_watch_serve_a_client_without_the_bidirectional_stream(gateway) -> None:  # type: ignore[no-untyped-def]
+    """The unary Submit and the server-streaming Watch: what a client in another language, or
+    grpcurl, uses instead of the SDK's Connect stream."""
+    fn = serialization.pickle_function(double)
+    task_id, session = uuid.uuid4().hex, uuid.uuid4().hex
+    spec = tasks_pb2.TaskSpec(task_id=task_id, function_digest=fn.digest, args=serialization.dumps_call((21,), {}),
+                              python_version=f"{sys.version_info.major}.{sys.version_info.minor}", name=fn.name)
+    with grpc.insecure_channel(gateway.address) as channel:
+        stub = tasks_pb2_grpc.TaskServiceStub(channel)
+        events = stub.Watch(tasks_pb2.WatchRequest(session_id=session), timeout=60)
+        assert list(next(events).events) == []  # watching from here on
+        answer = stub.Submit(tasks_pb2.SubmitRequest(
+            session_id=session, tasks=[spec],
+            functions=[tasks_pb2.Function(digest=fn.digest, payload=fn.payload, name=fn.name)]), timeout=30)
+        assert [a.accepted for a in answer.acks] == [True]
+        finished = next(e for batch in events for e in batch.events if e.state != tasks_pb2.TASK_STATE_RUNNING)
+        events.cancel()
+    assert (finished.task_id, finished.state) == (task_id, tasks_pb2.TASK_STATE_SUCCEEDED)
+    assert serialization.loads_result(finished.result) == 42
 
 
 def test_quickstart_example_runs(gateway) -> None:  # type: ignore[no-untyped-def]
