@@ -57,12 +57,14 @@ def spec_to_proto(spec: TaskSpec, *, home: str = "") -> tasks_pb2.TaskSpec:
                              max_retries=spec.max_retries, timeout_s=spec.timeout_s, batch=spec.batch,
                              python_version=spec.python_version, name=spec.name, home=home,
                              returns_dataset=spec.returns_dataset)
-    if spec.resources is not NO_RESOURCES:
-        out.resources.CopyFrom(resources_to_proto(spec.resources))
+    if spec.resources is not NO_RESOURCES:  # fields set in place: no message built to be copied in
+        res, wire = spec.resources, out.resources
+        wire.cpus, wire.gpus, wire.memory_bytes = res.cpus, res.gpus, res.memory_bytes
+        wire.custom.update(res.custom)
     if spec.constraints is not NO_CONSTRAINTS:
-        c = spec.constraints
-        out.constraints.CopyFrom(common_pb2.Constraints(accelerator=c.accelerator, arch=c.arch, site=c.site,
-                                                        labels=c.labels))
+        c, wc = spec.constraints, out.constraints
+        wc.accelerator, wc.arch, wc.site = c.accelerator, c.arch, c.site
+        wc.labels.update(c.labels)
     for item in spec.inputs:
         out.inputs.add(id=item.id, site=item.site, num_bytes=item.num_bytes)
     return out
