@@ -250,7 +250,8 @@ class Federate:
     def on_peer_up(self, peer: PeerPort[Task]) -> None:
         self._placer = None
         self._unwait()
-        tasks = [t for t in self._reforward.pop(peer.site_id, []) if t.phase is Phase.FORWARDING]
+        tasks = [t for t in self._reforward.pop(peer.site_id, []) if t.phase is Phase.FORWARDING
+                 and t.site == peer.site_id]  # (not placed elsewhere meanwhile)
         if tasks:  # forwarded before this gateway restarted: idempotent at the peer
             logger.info("re-sending %d tasks to %s after a restart", len(tasks), peer.site_id)
             peer.forward(tasks)
@@ -263,7 +264,7 @@ class Federate:
             for site_id, tasks in list(self._reforward.items()):
                 del self._reforward[site_id]
                 for task in tasks:
-                    if task.phase is Phase.FORWARDING:
+                    if task.phase is Phase.FORWARDING and task.site == site_id:
                         self.book.retry(task, f"site {site_id} did not come back after this gateway restarted")
         self._unwait()
         if self.book.unplaced:
