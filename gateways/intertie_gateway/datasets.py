@@ -113,15 +113,31 @@ class DatasetStore:
             return sorted(self._meta.values(), key=lambda m: m.created_at)
 
     def resolve(self, key: str) -> DatasetMeta:
-        """A dataset by id, or by name (the newest of that name)."""
+        """A dataset by id, or by name: this site's own of that name (names are unique among
+        them), else the one replica of that name."""
         with self._lock:
             meta = self._meta.get(key)
             if meta is None:
                 named = [m for m in self._meta.values() if m.name == key]
-                meta = max(named, key=lambda m: m.created_at) if named else None
+                pool = [m for m in named if not m.replica] or named
+                if len(pool) > 1:  # replicas of two sites' datasets, or a store from before names were unique
+                    ids = ", ".join(sorted(m.id for m in pool)[:5])
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                       f"site {self.site_id!r} has {len(pool)} datasets named {clip(key)!r} "
+                                       f"(ids {ids}): name one by its id")
+                meta = pool[0] if pool else None
         if meta is None:
             raise DatasetError("ERROR_KIND_NOT_FOUND", f"site {self.site_id!r} has no dataset {clip(key)!r}")
         return meta
+
+    def _holders_of(self, name: str, other_than: str) -> list[DatasetMeta]:
+        """This site's own datasets named ``name``, except the one of id ``other_than`` (call with the lock)."""
+        return [m for m in self._meta.values() if m.name == name and not m.replica and m.id != other_than]
+
+    def _taken(self, name: str, dataset_id: str) -> DatasetError:
+        return DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                            f"site {self.site_id!r} already has a dataset named {clip(name)!r}: choose another "
+                            "name, or replace it (replace=True, --replace)")
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -276,9 +292,14 @@ class DatasetStore:
             if self.fs.exists(part):
                 self.fs.rm(part)
 
-    def write(self, name: str, reader: Any, dataset_id: str | None = None) -> DatasetMeta:
+    def write(self, name: str, reader: Any, dataset_id: str | None = None, *, replace: bool = False,
+              replaced: list[DatasetMeta] | None = None) -> DatasetMeta:
         """Stores a stream of record batches (``reader.read_chunk()`` or iteration) as a
         primary; a given id replaces the dataset of that id (a rerun task's result).
+
+        Names are unique among this site's datasets: a name in use is refused (before the
+        stream is read, and again when it is committed) unless ``replace``, which deletes
+        the dataset that had it once the new one is stored (and adds it to ``replaced``).
 
         Every batch is validated in full before it is written (the stream comes from the
         network: a bad offset would crash Arrow's writer or, stored, every reader); the size
@@ -290,6 +311,10 @@ class DatasetStore:
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
                                f"dataset id {clip(dataset_id)!r}: use 1-128 letters, digits, '.', '_' or '-'")
         dataset_id = dataset_id or uuid.uuid4().hex
+        if name and not replace:
+            with self._lock:
+                if self._holders_of(name, dataset_id):
+                    raise self._taken(name, dataset_id)
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = 0
         previous = self._meta.get(dataset_id)
@@ -306,12 +331,24 @@ class DatasetStore:
                                            f"site {self.site_id!r}: the dataset would exceed the site's quota of "
                                            f"{self.quota_bytes} bytes ({in_use} in use)")
             nbytes = self.fs.size(part)
+            with self._lock:  # another upload of the name may have been committed meanwhile
+                if name and not replace and self._holders_of(name, dataset_id):
+                    raise self._taken(name, dataset_id)
             self.fs.mv(part, self._path(dataset_id, "arrow"))
         except BaseException:
             if self.fs.exists(part):
                 self.fs.rm(part)
             raise
-        return self._commit(dataset_id, name or dataset_id, rows, nbytes, schema)
+        meta = self._commit(dataset_id, name or dataset_id, rows, nbytes, schema)
+        if name and replace:
+            with self._lock:
+                olds = self._holders_of(name, dataset_id)
+            for old in olds:
+                self.delete(old.id)
+                logger.info("dataset %s replaces %s as %r", dataset_id, old.id, name)
+                if replaced is not None:
+                    replaced.append(old)
+        return meta
 
     def _commit(self, dataset_id: str, name: str, rows: int, nbytes: int, schema: pa.Schema,
                 origin: str = "") -> DatasetMeta:

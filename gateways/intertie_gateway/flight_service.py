@@ -2,7 +2,8 @@
 :class:`~intertie_gateway.datasets.DatasetStore` over Flight.
 
 Flight surface (the gateway never unpickles anything here; it is all Arrow):
-- ``do_put`` with descriptor command ``{"name": ..., "id": ...}`` (the id is optional;
+- ``do_put`` with descriptor command ``{"name": ..., "id": ..., "replace": false}`` (names
+  are unique per site: a name in use is refused unless ``replace``; the id is optional;
   a task's stored result names its own, so a rerun replaces it): stores a stream of
   record batches; answers with the dataset's metadata as JSON in the put result.
 - ``do_get`` with ticket = dataset id or name, or ``{"id": ..., "from_batch": k}`` to
@@ -108,11 +109,17 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         def put() -> DatasetMeta:
             request = _json_request(descriptor.command or b"{}", "put descriptor")
             name, dataset_id = request.get("name") or "", request.get("id") or None
-            if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)):
-                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad put descriptor: name and id must be strings")
-            return self.store.write(name, reader, dataset_id=dataset_id)
+            replace = request.get("replace", False)
+            if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)) \
+                    or not isinstance(replace, bool):
+                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                   "bad put descriptor: name and id must be strings, replace true or false")
+            return self.store.write(name, reader, dataset_id=dataset_id, replace=replace, replaced=replaced)
 
+        replaced: list[DatasetMeta] = []
         meta = self._served("put", put)
+        for old in replaced:  # the peers' replicas of what the name named before go too
+            self._drop_replicas(old)
         writer.write(pa.py_buffer(meta.to_json()))
         logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
 

@@ -7,8 +7,11 @@ the wire is Arrow IPC.
 
 from __future__ import annotations
 
+import builtins
 import json
-from collections.abc import Callable, Iterator
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +104,26 @@ def as_reader(data: Any) -> pa.RecordBatchReader:
         f"put_dataset takes a pyarrow.Table, a RecordBatchReader or a file path/URL, not {type(data).__name__}")
 
 
+_SUFFIXES = (".csv.gz", ".parquet", ".pq", ".csv", ".arrow", ".feather", ".ipc")
+_NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def name_for(data: Any) -> str | None:
+    """The name a file or folder put without one gets: its base name without the format's
+    suffix, in the characters dataset names allow ("sales 2024.parquet" -> "sales_2024");
+    None for data that is not a path."""
+    if not (isinstance(data, str) or hasattr(data, "__fspath__")):
+        return None
+    base = os.fspath(data).rstrip("/").rsplit("/", 1)[-1]
+    lowered = base.lower()
+    for suffix in _SUFFIXES:
+        if lowered.endswith(suffix):
+            base = base[:-len(suffix)]
+            break
+    name = _NOT_IN_NAMES.sub("_", base).lstrip("._-")[:128]
+    return name or None
+
+
 class DatasetClient:
     """Flight clients per site address, opened lazily."""
 
@@ -120,12 +143,14 @@ class DatasetClient:
         return site_id, client
 
     def put(self, data: Any, name: str | None, site: str | None,
-            progress: Callable[[int, int], None] | None = None) -> DatasetRef:
+            progress: Callable[[int, int], None] | None = None, *, replace: bool = False) -> DatasetRef:
         import pyarrow.flight as flight
 
         reader = as_reader(data)
         site_id, client = self._client(site)
-        descriptor = flight.FlightDescriptor.for_command(json.dumps({"name": name or ""}).encode())
+        name = name or name_for(data)
+        descriptor = flight.FlightDescriptor.for_command(
+            json.dumps({"name": name or "", "replace": replace}).encode())
         try:
             writer, metadata = client.do_put(descriptor, reader.schema)
             rows = sent = 0
@@ -173,6 +198,14 @@ class DatasetClient:
             return [DatasetRef.from_json(info.descriptor.command) for info in client.list_flights()]
         except flight.FlightError as exc:
             raise _translate(exc, f"listing datasets at site {site_id}") from None
+
+    def list_all(self, sites: Iterable[str]) -> builtins.list[DatasetRef]:
+        """The datasets of every site given that serves datasets, site by site (replicas
+        included: their ``origin`` says where they came from)."""
+        out: builtins.list[DatasetRef] = []
+        for site in sites:
+            out.extend(self.list(site))
+        return out
 
     def action(self, kind: str, ref: DatasetRef | str, site: str | None = None) -> DatasetRef:
         import pyarrow.flight as flight

@@ -312,3 +312,63 @@ def test_a_read_reported_later_counts_for_the_eviction_order(holder: tuple[Datas
     here.touch([metas[0].id, "unknown"])  # the gateway found t0's file itself and a task read it
     here.pull(metas[2].id, lambda: [("holder", address)])
     assert [m.id for m in here.evict(keep={metas[2].id})] == [metas[1].id]
+
+
+def test_names_are_unique_per_site_and_replace_swaps_the_dataset_a_name_names(
+        holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    store, address = holder
+    first = store.write("sales", batches(table(10)))
+    with pytest.raises(DatasetError, match="already has a dataset named 'sales'.*replace") as err:
+        store.write("sales", batches(table(20)))
+    assert err.value.kind == "ERROR_KIND_INVALID_ARGUMENT" and store.ids() == [first.id]
+    assert not list((tmp_path / "holder").glob("*.part"))
+    # A replica of it elsewhere goes when the name is replaced (over Flight, as a client does).
+    peer = DatasetStore(str(tmp_path / "peer"), "peer")
+    replica = peer.pull(first.id, lambda: [("holder", address)], timeout_s=5)
+    peer_server = FlightService("grpc://127.0.0.1:0", peer)
+    try:
+        service = FlightService("grpc://127.0.0.1:0", store, peers=lambda: [f"127.0.0.1:{peer_server.port}"])
+        try:
+            client = flight.FlightClient(f"grpc://127.0.0.1:{service.port}")
+            writer, answer = client.do_put(flight.FlightDescriptor.for_command(
+                json.dumps({"name": "sales", "replace": True}).encode()), table(20).schema)
+            with writer:
+                writer.write_table(table(20))
+                writer.done_writing()
+                new = json.loads(answer.read().to_pybytes())
+            client.close()
+        finally:
+            service.shutdown()
+    finally:
+        peer_server.shutdown()
+    assert store.ids() == [new["id"]] and store.resolve("sales").num_rows == 20
+    assert replica.id not in peer.ids()
+    # A rerun of a task writes its result under its own id again: not a clash with itself.
+    store.write("result-1", batches(table(5)), dataset_id="task-1")
+    assert store.write("result-1", batches(table(6)), dataset_id="task-1").num_rows == 6
+
+
+def test_a_name_shared_by_replicas_of_two_sites_is_refused_as_ambiguous(tmp_path: Path) -> None:
+    a, b = DatasetStore(str(tmp_path / "a"), "a"), DatasetStore(str(tmp_path / "b"), "b")
+    servers = [FlightService("grpc://127.0.0.1:0", s) for s in (a, b)]
+    try:
+        metas = [s.write("shared", batches(table(3))) for s in (a, b)]
+        here = DatasetStore(str(tmp_path / "here"), "here")
+        for meta, server in zip(metas, servers, strict=True):
+            here.pull(meta.id, lambda server=server: [("x", f"127.0.0.1:{server.port}")], timeout_s=5)
+        with pytest.raises(DatasetError, match="2 datasets named 'shared'.*by its id"):
+            here.resolve("shared")
+        mine = here.write("shared", batches(table(1)))  # this site's own wins over replicas
+        assert here.resolve("shared").id == mine.id
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def test_a_file_put_without_a_name_is_named_after_the_file() -> None:
+    from intertie.datasets import name_for
+
+    assert name_for("s3://bucket/raw/sales 2024.parquet") == "sales_2024"
+    assert name_for(Path("/data/events.csv.gz")) == "events"
+    assert name_for("/data/partitioned/") == "partitioned"
+    assert name_for(table(1)) is None
