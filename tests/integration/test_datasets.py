@@ -40,9 +40,13 @@ def test_reader_parquet_and_csv_sources(fed: intertie.Federation, tmp_path: Path
     reader = pa.RecordBatchReader.from_batches(table.schema, table.to_batches(max_chunksize=1000))
     assert fed.get_dataset(fed.put_dataset(reader)).equals(table)
     pq.write_table(table, tmp_path / "t.parquet")
-    assert fed.get_dataset(fed.put_dataset(str(tmp_path / "t.parquet"))).equals(table)
+    from_parquet = fed.put_dataset(str(tmp_path / "t.parquet"))
+    assert from_parquet.name == "t" and fed.get_dataset(from_parquet).equals(table)  # named after the file
     pacsv.write_csv(table, tmp_path / "t.csv")
-    from_csv = fed.get_dataset(fed.put_dataset(tmp_path / "t.csv"))
+    with pytest.raises(intertie.InvalidRequestError, match="already has a dataset named 't'"):
+        fed.put_dataset(tmp_path / "t.csv")  # the same name: refused, the first one kept
+    assert fed.dataset("t").id == from_parquet.id
+    from_csv = fed.get_dataset(fed.put_dataset(tmp_path / "t.csv", name="t-csv"))
     assert from_csv.num_rows == 10_000 and from_csv.column("name").to_pylist()[:2] == ["row-0", "row-1"]
 
 
