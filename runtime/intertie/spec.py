@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import math
 import platform
+import re
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from intertie.v1 import common_pb2, site_pb2, tasks_pb2
 
@@ -46,6 +49,203 @@ def _number(name: str, value: Any, *, integer: bool = False) -> float:
     return value
 
 
+# ---------------------------------------------------------------------- display
+# What users read: short reprs (ids shortened, times as ages, numbers rounded with
+# units) and small HTML tables for Jupyter, every shown value passed through html.escape.
+# The CLI prints with the same helpers.
+
+REPR_LIMIT = 200  # characters at most in a value type's repr
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` on one line, cut to ``limit`` characters (ending in "...") when longer."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:max(limit - 3, 0)] + "..."
+
+
+def short_id(value: str, length: int = 8) -> str:
+    """A long id's first characters, as git shortens hashes; short ids stay whole."""
+    return value if len(value) <= length + 4 else value[:length]
+
+
+def short_name(name: str) -> str:
+    """A task name without its module: "pkg.mod.double" -> "double"."""
+    if " " in name:
+        return name  # a name the user gave, not a function's
+    return name.rpartition(".")[2] or name
+
+
+def fmt_number(value: float) -> str:
+    """A number rounded for reading: 2, 1.5, 0.333, 12.3, 1234."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def _decimals(value: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def fmt_seconds(seconds: float) -> str:
+    """A duration for reading: "0 s", "12 ms", "1.25 s", "42.5 s", "3.5 min", "2.1 h", "3 d"."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    sign, s = ("-" if seconds < 0 else ""), abs(seconds)
+    if s == 0:
+        return "0 s"
+    if s < 0.9995:
+        return f"{sign}{fmt_number(s * 1000)} ms"
+    scales = (("s", 1, 2 if s < 10 else 1, 60), ("min", 60, 1, 60), ("h", 3600, 1, 24), ("d", 86400, 1, math.inf))
+    # The first unit in which the rounded figure stays under the next unit: 59.99 s is "1 min".
+    unit, text = next((u, t) for u, size, digits, limit in scales
+                      if float(t := _decimals(s / size, digits)) < limit)
+    return f"{sign}{text} {unit}"
+
+
+def fmt_age(timestamp: float, now: float | None = None) -> str:
+    """A wall-clock time (seconds since the epoch) as its distance from now: "3 s ago",
+    "in 2 min", "just now"; "-" for 0, which the wire uses for "never"."""
+    if not timestamp:
+        return "-"
+    delta = (time.time() if now is None else now) - timestamp
+    s = abs(delta)
+    if s < 1:
+        return "just now"
+    scales = (("s", 1, 60), ("min", 60, 60), ("h", 3600, 24), ("d", 86400, math.inf))
+    text = next(f"{round(s / size)} {unit}" for unit, size, limit in scales if round(s / size) < limit)
+    return f"{text} ago" if delta > 0 else f"in {text}"
+
+
+def fmt_bytes(count: float) -> str:
+    """A byte count for reading: "512 B", "1.5 KiB", "12.3 MiB", "4 GiB"."""
+    if abs(count) < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if abs(count) < 1024 or unit == "PiB":
+            break
+    return f"{fmt_number(count)} {unit}"
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+               "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+_BYTE_SIZE = re.compile(r"\s*((?:\d[\d_]*)?\.?\d[\d_]*(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*")
+
+
+def parse_bytes(value: str | int | float) -> int:
+    """A size in bytes from "4096", "1e8", "512MB" (10**6 bytes each), "10GiB" (2**30 each),
+    "1.5 GB", "64Mi"; units are case-insensitive. Raises ValueError naming the value."""
+    example = "(e.g. 4096, 1e8, 512MB, 10GiB)"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"a size in bytes must be a number or a string {example}, got {type(value).__name__}")
+    if isinstance(value, str):
+        match = _BYTE_SIZE.fullmatch(value)
+        unit = _BYTE_UNITS.get(match.group(2).lower()) if match else None
+        if match is None or unit is None:
+            raise ValueError(f"{value!r} is not a size in bytes {example}")
+        amount = float(match.group(1)) * unit
+    else:
+        amount, unit = float(value), 1
+    if not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"a size in bytes must be finite and >= 0, got {value!r}")
+    if unit == 1 and amount != int(amount):
+        raise ValueError(f"a size in bytes must be a whole number, got {value!r}")
+    return int(round(amount))
+
+
+def _is_memory(name: str) -> bool:
+    return name == "memory" or name.endswith("_memory")
+
+
+def fmt_resources(amounts: Mapping[str, float], total: Mapping[str, float] | None = None) -> str:
+    """Ray resources for reading, CPU, GPU and memory first: "CPU 2, memory 4 GiB, bigmem 1";
+    with ``total``, each as free/total: "CPU 1.5/2, memory 1 GiB/4 GiB". Accelerator-type
+    markers are left out (SiteStatus.accelerators names them)."""
+    names = total if total is not None else amounts
+    first = [k for k in ("CPU", "GPU", "memory") if k in names]
+    keys = first + sorted(k for k in names if k not in first and not k.startswith("accelerator_type:"))
+
+    def one(key: str) -> str:
+        show = fmt_bytes if _is_memory(key) else fmt_number
+        if total is None:
+            return f"{key} {show(amounts.get(key, 0.0))}"
+        return f"{key} {show(amounts.get(key, 0.0))}/{show(total[key])}"
+
+    return ", ".join(one(k) for k in keys)
+
+
+def fmt_labels(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+Cell = str | tuple[str, str]  # the text shown, or (the text shown, the full text as a tooltip)
+
+
+def html_table(headers: Sequence[str], rows: Iterable[Sequence[Cell]], caption: str = "") -> str:
+    """A small HTML table for Jupyter; every header, cell and tooltip is escaped."""
+    def cell(tag: str, value: Cell) -> str:
+        shown, full = value if isinstance(value, tuple) else (value, "")
+        title = f' title="{html.escape(full)}"' if full and full != shown else ""
+        return f'<{tag} style="text-align:left"{title}>{html.escape(shown)}</{tag}>'
+
+    head = "".join(cell("th", h) for h in headers)
+    body = "".join("<tr>" + "".join(cell("td", c) for c in row) + "</tr>" for row in rows)
+    top = f'<caption style="text-align:left">{html.escape(caption)}</caption>' if caption else ""
+    return f"<table>{top}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Tabled:
+    """A value type shown in Jupyter as a table row; a :class:`Listing` of them is one table."""
+
+    _table_headers: ClassVar[tuple[str, ...]] = ()
+
+    def _table_row(self) -> tuple[Cell, ...]:
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return html_table(self._table_headers, [self._table_row()])
+
+
+_T = TypeVar("_T")
+
+
+class Listing(list[_T]):
+    """A list of value types (``fed.sites()``) that Jupyter shows as one table and the
+    console one item a line; otherwise an ordinary list."""
+
+    def _repr_html_(self) -> str | None:
+        kinds = {type(item) for item in self}
+        if not kinds:
+            return "<p><i>(none)</i></p>"
+        kind = kinds.pop()
+        if kinds or not issubclass(kind, _Tabled):
+            return None  # Jupyter then shows the plain repr
+        return html_table(kind._table_headers, [item._table_row() for item in self])  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        return "[" + ",\n ".join(repr(item) for item in self) + "]"
+
+
+def _short_repr(obj: Any) -> str:
+    """A dataclass's repr with only the fields that differ from their defaults (still valid Python)."""
+    shown = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value != default:
+            shown.append(f"{f.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
+
+
 @dataclass(frozen=True)
 class Resources:
     """A task's resource request (Ray's vocabulary: CPU, GPU, memory in bytes, custom)."""
@@ -66,6 +266,8 @@ class Resources:
                 raise TypeError(f"resource names must be non-empty strings, got {key!r}")
             _number(f"resources[{key!r}]", amount)
         object.__setattr__(self, "custom", dict(self.custom))
+
+    __repr__ = _short_repr
 
     def as_ray(self) -> dict[str, float]:
         """The request as Ray resource names -> amounts (zero entries dropped)."""
@@ -115,6 +317,8 @@ class TaskOptions:
             raise TypeError("labels must be a mapping of non-empty string keys to string values")
         object.__setattr__(self, "labels", dict(self.labels))
 
+    __repr__ = _short_repr
+
     def constraints(self) -> common_pb2.Constraints:
         return common_pb2.Constraints(accelerator=self.accelerator or "", arch=self.arch or "",
                                       site=self.site or "", labels=dict(self.labels))
@@ -134,7 +338,7 @@ class TaskOptions:
 
 
 @dataclass(frozen=True)
-class SiteStatus:
+class SiteStatus(_Tabled):
     """What a site publishes about itself (see ``fed.sites()``)."""
 
     site_id: str
@@ -168,9 +372,30 @@ class SiteStatus:
                    accelerators=tuple(msg.accelerators), movable=msg.movable, mean_run_s=msg.mean_run_s,
                    last_seen=msg.last_seen, rtt_s=msg.rtt_s, flight_address=msg.flight_address)
 
+    def __repr__(self) -> str:
+        parts = [f"<SiteStatus {self.site_id} {self.state} at {self.address}",
+                 clip(f"free {fmt_resources(self.resources_free, self.resources_total) or 'nothing'}", 80),
+                 f"{self.queued} queued, {self.running} running, {fmt_number(self.throughput)} tasks/s"]
+        if self.accelerators:
+            parts.append(clip(",".join(self.accelerators), 30))
+        if self.labels:
+            parts.append(clip(fmt_labels(self.labels), 40))
+        if self.last_seen:
+            parts.append(f"seen {fmt_age(self.last_seen)}")
+        return clip("; ".join(parts), REPR_LIMIT - 1) + ">"
+
+    _table_headers = ("SITE", "STATE", "ADDRESS", "ARCH", "PYTHON", "FREE / TOTAL", "ACCEL", "QUEUED", "RUNNING",
+                      "THROUGHPUT", "LABELS", "SEEN")
+
+    def _table_row(self) -> tuple[Cell, ...]:
+        return (self.site_id, self.state, self.address, self.arch, self.python_version,
+                fmt_resources(self.resources_free, self.resources_total), ",".join(self.accelerators) or "-",
+                str(self.queued), str(self.running), f"{fmt_number(self.throughput)}/s",
+                fmt_labels(self.labels) or "-", fmt_age(self.last_seen))
+
 
 @dataclass(frozen=True)
-class SiteScore:
+class SiteScore(_Tabled):
     """One site's estimate for a task: the terms placement adds up (lower total wins)."""
 
     site: str
@@ -185,6 +410,35 @@ class SiteScore:
     def start_s(self) -> float:
         """Estimated seconds until the task starts there (queue wait plus input transfer)."""
         return self.wait_s + self.transfer_s
+
+    def __repr__(self) -> str:
+        text = (f"<SiteScore {self.site}: start {fmt_seconds(self.start_s)} (wait {fmt_seconds(self.wait_s)}, "
+                f"transfer {fmt_seconds(self.transfer_s)}), run {fmt_seconds(self.run_s)}")
+        if self.price:
+            text += f", price {fmt_number(self.price)}"
+        if self.carbon_g:
+            text += f", carbon {fmt_number(self.carbon_g)} g"
+        return clip(f"{text}, total {fmt_seconds(self.total)}", REPR_LIMIT - 1) + ">"
+
+    def _repr_html_(self) -> str:
+        return html_table(*score_table([self]))
+
+
+def score_table(scores: Sequence[SiteScore]) -> tuple[list[str], list[tuple[Cell, ...]]]:
+    """Headers and rows of a table of estimates; the price and carbon columns only when
+    some site has one (placement without prices or carbon intensities leaves them 0)."""
+    price, carbon = any(s.price for s in scores), any(s.carbon_g for s in scores)
+    headers = ["SITE", "START", "WAIT", "TRANSFER", "RUN"] + ["PRICE"] * price + ["CARBON"] * carbon + ["TOTAL"]
+    rows: list[tuple[Cell, ...]] = [(s.site, fmt_seconds(s.start_s), fmt_seconds(s.wait_s), fmt_seconds(s.transfer_s),
+             fmt_seconds(s.run_s), *[fmt_number(s.price)] * price, *[f"{fmt_number(s.carbon_g)} g"] * carbon,
+             fmt_seconds(s.total)) for s in scores]
+    return headers, rows
+
+
+def _ranking(scores: Sequence[SiteScore], most: int = 3) -> str:
+    """ "b 1.1 s, a 2.3 s (+2 more)": sites by estimated total, best first."""
+    text = ", ".join(f"{s.site} {fmt_seconds(s.total)}" for s in scores[:most])
+    return text + (f" (+{len(scores) - most} more)" if len(scores) > most else "")
 
 
 @dataclass(frozen=True)
@@ -207,6 +461,40 @@ class PlacementInfo:
                    rejected=tuple((r.site, r.reason) for r in msg.rejected),
                    rejected_count=msg.rejected_count, feasible_count=msg.feasible_count, decided_at=msg.decided_at)
 
+    def headline(self, verb: str = "placed on") -> str:
+        """ "placed on b: lowest estimated completion", or "no site can run it: ..." when none."""
+        if self.site is None:
+            return f"no site can run it: {self.reason}" if self.reason else "no site can run it"
+        return f"{verb} {self.site}: {self.reason}" if self.reason else f"{verb} {self.site}"
+
+    def _summary(self, verb: str) -> list[str]:
+        parts = [clip(self.headline(verb), 80)]
+        if self.candidates:
+            parts.append(f"ranked {_ranking(self.candidates)}")
+        if self.rejected_count:
+            sample = f" ({clip(f'{self.rejected[0][0]}: {self.rejected[0][1]}', 50)})" if self.rejected else ""
+            parts.append(f"{self.rejected_count} rejected{sample}")
+        return parts
+
+    def __repr__(self) -> str:
+        parts = self._summary("placed on")
+        if self.decided_at:
+            parts.append(f"decided {fmt_age(self.decided_at)}")
+        return clip("<PlacementInfo " + "; ".join(parts), REPR_LIMIT - 1) + ">"
+
+    def _html(self, verb: str) -> str:
+        out = [f"<p>{html.escape(self.headline(verb))}</p>"]
+        if self.candidates:
+            out.append(html_table(*score_table(self.candidates)))
+        if self.rejected:
+            more = self.rejected_count - len(self.rejected)
+            out.append(html_table(("REJECTED", "WHY"), self.rejected,
+                                  caption=f"{self.rejected_count} site(s) rejected" + (f", {more} not shown" if more > 0 else "")))
+        return "".join(out)
+
+    def _repr_html_(self) -> str:
+        return self._html("placed on")
+
 
 class Quote(tuple):  # type: ignore[type-arg]
     """Ranked candidate sites for a task, best first (``fed.quote``); ``q[0].site`` is the best.
@@ -220,18 +508,35 @@ class Quote(tuple):  # type: ignore[type-arg]
         quote.placement = placement
         return quote
 
+    def __repr__(self) -> str:
+        return clip("<Quote " + "; ".join(self.placement._summary("would place on")), REPR_LIMIT - 1) + ">"
+
+    def _repr_html_(self) -> str:
+        return self.placement._html("would place on")
+
 
 @dataclass(frozen=True)
-class AttemptInfo:
+class AttemptInfo(_Tabled):
     attempt: int
     site: str
     started_at: float
     ended_at: float
     outcome: str
 
+    def __repr__(self) -> str:
+        ran = f", ran {fmt_seconds(self.ended_at - self.started_at)}" if self.started_at and self.ended_at else ""
+        ended = f", ended {fmt_age(self.ended_at)}" if self.ended_at else ""
+        return clip(f"<AttemptInfo {self.attempt} at {self.site}{ran}{ended}: {self.outcome}", REPR_LIMIT - 1) + ">"
+
+    _table_headers = ("ATTEMPT", "SITE", "STARTED", "RAN", "OUTCOME")
+
+    def _table_row(self) -> tuple[Cell, ...]:
+        ran = fmt_seconds(self.ended_at - self.started_at) if self.started_at and self.ended_at else "-"
+        return (str(self.attempt), self.site, fmt_age(self.started_at), ran, self.outcome)
+
 
 @dataclass(frozen=True)
-class TaskInfo:
+class TaskInfo(_Tabled):
     """A task's state as its gateway knows it (``intertie task ID``)."""
 
     task_id: str
@@ -249,11 +554,62 @@ class TaskInfo:
     history: tuple[AttemptInfo, ...]
     placements: tuple[PlacementInfo, ...] = ()
     home: str = ""
+    error_type: str = ""  # the class of the exception the function raised (module.qualname)
 
     @property
     def placement(self) -> PlacementInfo | None:
         """The latest placement decision."""
         return self.placements[-1] if self.placements else None
+
+    @property
+    def error_text(self) -> str:
+        """The error as one reads it: "ValueError: bad input" for an exception the function
+        raised, "[kind] message" for other failures ("[timeout] ..."); "" without one."""
+        if not (self.error or self.error_kind):
+            return ""
+        kind = f"[{self.error_kind}] " if self.error_kind and self.error_kind != "remote" else ""
+        cls = self.error_type.removeprefix("builtins.")
+        return f"{kind}{cls}: {self.error}" if cls else f"{kind}{self.error}"
+
+    def ran_for(self, now: float | None = None) -> float | None:
+        """Seconds it ran (so far, if still running); None if it never started."""
+        if not self.started_at:
+            return None
+        return (self.finished_at or (time.time() if now is None else now)) - self.started_at
+
+    def __repr__(self) -> str:
+        where = f" at {self.site}" if self.site else ""
+        if self.home and self.home != self.site:
+            where += f" (home {self.home})"
+        parts = [f"<TaskInfo {short_id(self.task_id)} {clip(short_name(self.name), 40)} {self.state}{where}"]
+        if self.attempts:
+            parts.append(f"{self.attempts} attempt{'s' * (self.attempts != 1)}")
+        ran = self.ran_for()
+        if self.finished_at:
+            parts.append((f"ran {fmt_seconds(ran)}, " if ran is not None else "") + f"finished {fmt_age(self.finished_at)}")
+        elif self.started_at:
+            parts.append(f"started {fmt_age(self.started_at)}")
+        else:
+            parts.append(f"submitted {fmt_age(self.submitted_at)}")
+        text = ", ".join(parts)
+        if self.error_text:
+            text += f"; {self.error_text}"
+        return clip(text, REPR_LIMIT - 1) + ">"
+
+    _table_headers = ("TASK", "NAME", "STATE", "SITE", "ATTEMPTS", "SUBMITTED", "RAN", "ERROR")
+
+    def _table_row(self) -> tuple[Cell, ...]:
+        ran = self.ran_for()
+        return ((short_id(self.task_id), self.task_id), (short_name(self.name), self.name), self.state,
+                self.site or "-", str(self.attempts), fmt_age(self.submitted_at),
+                fmt_seconds(ran) if ran is not None else "-",
+                (clip(self.error_text, 80), self.error_text) if self.error_text else "-")
+
+    def _repr_html_(self) -> str:
+        out = super()._repr_html_()
+        if self.history:
+            out += html_table(AttemptInfo._table_headers, [a._table_row() for a in self.history], caption="moves")
+        return out
 
     @classmethod
     def from_proto(cls, msg: tasks_pb2.TaskInfo) -> TaskInfo:
@@ -266,4 +622,5 @@ class TaskInfo:
                    resources=Resources.from_proto(msg.resources),
                    history=tuple(AttemptInfo(a.attempt, a.site, a.started_at, a.ended_at, a.outcome)
                                  for a in msg.history),
-                   placements=tuple(PlacementInfo.from_proto(p) for p in msg.placements), home=msg.home)
+                   placements=tuple(PlacementInfo.from_proto(p) for p in msg.placements), home=msg.home,
+                   error_type=msg.error.exception_type if msg.HasField("error") else "")
