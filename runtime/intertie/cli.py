@@ -7,8 +7,18 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
-from intertie.errors import IntertieError
+from intertie.errors import IntertieError, TaskNotFoundError
+from intertie.spec import (
+    fmt_age,
+    fmt_bytes,
+    fmt_labels,
+    fmt_seconds,
+    parse_bytes,
+    resource_items,
+    score_table,
+)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -20,44 +30,34 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _amount(name: str, value: float) -> str:
-    if name == "memory" or name.endswith("memory"):
-        return f"{value / 2**30:.1f}GiB"
-    return f"{value:g}"
+def _when(ts: float) -> str:
+    if not ts:
+        return "-"
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))} ({fmt_age(ts)})"
 
 
 def _resources(res: dict[str, float]) -> str:
-    order = ["CPU", "GPU", "memory"]
-    keys = [k for k in order if k in res] + sorted(k for k in res if k not in order)
-    return " ".join(f"{k}={_amount(k, res[k])}" for k in keys)
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    """ "CPU=2 memory=3.8GiB bigmem=1": one word per resource."""
+    return " ".join(f"{key}={amount.replace(' ', '')}" for key, amount in resource_items(res))
 
 
 def cmd_sites(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     rows = []
     for s in fed.sites():
         rows.append((s.site_id, s.state, s.address, s.arch, s.python_version,
-                     _resources(_public(s.resources_total)), _resources(_public(s.resources_free)),
+                     _resources(s.resources_total), _resources(s.resources_free),
                      ",".join(s.accelerators) or "-", s.queued, s.running, f"{s.throughput:.1f}/s",
-                     ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) or "-", s.compute_id or "-"))
+                     fmt_labels(s.labels) or "-", s.compute_id or "-"))
     print(table(("SITE", "STATE", "ADDRESS", "ARCH", "PYTHON", "TOTAL", "FREE", "ACCEL", "QUEUED", "RUNNING",
                  "THROUGHPUT", "LABELS", "COMPUTE ID"), rows))
     return 0
 
 
-def _public(res: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in dict(res).items() if not k.startswith("accelerator_type:")}
-
-
-def _placement_rows(p) -> list[str]:  # type: ignore[no-untyped-def]
-    lines = [f"placed on {p.site or '(none)'} at {_when(p.decided_at)}: {p.reason}"]
+def _placement_rows(p, verb: str = "placed on") -> list[str]:  # type: ignore[no-untyped-def]
+    when = f" ({fmt_age(p.decided_at)})" if p.decided_at and verb == "placed on" else ""
+    lines = [p.headline(verb) + when]
     if p.candidates:
-        lines.append(table(("CANDIDATE", "WAIT", "TRANSFER", "RUN", "PRICE", "CARBON", "TOTAL"),
-                           [(c.site, f"{c.wait_s:.3f}s", f"{c.transfer_s:.3f}s", f"{c.run_s:.3f}s",
-                             f"{c.price:.6f}", f"{c.carbon_g:.3f}g", f"{c.total:.3f}s") for c in p.candidates]))
+        lines.append(table(*score_table(p.candidates)))
     if p.rejected:
         lines.append(f"rejected {p.rejected_count} site(s):")
         lines.extend(f"  {site}: {why}" for site, why in p.rejected)
@@ -77,32 +77,47 @@ def cmd_explain(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untype
         print("\nmoves:")
         print(table(("ATTEMPT", "SITE", "ENDED", "WHY IT MOVED"),
                     [(a.attempt, a.site, _when(a.ended_at), a.outcome) for a in info.history]))
-    if info.error:
-        print(f"\nerror: [{info.error_kind}] {info.error}")
+    if info.error_text:
+        print(f"\nerror: {info.error_text}")
     return 0
 
 
-def cmd_quote(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+def _quote_options(args: argparse.Namespace) -> dict[str, object]:
+    """The task options a quote asks about; bad values end the command before it connects."""
     from intertie.remote import make_options
 
-    labels = dict(item.split("=", 1) for item in args.label or [])
     opts = dict(cpus=args.cpus, gpus=args.gpus, accelerator=args.accelerator, arch=args.arch, site=args.site,
-                labels=labels)
-    make_options(**opts)  # type errors surface here, before the call
-    quote = fed.quote(len, b"x" * args.bytes, **opts)
-    print("\n".join(_placement_rows(quote.placement)))
+                labels=dict(args.label or []))
+    try:
+        make_options(**opts)
+    except (TypeError, ValueError) as exc:
+        _usage_error(f"intertie quote: error: {exc}")
+    return opts
+
+
+def cmd_quote(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    if args.bytes > fed.max_payload_bytes:
+        # Every task's arguments pass through the home gateway, which refuses them at submit;
+        # and the quote would build arguments of that size in memory to measure them.
+        print(f"no site can run it: arguments of {fmt_bytes(args.bytes)} are over the payload limit of the "
+              f"home gateway {fed.site_id} ({fmt_bytes(fed.max_payload_bytes)}), which every task's "
+              f"arguments pass through")
+        return 1
+    quote = fed.quote(len, b"x" * args.bytes, **args.options)
+    print("\n".join(_placement_rows(quote.placement, "would place on")))
     return 0 if quote else 1
 
 
 def cmd_task(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
     info = fed.task(args.task_id)
+    ran = info.ran_for()
     rows = [("task", info.task_id), ("name", info.name), ("state", info.state), ("site", info.site or "-"),
             ("attempts", f"{info.attempts} (max_retries {info.max_retries})"),
             ("resources", _resources(info.resources.as_ray()) or "-"),
             ("submitted", _when(info.submitted_at)), ("started", _when(info.started_at)),
-            ("finished", _when(info.finished_at))]
-    if info.error:
-        rows.append(("error", f"[{info.error_kind}] {info.error}"))
+            ("finished", _when(info.finished_at)), ("ran", fmt_seconds(ran) if ran is not None else "-")]
+    if info.error_text:
+        rows.append(("error", info.error_text))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
@@ -113,6 +128,25 @@ def cmd_task(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
     return 0
 
 
+def cmd_cancel(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    task_ids = list(dict.fromkeys(args.task_ids))  # once each, in the order given
+    cancelled = set(fed.cancel(task_ids))
+    failed = 0
+    for task_id in task_ids:
+        if task_id in cancelled:
+            print(f"{task_id}  cancelled")
+            continue
+        failed += 1
+        try:
+            why = f"already {fed.task(task_id).state}"
+        except TaskNotFoundError:
+            why = f"no such task at {fed.address}"
+        print(f"{task_id}  not cancelled: {why}")
+    if failed and len(task_ids) > 1:
+        print(f"cancelled {len(task_ids) - failed} of {len(task_ids)} task(s)", file=sys.stderr)
+    return 1 if failed else 0
+
+
 class _Progress:
     """One line on stderr, rewritten as batches go by."""
 
@@ -121,8 +155,8 @@ class _Progress:
         self.started = time.monotonic()
 
     def __call__(self, rows: int, nbytes: int) -> None:
-        rate = nbytes / max(time.monotonic() - self.started, 1e-6) / 2**20
-        print(f"\r{self.verb} {rows:,} rows, {nbytes / 2**20:,.1f} MiB ({rate:,.1f} MiB/s)", end="",
+        rate = nbytes / max(time.monotonic() - self.started, 1e-6)
+        print(f"\r{self.verb} {rows:,} rows, {fmt_bytes(nbytes)} ({fmt_bytes(rate)}/s)", end="",
               file=sys.stderr, flush=True)
 
     def done(self) -> None:
@@ -160,20 +194,64 @@ def cmd_datasets(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="intertie", description="Use an Intertie federation.")
+# ---------------------------------------------------------------------- arguments
+
+def _usage_error(message: str) -> NoReturn:
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Mistakes in the arguments are one line and a pointer to --help, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        _usage_error(f"{self.prog}: error: {message}\n(see '{self.prog} --help')")
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a size in bytes with an optional unit (4096, 1e8, 512MB, 10GiB)."""
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """An argparse type: KEY=VALUE (a label the task's site must carry)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from intertie import __version__
+
+    # --address is accepted before or after the subcommand: the subcommands' copy leaves
+    # the namespace alone unless given (SUPPRESS), so the top-level default stands.
+    address = _Parser(add_help=False)
+    address.add_argument("--address", default=argparse.SUPPRESS,
+                         help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
+    parser = _Parser(prog="intertie", description="Use an Intertie federation.")
     parser.add_argument("--address", default=os.environ.get("INTERTIE_ADDRESS"),
                         help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("sites", help="the sites, their resources and load")
-    task = sub.add_parser("task", help="state, site, attempts and error of one task")
+    parser.add_argument("--version", action="version",
+                        version=f"intertie {__version__} (Python {sys.version.split()[0]})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("sites", parents=[address], help="the sites, their resources and load")
+    task = sub.add_parser("task", parents=[address], help="state, site, attempts and error of one task")
     task.add_argument("task_id")
-    explain = sub.add_parser("explain", help="why a task was placed where it was, and every move")
+    explain = sub.add_parser("explain", parents=[address],
+                             help="why a task was placed where it was, and every move")
     explain.add_argument("task_id")
-    datasets = sub.add_parser("datasets", help="datasets at a site: ls, put, get, rm")
-    dsub = datasets.add_subparsers(dest="action", required=True)
+    cancel = sub.add_parser("cancel", parents=[address], help="cancel queued or running tasks by id")
+    cancel.add_argument("task_ids", nargs="*", metavar="TASK_ID")
+    cancel.add_argument("--all-mine", action="store_true",
+                        help="every task you submitted (not available yet: needs tenant identities)")
+    datasets = sub.add_parser("datasets", parents=[address], help="datasets at a site: ls, put, get, rm")
+    dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("ls", "put", "get", "rm"):
-        p = dsub.add_parser(action)
+        p = dsub.add_parser(action, parents=[address])
         p.add_argument("--site", help="the site (default: the home gateway's)")
         if action == "put":
             p.add_argument("source", help="a Parquet, Arrow IPC or CSV file (path or fsspec URL)")
@@ -183,15 +261,37 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("output", help="file to write (.parquet, else Arrow IPC)")
         elif action == "rm":
             p.add_argument("dataset", help="id or name")
-    quote = sub.add_parser("quote", help="rank the sites for a task shape without running anything")
+    quote = sub.add_parser("quote", parents=[address],
+                           help="rank the sites for a task shape without running anything")
     quote.add_argument("--cpus", type=float, default=1.0)
     quote.add_argument("--gpus", type=float, default=0.0)
     quote.add_argument("--accelerator")
     quote.add_argument("--arch")
     quote.add_argument("--site")
-    quote.add_argument("--label", action="append", metavar="KEY=VALUE")
-    quote.add_argument("--bytes", type=int, default=0, help="size of the task's arguments")
+    quote.add_argument("--label", action="append", type=key_value, metavar="KEY=VALUE",
+                       help="a label the site must carry (repeatable)")
+    quote.add_argument("--bytes", type=byte_size, default=0, metavar="SIZE",
+                       help="size of the task's arguments: bytes, or with a unit (512MB, 10GiB)")
+    return parser
+
+
+COMMANDS = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote,
+            "cancel": cmd_cancel, "datasets": cmd_datasets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "cancel":
+        if args.all_mine:
+            print("intertie cancel: --all-mine is not available yet: a new intertie process has no identity "
+                  "that ties it to the tasks another client submitted (it comes with tenants and tokens); "
+                  "cancel by TASK_ID instead", file=sys.stderr)
+            return 2
+        if not args.task_ids:
+            parser.error("cancel: give one or more TASK_IDs")
+    if args.command == "quote":
+        args.options = _quote_options(args)
     if not args.address:
         print("intertie: no gateway address: pass --address HOST:PORT or set INTERTIE_ADDRESS", file=sys.stderr)
         return 2
@@ -199,12 +299,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with Federation(args.address, connect_timeout=10) as fed:
-            commands = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote,
-                        "datasets": cmd_datasets}
-            return commands[args.command](fed, args)
+            return COMMANDS[args.command](fed, args)
     except IntertieError as exc:
         print(f"intertie: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("intertie: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

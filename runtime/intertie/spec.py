@@ -161,21 +161,24 @@ def _is_memory(name: str) -> bool:
     return name == "memory" or name.endswith("_memory")
 
 
-def fmt_resources(amounts: Mapping[str, float], total: Mapping[str, float] | None = None) -> str:
-    """Ray resources for reading, CPU, GPU and memory first: "CPU 2, memory 4 GiB, bigmem 1";
-    with ``total``, each as free/total: "CPU 1.5/2, memory 1 GiB/4 GiB". Accelerator-type
-    markers are left out (SiteStatus.accelerators names them)."""
+def resource_items(amounts: Mapping[str, float], total: Mapping[str, float] | None = None) -> list[tuple[str, str]]:
+    """Ray resources for reading, CPU, GPU and memory first: [("CPU", "2"), ("memory", "4 GiB")];
+    with ``total``, each as free/total: ("CPU", "1.5/2"), ("memory", "1 GiB/4 GiB").
+    Accelerator-type markers are left out (SiteStatus.accelerators names them)."""
     names = total if total is not None else amounts
     first = [k for k in ("CPU", "GPU", "memory") if k in names]
     keys = first + sorted(k for k in names if k not in first and not k.startswith("accelerator_type:"))
 
-    def one(key: str) -> str:
+    def amount(key: str) -> str:
         show = fmt_bytes if _is_memory(key) else fmt_number
-        if total is None:
-            return f"{key} {show(amounts.get(key, 0.0))}"
-        return f"{key} {show(amounts.get(key, 0.0))}/{show(total[key])}"
+        return show(amounts.get(key, 0.0)) + ("" if total is None else f"/{show(total[key])}")
 
-    return ", ".join(one(k) for k in keys)
+    return [(key, amount(key)) for key in keys]
+
+
+def fmt_resources(amounts: Mapping[str, float], total: Mapping[str, float] | None = None) -> str:
+    """ "CPU 1.5/2, memory 1 GiB/4 GiB, bigmem 1/1" (see :func:`resource_items`)."""
+    return ", ".join(f"{key} {amount}" for key, amount in resource_items(amounts, total))
 
 
 def fmt_labels(labels: Mapping[str, str]) -> str:
