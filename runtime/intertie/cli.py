@@ -201,8 +201,9 @@ def _usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-class _Parser(argparse.ArgumentParser):
-    """Mistakes in the arguments are one line and a pointer to --help, not a usage dump."""
+class ShortErrorParser(argparse.ArgumentParser):
+    """Mistakes in the arguments are one line and a pointer to --help, not a usage dump
+    (its subparsers are of this class too)."""
 
     def error(self, message: str) -> NoReturn:
         _usage_error(f"{self.prog}: error: {message}\n(see '{self.prog} --help')")
@@ -229,10 +230,10 @@ def _parser() -> argparse.ArgumentParser:
 
     # --address is accepted before or after the subcommand: the subcommands' copy leaves
     # the namespace alone unless given (SUPPRESS), so the top-level default stands.
-    address = _Parser(add_help=False)
+    address = ShortErrorParser(add_help=False)
     address.add_argument("--address", default=argparse.SUPPRESS,
                          help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
-    parser = _Parser(prog="intertie", description="Use an Intertie federation.")
+    parser = ShortErrorParser(prog="intertie", description="Use an Intertie federation.")
     parser.add_argument("--address", default=os.environ.get("INTERTIE_ADDRESS"),
                         help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
     parser.add_argument("--version", action="version",

@@ -218,14 +218,15 @@ _T = TypeVar("_T")
 
 class Listing(list[_T]):
     """A list of value types (``fed.sites()``) that Jupyter shows as one table and the
-    console one item a line; otherwise an ordinary list."""
+    console one item a line; otherwise an ordinary list. The items' class gives the table:
+    ``_table_headers`` and ``_table_row()`` (as :class:`_Tabled` has them)."""
 
     def _repr_html_(self) -> str | None:
         kinds = {type(item) for item in self}
         if not kinds:
             return "<p><i>(none)</i></p>"
         kind = kinds.pop()
-        if kinds or not issubclass(kind, _Tabled):
+        if kinds or not hasattr(kind, "_table_headers") or not hasattr(kind, "_table_row"):
             return None  # Jupyter then shows the plain repr
         return html_table(kind._table_headers, [item._table_row() for item in self])  # type: ignore[attr-defined]
 

@@ -165,6 +165,24 @@ def test_a_list_of_sites_is_one_table() -> None:
     assert repr(sites).count("\n") == 2 and repr(sites).startswith("[<SiteStatus a up")
     assert repr(Listing()) == "[]" and "(none)" in (Listing()._repr_html_() or "")
     assert Listing([1, 2])._repr_html_() is None  # not value types: Jupyter shows the repr
+    assert Listing([site(), task()])._repr_html_() is None  # mixed: no one table fits
+
+
+class Row:
+    """A value type of another module (a dataset ref, say) that tables itself without subclassing."""
+
+    _table_headers = ("NAME", "SIZE")
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name, self.size = name, size
+
+    def _table_row(self) -> tuple[str, ...]:
+        return (self.name, fmt_bytes(self.size))
+
+
+def test_any_class_with_a_table_row_lists_as_one_table() -> None:
+    html = Listing([Row("a<b", 1536), Row("c", 4 << 30)])._repr_html_() or ""
+    assert html.count("<tr>") == 3 and "a&lt;b" in html and "1.5 KiB" in html and "4 GiB" in html
 
 
 def test_task_table_keeps_the_full_id_in_a_tooltip() -> None:
