@@ -9,16 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
+from intertie.display import fmt_age, fmt_bytes, fmt_labels, fmt_seconds, parse_bytes, resource_items
 from intertie.errors import IntertieError, TaskNotFoundError
-from intertie.spec import (
-    fmt_age,
-    fmt_bytes,
-    fmt_labels,
-    fmt_seconds,
-    parse_bytes,
-    resource_items,
-    score_table,
-)
+from intertie.spec import score_table
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

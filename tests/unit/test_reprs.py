@@ -7,10 +7,9 @@ import time
 
 import pytest
 
+from intertie.display import REPR_LIMIT, Listing, fmt_age, fmt_bytes, fmt_number, fmt_seconds, parse_bytes
 from intertie.spec import (
-    REPR_LIMIT,
     AttemptInfo,
-    Listing,
     PlacementInfo,
     Quote,
     Resources,
@@ -18,11 +17,6 @@ from intertie.spec import (
     SiteStatus,
     TaskInfo,
     TaskOptions,
-    fmt_age,
-    fmt_bytes,
-    fmt_number,
-    fmt_seconds,
-    parse_bytes,
 )
 
 NOW = time.time()
