@@ -13,9 +13,10 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from intertie import errors
+from intertie.display import Cell, clip, fmt_bytes, fmt_number, html_table, short_id
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -52,8 +53,18 @@ class DatasetRef:
 
     def __repr__(self) -> str:
         copy = f", replica of {self.origin}" if self.origin else ""
-        return (f"DatasetRef({self.name!r} at {self.site}: {self.num_rows} rows, {self.num_bytes} bytes, "
-                f"id {self.id[:12]}{copy})")
+        return (f"<DatasetRef {clip(self.name, 60)!r} at {self.site}: {fmt_number(self.num_rows)} rows, "
+                f"{fmt_bytes(self.num_bytes)}, id {short_id(self.id)}{copy}>")
+
+    # One row of a table in Jupyter; a list of refs (``fed.datasets()``) is one table.
+    _table_headers: ClassVar[tuple[str, ...]] = ("name", "site", "rows", "size", "id", "replica of")
+
+    def _table_row(self) -> tuple[Cell, ...]:
+        return (self.name, self.site, fmt_number(self.num_rows), fmt_bytes(self.num_bytes),
+                (short_id(self.id), self.id), self.origin)
+
+    def _repr_html_(self) -> str:
+        return html_table(self._table_headers, [self._table_row()])
 
 
 def _translate(exc: Exception, what: str) -> errors.IntertieError:

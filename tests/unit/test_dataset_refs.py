@@ -39,3 +39,12 @@ def test_refs_in_finds_each_dataset_once_in_the_same_places() -> None:
     a, b, deep = ref("a"), ref("b"), ref("deep")
     assert refs_in((a, [b, a], {"x": (deep,)}), {"k": {"v": b}}) == [a, b]
     assert refs_in((), {}) == []
+
+
+def test_a_dataset_ref_reads_short_and_a_list_of_them_is_one_table() -> None:
+    from intertie.display import Listing
+
+    ref = DatasetRef("0123456789abcdef0123", "trips<2024>", "alpha", 1_234_567, 48_000_000, b"", origin="beta")
+    assert repr(ref) == "<DatasetRef 'trips<2024>' at alpha: 1234567 rows, 45.8 MiB, id 01234567, replica of beta>"
+    html = Listing([ref, ref])._repr_html_()
+    assert html is not None and html.count("<tr>") == 3 and "trips&lt;2024&gt;" in html and "<2024>" not in html
