@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
+from intertie.cli import ShortErrorParser, byte_size
 from intertie_gateway.config import (
     ConfigError,
     GatewayConfig,
@@ -17,9 +19,23 @@ from intertie_gateway.config import (
 )
 
 
+def _version() -> str:
+    """Intertie's, Python's and Ray's versions (Ray's from its metadata: importing it takes ~1 s)."""
+    from importlib import metadata
+
+    from intertie import __version__
+
+    try:
+        ray = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        ray = "not installed"
+    return f"intertie-gateway {__version__} (Python {sys.version.split()[0]}, Ray {ray})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="intertie-gateway", description="Run an Intertie site gateway.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ShortErrorParser(prog="intertie-gateway", description="Run an Intertie site gateway.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ShortErrorParser)
     run = sub.add_parser("run", help="run one site gateway in front of a Ray cluster")
     local = sub.add_parser("local", help="run N peered sites on loopback, each with its own embedded Ray")
     local.add_argument("--sites", type=int, default=3, metavar="N")
@@ -30,22 +46,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", metavar="DIR", help="journal and address file (default ./intertie-state)")
     run.add_argument("--site-id", metavar="NAME")
     run.add_argument("--region", metavar="NAME")
-    run.add_argument("--ray", metavar="local|ADDRESS", help="'local' (embedded Ray, default) or a cluster address")
-    run.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the embedded Ray")
-    run.add_argument("--num-gpus", type=int, metavar="N", help="GPUs of the embedded Ray")
-    run.add_argument("--resources", metavar="JSON", help='custom Ray resources, e.g. \'{"bigmem": 2}\'')
-    run.add_argument("--object-store-memory", type=int, metavar="BYTES")
-    run.add_argument("--max-payload-bytes", type=int, metavar="BYTES")
+    run.add_argument("--ray", metavar="local|HOST:PORT",
+                     help="'local' (an embedded Ray, the default) or the head of a running cluster (the --port of "
+                          "`ray start --head`, 6379 by default); the gateway must run on one of its nodes")
+    run.add_argument("--ray-token-file", metavar="FILE",
+                     help="the cluster's token, for a cluster with Ray's token auth (a copy of the head's "
+                          "~/.ray/auth_token; default: where Ray looks, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    run.add_argument("--ray-connect-timeout", type=float, metavar="SECONDS",
+                     help="how long attaching to the cluster may take (default 15)")
+    run.add_argument("--num-cpus", type=int, metavar="N", help="CPUs of the embedded Ray (not with --ray HOST:PORT)")
+    run.add_argument("--num-gpus", type=int, metavar="N", help="GPUs of the embedded Ray (not with --ray HOST:PORT)")
+    run.add_argument("--resources", metavar="JSON",
+                     help='custom resources of the embedded Ray, e.g. \'{"bigmem": 2}\' (not with --ray HOST:PORT)')
+    run.add_argument("--object-store-memory", type=byte_size, metavar="BYTES",
+                     help="object store of the embedded Ray (default 256MiB; not with --ray HOST:PORT)")
+    run.add_argument("--max-payload-bytes", type=byte_size, metavar="BYTES")
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
     run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
     run.add_argument("--flight-listen", metavar="HOST:PORT", help="Arrow Flight endpoint for datasets (default: a free port)")
-    run.add_argument("--dataset-quota", type=int, metavar="BYTES", help="most bytes of datasets kept (default: no limit)")
-    run.add_argument("--replica-cache", type=int, metavar="BYTES",
+    run.add_argument("--dataset-quota", type=byte_size, metavar="BYTES",
+                     help="most bytes of datasets kept (default: no limit)")
+    run.add_argument("--replica-cache", type=byte_size, metavar="BYTES",
                      help="most bytes of replicas pulled from other sites (default 8 GiB; 0: no bound)")
-    run.add_argument("--result-dataset-bytes", type=int, metavar="BYTES",
+    run.add_argument("--result-dataset-bytes", type=byte_size, metavar="BYTES",
                      help="a Table result this large stays at the site as a dataset (default 64 MiB; 0: never)")
     run.add_argument("--pull-timeout", type=float, metavar="SECONDS",
                      help="how long a transfer of a task's data may stall before the task fails (default 120)")
@@ -69,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     file_values = load_toml(args.config) if args.config else {}
     overrides = {
         "listen": args.listen, "state_dir": args.state_dir, "site_id": args.site_id, "region": args.region,
-        "ray": args.ray, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+        "ray": args.ray, "ray_token_file": args.ray_token_file, "ray_connect_timeout_s": args.ray_connect_timeout,
+        "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
         "worker_pool": args.worker_pool,
@@ -118,10 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from intertie_gateway.runner import RayConnectError
     from intertie_gateway.server import serve
 
     try:
         asyncio.run(serve(config, parent_pid=args.parent_pid))
+    except RayConnectError as exc:
+        print(f"intertie-gateway: {exc}", file=sys.stderr, flush=True)
+        if exc.stuck:  # Ray's connect still runs in a thread, and its exit handlers would wait for it
+            logging.shutdown()
+            os._exit(1)
+        return 1
     except OSError as exc:
         print(f"intertie-gateway: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# The object store of an embedded Ray, unless configured.
+EMBEDDED_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+# Settings of the embedded Ray, and the flags that set them: an attached cluster's nodes
+# declare their own resources when they start, so these are refused with --ray ADDRESS.
+EMBEDDED_ONLY = {"num_cpus": "--num-cpus", "num_gpus": "--num-gpus", "resources": "--resources",
+                 "object_store_memory": "--object-store-memory"}
 
 
 class ConfigError(ValueError):
@@ -27,14 +33,23 @@ class GatewayConfig:
     state_dir: str = "intertie-state"
     site_id: str = "local"
     region: str = "local"
-    # "local": an embedded Ray started by the gateway; otherwise the address of an existing cluster.
+    # "local": an embedded Ray started by the gateway; otherwise the HOST:PORT of an existing
+    # cluster's head (the --port of `ray start --head`; the gateway runs on one of its nodes).
     ray: str = "local"
-    # Only for the embedded Ray; None lets Ray detect the machine.
+    # Attaching to a cluster with Ray's token auth: a file holding the cluster's token (the
+    # head's ~/.ray/auth_token). Unset, the gateway finds one as Ray does (RAY_AUTH_TOKEN,
+    # RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) when the cluster asks for one.
+    ray_token_file: str = ""
+    # How long attaching to a cluster may take before the gateway gives up and says why.
+    ray_connect_timeout_s: float = 15.0
+    # Only for the embedded Ray (an attached cluster's nodes declare their own, with `ray
+    # start`); None lets Ray detect the machine.
     num_cpus: int | None = None
     num_gpus: int | None = None
     resources: Mapping[str, float] = field(default_factory=dict)
-    # An embedded Ray would otherwise claim ~30% of memory for its object store.
-    object_store_memory: int = 256 * 1024 * 1024
+    # Only for the embedded Ray, which would otherwise claim ~30% of memory for its object
+    # store; None: EMBEDDED_OBJECT_STORE_BYTES.
+    object_store_memory: int | None = None
     # Largest function, argument blob or result accepted (bytes).
     max_payload_bytes: int = 100 * 1024 * 1024
     # fsync every journal commit (power-loss safe). Off, a commit still survives a killed
@@ -111,8 +126,11 @@ class GatewayConfig:
                 raise ConfigError(f"{key}: expected a whole number of bytes >= 0, got {value!r}")
         for key in ("object_store_memory", "max_payload_bytes"):
             value = getattr(self, key)
+            if key == "object_store_memory" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key}: expected a whole number of bytes > 0, got {value!r}")
+        self._check_ray()
         if self.max_payload_bytes > 1024 * 1024 * 1024:
             raise ConfigError("max_payload_bytes: at most 1 GiB (a gRPC message limit)")
         if not isinstance(self.admission_overcommit, (int, float)) or self.admission_overcommit < 1:
@@ -150,6 +168,35 @@ class GatewayConfig:
         object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
         object.__setattr__(self, "labels", dict(self.labels))
 
+    def _check_ray(self) -> None:
+        if not isinstance(self.ray, str):
+            raise ConfigError(f"ray: expected 'local' or HOST:PORT, got {self.ray!r}")
+        if not isinstance(self.ray_connect_timeout_s, (int, float)) or isinstance(self.ray_connect_timeout_s, bool) \
+                or not math.isfinite(self.ray_connect_timeout_s) or self.ray_connect_timeout_s <= 0:
+            raise ConfigError(f"ray_connect_timeout_s: expected seconds > 0, got {self.ray_connect_timeout_s!r}")
+        if not isinstance(self.ray_token_file, str):
+            raise ConfigError(f"ray_token_file: expected a file name, got {self.ray_token_file!r}")
+        if self.ray == "local":
+            if self.ray_token_file:
+                raise ConfigError("ray_token_file (--ray-token-file) is for attaching to a cluster (--ray HOST:PORT); "
+                                  "the embedded Ray makes its own token")
+            return
+        why = ray_address_problem(self.ray)
+        if why:
+            raise ConfigError(f"ray: {why}")
+        given = [f"{key} ({flag})" for key, flag in EMBEDDED_ONLY.items()
+                 if getattr(self, key) not in (None, {})]
+        if given:
+            raise ConfigError(
+                f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for the embedded Ray and "
+                f"{'does' if len(given) == 1 else 'do'} not apply when attaching to the cluster at {self.ray}: its "
+                "nodes declare their own resources (`ray start --num-cpus=N --resources=...` on each node); drop "
+                f"{'it' if len(given) == 1 else 'them'}, or use --ray local")
+
+    @property
+    def embedded_object_store_bytes(self) -> int:
+        return self.object_store_memory or EMBEDDED_OBJECT_STORE_BYTES
+
     @property
     def compute_id(self) -> str:
         return f"urn:intertie:site:{self.region}:{self.site_id}"
@@ -175,6 +222,21 @@ class GatewayConfig:
             return cls(**values)
         except TypeError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def ray_address_problem(address: str) -> str | None:
+    """What is wrong with an address given for an existing Ray cluster (None: a HOST:PORT)."""
+    shown = address if address else "an empty address"
+    if "://" in address:
+        scheme = address.split("://", 1)[0]
+        hint = " (that is a Ray Client address; the gateway attaches as a driver)" if scheme == "ray" else ""
+        return (f"expected 'local' or the cluster head's HOST:PORT (e.g. 10.0.0.5:6379), got {shown!r}{hint}: "
+                "give it without a scheme")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        return (f"expected 'local' or the cluster head's HOST:PORT (e.g. 10.0.0.5:6379, the --port of "
+                f"`ray start --head`), got {shown!r}")
+    return None
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

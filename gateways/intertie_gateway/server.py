@@ -37,11 +37,13 @@ STOP_GRACE_S = 3.0
 
 
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, parent_pid: int | None = None) -> None:
+    # Ray first: attaching to a cluster is what fails most often (runner.RayConnectError says
+    # why), and then nothing else has been started or touched.
+    runner = RayRunner(config)
     state = config.state_path
     state.mkdir(parents=True, exist_ok=True)
     (state / "address").unlink(missing_ok=True)
     journal = Journal(state / "journal.sqlite", fsync=config.fsync)
-    runner = RayRunner(config)
     hub = SessionHub()
 
     server = grpc.aio.server(options=server_options(config.max_payload_bytes))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from intertie_gateway.cli import _parser, config_from_args
+from intertie_gateway.cli import _parser, config_from_args, main
 from intertie_gateway.config import ConfigError, GatewayConfig, load_toml, parse_labels, parse_resources
 
 
@@ -13,7 +13,7 @@ def test_defaults_work_on_a_laptop() -> None:
     assert config.ray == "local"
     assert config.max_payload_bytes == 100 * 1024 * 1024
     assert config.fsync is False
-    assert config.object_store_memory < 1024 ** 3
+    assert config.object_store_memory is None and config.embedded_object_store_bytes < 1024 ** 3
     assert config.compute_id == "urn:intertie:site:local:local"
 
 
@@ -29,6 +29,11 @@ def test_defaults_work_on_a_laptop() -> None:
     ("admission_overcommit", 0.5, "admission_overcommit"),
     ("fsync", "yes", "fsync"),
     ("labels", {"a": 1}, "labels"),
+    ("ray", "10.0.0.5", "ray: expected 'local' or the cluster head's HOST:PORT"),
+    ("ray", "ray://10.0.0.5:10001", "Ray Client address"),
+    ("ray", "10.0.0.5:99999", "ray: expected"),
+    ("ray_connect_timeout_s", 0, "ray_connect_timeout_s"),
+    ("ray_token_file", "/some/token", "ray_token_file .* is for attaching"),
 ])
 def test_bad_values_name_the_key(key: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -74,3 +79,38 @@ def test_flag_parsers() -> None:
     assert parse_labels(["a=b", "c=d=e"]) == {"a": "b", "c": "d=e"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_labels(["novalue"])
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--num-cpus", "2"], "num_cpus (--num-cpus) is"),
+    (["--object-store-memory", "1GiB", "--resources", '{"a": 1}'], "resources (--resources), object_store_memory"),
+])
+def test_embedded_ray_settings_are_refused_when_attaching(flags: list[str], named: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Flags of the embedded Ray would be silently ignored by an attached cluster (its nodes
+    declare their own resources): refused, in one line naming them and what to do."""
+    assert main(["run", "--ray", "10.0.0.5:6379", *flags]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "ray start --num-cpus=N" in err and len(err.strip().splitlines()) == 1
+    config = config_from_args(_parser().parse_args(["run", "--ray", "local", *flags]))
+    assert config.ray == "local"  # the same flags are fine for the embedded Ray
+
+
+def test_attaching_settings_from_flags_and_toml(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text('ray = "10.0.0.5:6379"\nray_token_file = "/etc/intertie/ray-token"\n')
+    args = _parser().parse_args(["run", "--config", str(path), "--ray-connect-timeout", "4"])
+    config = config_from_args(args)
+    assert (config.ray, config.ray_token_file, config.ray_connect_timeout_s) == \
+        ("10.0.0.5:6379", "/etc/intertie/ray-token", 4.0)
+
+
+def test_version_and_byte_sizes_with_units(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("intertie-gateway ") and "Ray 2." in out
+    config = config_from_args(_parser().parse_args(["run", "--object-store-memory", "512MiB",
+                                                    "--max-payload-bytes", "1e6"]))
+    assert (config.object_store_memory, config.max_payload_bytes) == (512 << 20, 1_000_000)
