@@ -44,21 +44,16 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
 
     With no address (and no ``INTERTIE_ADDRESS`` in the environment) an embedded
     local site is started: a gateway child process with its own Ray, stopped when
-    the connection is closed or the program exits.
+    its last connection is closed or the program exits; connecting again while one is
+    open (a re-run notebook cell) reuses it. An empty address is an error, as is a
+    malformed one; a refused connection or an unknown host fails within seconds.
+    ``kwargs`` go to :class:`Federation`: ``connect_timeout``, ``unavailable_timeout``
+    (how long the home may be unreachable before waiting futures fail; default 30 s),
+    ``cancel_on_interrupt`` (Ctrl-C while waiting cancels the tasks waited for; default True).
     """
-    import os
+    from intertie import client
 
-    address = address or os.environ.get("INTERTIE_ADDRESS") or None
-    if address is not None:
-        return Federation(address, **kwargs)
-    from intertie.embedded import EmbeddedGateway
-
-    gateway = EmbeddedGateway(num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir)
-    try:
-        return Federation(gateway.address, on_close=gateway.stop, **kwargs)
-    except BaseException:
-        gateway.stop()
-        raise
+    return client.connect(address, num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir, **kwargs)
 
 
 __all__ = [

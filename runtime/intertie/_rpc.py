@@ -1,8 +1,11 @@
-"""gRPC plumbing shared by the SDK and the CLI: channels, retry policy, error translation."""
+"""gRPC plumbing shared by the SDK and the CLI: addresses, channels, retry policy, error
+translation, and the first contact with a gateway (fast, with the cause when it fails)."""
 
 from __future__ import annotations
 
 import functools
+import re
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -102,6 +105,108 @@ def translate(exc: grpc.RpcError, target: str = "") -> errors.IntertieError:
     return cls(details)
 
 
+# ---------------------------------------------------------------------- addresses
+# The port a gateway listens on unless told otherwise (intertie-gateway run --listen).
+DEFAULT_GATEWAY_PORT = 7070
+# gRPC target schemes passed through as they are (a deliberate gRPC target, not host:port).
+_GRPC_SCHEMES = ("unix:", "unix-abstract:", "vsock:", "dns:", "ipv4:", "ipv6:")
+_HOST = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def check_address(address: object) -> str:
+    """A gateway address as "host:port" (or "[v6]:port", or a gRPC target such as
+    "unix:/path"), checked for form before any connection is tried: a mistake is an
+    :class:`~intertie.InvalidRequestError` at once, naming what is wrong."""
+    if not isinstance(address, str):
+        raise errors.InvalidRequestError(f"a gateway address is a string \"host:port\", not {type(address).__name__}")
+    text = address.strip()
+
+    def bad(why: str) -> errors.InvalidRequestError:
+        return errors.InvalidRequestError(f"invalid gateway address {address!r}: {why}")
+
+    if not text:
+        raise errors.InvalidRequestError(
+            "empty gateway address: give \"host:port\" (e.g. \"localhost:7070\"), or call "
+            "intertie.connect() with no address for an embedded local site")
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        raise bad(f"drop the \"{scheme}://\" prefix: the gateway speaks gRPC at \"host:port\", "
+                  f"e.g. \"{rest.rstrip('/')}\"")
+    if any(c.isspace() for c in text) or "/" in text:
+        raise bad("expected \"host:port\"")
+    if text.startswith("["):  # [v6]:port
+        host, sep, port = text[1:].partition("]")
+        if not sep or not port.startswith(":"):
+            raise bad("expected \"[IPv6]:port\"")
+        port = port[1:]
+    else:
+        if text.count(":") > 1:
+            raise bad("an IPv6 address needs brackets: \"[::1]:7070\"")
+        host, sep, port = text.partition(":")
+        if not sep:
+            raise bad(f"no port: expected \"host:port\", e.g. \"{text}:{DEFAULT_GATEWAY_PORT}\" "
+                      f"({DEFAULT_GATEWAY_PORT} is the gateway's default)")
+        if not host or not _HOST.match(host):
+            raise bad(f"{host!r} is not a host name")
+    if not port.isdigit():
+        raise bad(f"the port {port!r} is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise bad(f"the port {port} is out of range (1-65535)")
+    return text
+
+
+def unreachable_cause(exc: grpc.RpcError, target: str = "") -> str:
+    """Why an UNAVAILABLE call failed, in words (gRPC's own text follows in parentheses)."""
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    host = target.rpartition(":")[0] or target
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        why = f"connection refused: nothing listens at {target} (is the gateway running, and is that its port?)"
+    elif "domain name not found" in lowered or "lookup failed" in lowered or "name or service not known" in lowered \
+            or "nodename nor servname" in lowered or "could not resolve" in lowered:
+        why = f"unknown host {host!r} (the name does not resolve)"
+    elif "no route to host" in lowered or "network is unreachable" in lowered:
+        why = f"no route to {host!r}"
+    elif "connection reset" in lowered or "socket closed" in lowered:
+        why = f"the connection to {target} was reset"
+    else:
+        return details
+    return f"{why} [{details}]"
+
+
+# A refused connection is tried again for this long (a gateway just starting, a port being
+# rebound) before connect() gives up with the cause; an unknown host is not tried again.
+REFUSED_RETRY_S = 2.0
+
+
+def first_contact(call: Callable[[float], Any], target: str, timeout: float) -> Any:
+    """``call(timeout_s)``: the first RPC to a gateway, failing fast with the cause.
+
+    A refused connection or an unknown host is a :class:`~intertie.SiteUnavailableError`
+    within REFUSED_RETRY_S, saying which; a host that never answers (packets dropped) one
+    after ``timeout`` seconds, saying so; any other failure is translated as usual."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        try:
+            return call(max(0.05, deadline - time.monotonic()))
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            now = time.monotonic()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE and now >= deadline):
+                raise errors.SiteUnavailableError(
+                    f"gateway {target} did not answer within {timeout:g} s (is a firewall dropping the "
+                    f"connection, or is it another kind of server?)") from None
+            if code != grpc.StatusCode.UNAVAILABLE:
+                raise translate(exc, target) from None
+            cause = unreachable_cause(exc, target)
+            if cause.startswith("unknown host") or now - started >= min(REFUSED_RETRY_S, timeout):
+                raise errors.SiteUnavailableError(f"cannot reach gateway {target}: {cause}") from None
+            time.sleep(0.1)  # a retry's pace, not a synchronisation: gRPC backs off 0.1 s too
+
+
 def is_retryable(exc: grpc.RpcError) -> bool:
     code = exc.code() if hasattr(exc, "code") else None
     return code not in NON_RETRYABLE_CODES
@@ -111,10 +216,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def translated(fn: F) -> F:
-    """Decorator: grpc.RpcError raised inside becomes an IntertieError."""
+    """Decorator: grpc.RpcError raised inside becomes an IntertieError; a call on a closed
+    connection (``self.closed``) is one at once."""
 
     @functools.wraps(fn)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "closed", False) is True:  # not a raw "Cannot invoke RPC on closed channel!"
+            raise errors.IntertieError(f"{fn.__name__}(): the connection to {getattr(self, 'address', '?')} "
+                                       f"is closed (intertie.connect() opens a new one)")
         try:
             return fn(self, *args, **kwargs)
         except grpc.RpcError as exc:
@@ -123,5 +232,5 @@ def translated(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-__all__ = ["ERROR_KIND_KEY", "NON_RETRYABLE_CODES", "ErrorKind", "channel_options", "is_retryable",
-           "translate", "translated"]
+__all__ = ["DEFAULT_GATEWAY_PORT", "ERROR_KIND_KEY", "NON_RETRYABLE_CODES", "ErrorKind", "channel_options",
+           "check_address", "first_contact", "is_retryable", "translate", "translated", "unreachable_cause"]

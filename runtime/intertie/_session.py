@@ -3,8 +3,11 @@
 Submissions and results travel on that stream, driven by an asyncio loop on a thread of
 its own (a message on an open stream costs far less than a call). :class:`Session` batches
 what is submitted, resends what the gateway has not acknowledged after a reconnect,
-resubscribes to unfinished tasks and resolves their futures from the events it receives.
-``client.Federation``, the user's facade, owns one and makes the unary calls itself.
+resubscribes to unfinished tasks and resolves their futures from the events it receives
+(``running()`` from the RUNNING events it asks for). A gateway unreachable for longer than
+``unavailable_timeout`` is *known down*: the unfinished futures fail, and new submissions
+are refused at once until the stream opens again. ``client.Federation``, the user's facade,
+owns one and makes the unary calls itself.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import grpc
 
 from intertie import _rpc, errors, serialization
 from intertie._wire import error_from_wire
-from intertie.futures import TaskFuture
+from intertie.futures import TaskFuture, mark_io_thread
 from intertie.v1 import tasks_pb2, tasks_pb2_grpc
 
 # The client's log, as users know it: the stream is the client's connection.
@@ -32,15 +35,17 @@ logger = logging.getLogger("intertie.client")
 # burst of tiny tasks costs few RPCs while one RPC never grows past a few MiB.
 MAX_BATCH_TASKS = 2000
 MAX_BATCH_BYTES = 8 * 1024 * 1024
-# How long the client keeps trying to reach a gateway that went away (a restart
-# takes Ray's ~6 s start plus journal recovery) before futures fail.
-RECONNECT_TIMEOUT_S = 120.0
+# How long the client keeps trying to reach a gateway that went away before its unfinished
+# futures fail and new submissions are refused (a restart takes Ray's ~6 s start plus
+# journal recovery); ``intertie.connect(unavailable_timeout=...)`` sets it per connection.
+RECONNECT_TIMEOUT_S = 30.0
 # close() waits this long for submissions still on their way to be acknowledged.
 CLOSE_FLUSH_TIMEOUT_S = 30.0
 # The largest message the client accepts; the gateway's own payload limit is lower.
 MAX_MESSAGE_BYTES = 1 << 30
 
 _SUCCEEDED = tasks_pb2.TASK_STATE_SUCCEEDED
+_RUNNING = tasks_pb2.TASK_STATE_RUNNING
 _CANCELLED = tasks_pb2.TASK_STATE_CANCELLED
 _TERMINAL = (tasks_pb2.TASK_STATE_SUCCEEDED, tasks_pb2.TASK_STATE_FAILED, tasks_pb2.TASK_STATE_CANCELLED)
 
@@ -58,10 +63,15 @@ class _Pending:
 class Session:
     """The stream to one gateway and the futures of the tasks sent on it (opening at once)."""
 
-    def __init__(self, address: str, session_id: str) -> None:
+    def __init__(self, address: str, session_id: str, *, unavailable_timeout: float | None = None) -> None:
         self.address = address
         self.session_id = session_id
         self.closed = False
+        self.unavailable_timeout = RECONNECT_TIMEOUT_S if unavailable_timeout is None else unavailable_timeout
+        # Set while the gateway is known down (unreachable for unavailable_timeout and not
+        # back since): the error new submissions are refused with.
+        self.down: errors.SiteUnavailableError | None = None
+        self._last_failure = ""  # why the stream last broke, for messages
 
         self._lock = threading.Lock()
         self._futures: dict[str, TaskFuture] = {}
@@ -79,9 +89,13 @@ class Session:
 
         self._ready = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._io = threading.Thread(target=self._loop.run_forever, name="intertie-io", daemon=True)
+        self._io = threading.Thread(target=self._run_loop, name="intertie-io", daemon=True)
         self._io.start()
         self._session = asyncio.run_coroutine_threadsafe(self._session_loop(), self._loop)
+
+    def _run_loop(self) -> None:
+        mark_io_thread()  # futures hand their done callbacks off from this thread
+        self._loop.run_forever()
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)  # whether the stream opened within the timeout
@@ -89,9 +103,13 @@ class Session:
     # ------------------------------------------------------------------ futures
     def send(self, future: TaskFuture, spec: tasks_pb2.TaskSpec,
              function: serialization.PickledFunction) -> None:
-        """Queues a task for the stream; ``future`` is resolved by its terminal event."""
+        """Queues a task for the stream; ``future`` is resolved by its terminal event.
+        Raises SiteUnavailableError at once while the gateway is known down."""
         pending = _Pending(future, spec, function)
         with self._lock:
+            if self.down is not None:
+                raise errors.SiteUnavailableError(f"{self.down} (new tasks are refused until it is back)")
+            future._submitted = True
             self._futures[spec.task_id] = future
             self._queue.append(pending)
             if self._flush_scheduled:
@@ -105,29 +123,54 @@ class Session:
         with self._lock:
             return self._futures.setdefault(future.task_id, future)
 
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def future_of(self, task_id: str) -> TaskFuture | None:
+        with self._lock:
+            return self._futures.get(task_id)
+
     def forget(self, task_id: str) -> None:
         with self._lock:
             self._futures.pop(task_id, None)
 
     def unqueue(self, future: TaskFuture) -> bool:
         """Takes back a task not yet written to the stream: it never reaches the gateway."""
-        with self._lock:
-            for item in self._queue:
-                if item.future is future:
-                    self._queue.remove(item)
-                    self._futures.pop(future.task_id, None)
-                    return True
-        return False
+        return bool(self.unqueue_many([future]))
 
-    def wait_acked(self, task_ids: Sequence[str]) -> None:
+    def unqueue_many(self, futures: Iterable[TaskFuture]) -> list[TaskFuture]:
+        """Takes back those of ``futures`` not yet written to the stream; returns them."""
+        wanted = {id(f) for f in futures}
+        with self._lock:
+            if not wanted or not self._queue:
+                return []
+            taken = [item.future for item in self._queue if id(item.future) in wanted]
+            if taken:
+                self._queue = deque(item for item in self._queue if id(item.future) not in wanted)
+                for future in taken:
+                    self._futures.pop(future.task_id, None)
+        return taken
+
+    def owned(self) -> list[TaskFuture]:
+        """The unfinished futures of tasks this session submitted (not those it only follows)."""
+        with self._lock:
+            return [f for f in self._futures.values() if f._submitted and not f.done()]
+
+    def wait_acked(self, task_ids: Sequence[str], timeout: float | None = None) -> None:
         """Read-your-writes: a call about a task this client submitted waits until the
         gateway has acknowledged it (submissions travel asynchronously)."""
-        deadline = time.monotonic() + RECONNECT_TIMEOUT_S
+        if self.down is not None:
+            raise errors.SiteUnavailableError(str(self.down))
+        # Within the time the gateway has to come back, and a little more for the ack.
+        limit = self.unavailable_timeout + 10.0 if timeout is None else timeout
+        deadline = time.monotonic() + limit
         for task_id in task_ids:
             with self._lock:
                 future = self._futures.get(task_id)
             if future is not None and not future._acked.wait(max(0.0, deadline - time.monotonic())):
-                raise errors.SiteUnavailableError(f"gateway {self.address} did not acknowledge task {task_id}")
+                raise errors.SiteUnavailableError(f"gateway {self.address} did not acknowledge task {task_id} "
+                                                  f"within {limit:g} s")
 
     def fail_all(self, exc: errors.IntertieError) -> None:
         """Fails every unfinished future. What the gateway has not acknowledged is dropped,
@@ -189,6 +232,14 @@ class Session:
         while True:
             await call.write(await outgoing.get())
 
+    def unsent(self) -> list[tuple[str, str]]:
+        """(task id, function name) of each task submitted and not yet acknowledged."""
+        with self._lock:
+            items = list(self._queue)
+        for batch in list(self._inflight.values()):  # (read from another thread: a copy)
+            items.extend(batch)
+        return [(i.spec.task_id, i.spec.name) for i in items if not i.future.done()]
+
     def _on_ack(self, ack: tasks_pb2.SubmitAck) -> None:
         items = self._inflight.pop(ack.seq, None)
         if items is None:
@@ -216,7 +267,9 @@ class Session:
                 call = stub.Connect()
                 writer: asyncio.Task[None] | None = None
                 try:
-                    await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(session_id=self.session_id)))
+                    # progress: RUNNING events too, so that futures know when they are running().
+                    await call.write(tasks_pb2.ClientMessage(open=tasks_pb2.WatchRequest(
+                        session_id=self.session_id, progress=True)))
                     opened = await call.read()
                     if opened is grpc.aio.EOF:
                         raise ConnectionError("the gateway closed the session stream")
@@ -226,6 +279,9 @@ class Session:
                     # a batch it fails on every time must not reconnect at full speed forever.
                     if not self._inflight:
                         lost_at, backoff = None, 0.05
+                    if self.down is not None:
+                        logger.warning("gateway %s is reachable again", self.address)
+                    self.down = None
                     outgoing: asyncio.Queue[tasks_pb2.ClientMessage] = asyncio.Queue()
                     self._outgoing = outgoing
                     self._shipped.clear()
@@ -249,9 +305,11 @@ class Session:
                         return
                     if not _rpc.is_retryable(exc):
                         self._fail_inflight(_rpc.translate(exc, self.address))
+                    self._last_failure = _rpc.unreachable_cause(exc, self.address)
                     logger.info("session stream to %s broke (%s); reconnecting", self.address,
                                 exc.code() if hasattr(exc, "code") else exc)
                 except (ConnectionError, OSError) as exc:
+                    self._last_failure = str(exc)
                     logger.info("session stream to %s: %s; reconnecting", self.address, exc)
                 finally:
                     self._connected = False
@@ -263,10 +321,15 @@ class Session:
                 now = time.monotonic()
                 if lost_at is None:
                     lost_at = now
-                elif now - lost_at > RECONNECT_TIMEOUT_S:
-                    self.fail_all(errors.SiteUnavailableError(
-                        f"gateway {self.address} unreachable for {RECONNECT_TIMEOUT_S:.0f} s"))
-                    lost_at = now
+                elif now - lost_at > self.unavailable_timeout and self.down is None:
+                    # Known down: what waits fails now, and new submissions fail at once
+                    # until the stream opens again (it keeps being tried).
+                    with self._lock:
+                        self.down = errors.SiteUnavailableError(
+                            f"gateway {self.address} unreachable for {now - lost_at:.0f} s "
+                            f"({self._last_failure or 'no answer'}; unavailable_timeout={self.unavailable_timeout:g} s)")
+                    logger.warning("%s", self.down)
+                    self.fail_all(self.down)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
         finally:
@@ -283,6 +346,11 @@ class Session:
     def _on_events(self, events: Iterable[tasks_pb2.TaskEvent]) -> None:
         for event in events:
             if event.state not in _TERMINAL:
+                if event.state == _RUNNING:
+                    with self._lock:
+                        running = self._futures.get(event.task_id)
+                    if running is not None:
+                        running._set_running()
                 continue
             with self._lock:
                 future = self._futures.pop(event.task_id, None)
@@ -317,12 +385,18 @@ class Session:
             # is resent from _inflight.
 
     # ------------------------------------------------------------------ closing
-    def drain(self, timeout: float = CLOSE_FLUSH_TIMEOUT_S) -> None:
-        """Waits for what was submitted to be sent and acknowledged (not while the gateway
-        is unreachable: that would fail anyway)."""
+    def drain(self, timeout: float = CLOSE_FLUSH_TIMEOUT_S, *, through_outage: bool = False) -> bool:
+        """Waits for what was submitted to be sent and acknowledged; True if it was. Not
+        while the gateway is unreachable (that would fail anyway), unless ``through_outage``:
+        then until it is known down (or the timeout)."""
         deadline = time.monotonic() + timeout
-        while (self._queue or self._inflight) and self._connected and time.monotonic() < deadline:
+        while self._queue or self._inflight:
+            if time.monotonic() >= deadline or self.down is not None or self.closed:
+                return False
+            if not self._connected and not through_outage:
+                return False
             time.sleep(0.005)
+        return True
 
     def close(self) -> None:
         """Stops the stream and the I/O thread; unfinished futures stay as they are

@@ -6,6 +6,9 @@ and results is :mod:`intertie._session`.
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,8 +22,42 @@ from intertie.futures import TaskFuture
 from intertie.spec import PlacementInfo, Quote, SiteStatus, TaskInfo, TaskOptions, python_version
 from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-# Time a new connection waits for the gateway to answer at all.
+logger = logging.getLogger("intertie.client")
+
+# Time a new connection waits for a gateway that accepts the connection to answer (a refused
+# connection or an unknown host fails within _rpc.REFUSED_RETRY_S, with the cause).
 CONNECT_TIMEOUT_S = 30.0
+# At exit, submissions not yet acknowledged are sent for at most this long.
+EXIT_FLUSH_TIMEOUT_S = 10.0
+# Cancelling after Ctrl-C, or on close(), waits this long for the gateway at most.
+CANCEL_TIMEOUT_S = 10.0
+# Task ids per Cancel call (the gateway takes up to 100,000).
+CANCEL_CHUNK = 10_000
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+            state_dir: str | None = None, **kwargs: Any) -> Federation:
+    """What :func:`intertie.connect` does: ``address``, else ``INTERTIE_ADDRESS``, else an
+    embedded local site (reused while an earlier connection to it is open). An empty
+    address, or an ``INTERTIE_ADDRESS`` set to nothing, is an error, never the embedded site."""
+    if address is None:
+        env = os.environ.get("INTERTIE_ADDRESS")
+        if env is not None:
+            if not env.strip():
+                raise errors.InvalidRequestError(
+                    "INTERTIE_ADDRESS is set but empty: set it to the gateway's \"host:port\", or unset "
+                    "it for an embedded local site")
+            address = env
+    if address is not None:
+        return Federation(address, **kwargs)
+    from intertie import embedded
+
+    gateway = embedded.acquire(num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir)
+    try:
+        return Federation(gateway.address, on_close=gateway.release, **kwargs)
+    except BaseException:
+        gateway.release()
+        raise
 
 
 def current() -> Federation:
@@ -33,33 +70,57 @@ class Federation:
 
     Use :func:`intertie.connect` rather than building this directly. Submissions and
     results travel on its :class:`~intertie._session.Session`; the other calls are unary.
+
+    ``connect_timeout``: how long a gateway that accepts the connection has to answer (a
+    refused connection or an unknown host fails within seconds, saying which).
+    ``unavailable_timeout``: how long the home may stay unreachable before the futures
+    waiting on it fail with SiteUnavailableError; from then until it is back, new submissions
+    fail at once. ``cancel_on_interrupt``: Ctrl-C while waiting on this client's futures
+    (``result()``, ``wait()``, ``as_completed()``) cancels the unfinished tasks waited for;
+    False leaves them running and says so.
+
+    The connection owns the tasks it submits: :meth:`close` cancels those unfinished
+    unless ``close(cancel=False)``.
     """
 
     def __init__(self, address: str, *, on_close: Callable[[], None] | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT_S, unavailable_timeout: float | None = None,
+                 cancel_on_interrupt: bool = True) -> None:
+        address = _rpc.check_address(address)
+        if unavailable_timeout is not None and not unavailable_timeout > 0:
+            raise errors.InvalidRequestError(f"unavailable_timeout must be > 0 seconds, got {unavailable_timeout!r}")
         self.address = address
         self.session_id = uuid.uuid4().hex
         self.closed = False
         self._on_close = on_close
+        self._cancel_on_interrupt = cancel_on_interrupt
         # The payload limit is learnt from the gateway; until then allow the default.
         self._channel = grpc.insecure_channel(address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
         self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._site = site_pb2_grpc.SiteServiceStub(self._channel)
         try:
-            status = self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=connect_timeout,
-                                          wait_for_ready=True)
-        except grpc.RpcError as exc:
+            status = _rpc.first_contact(
+                lambda timeout: self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=timeout),
+                address, connect_timeout)
+        except BaseException:
             self._channel.close()
-            raise _rpc.translate(exc, address) from None
+            raise
         self.site_id = status.site_id
         self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
         self._data = DatasetClient(self._flight_for)
         self._py = python_version()
-        self._session = Session(address, self.session_id)
+        self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout)
         if not self._session.wait_ready(connect_timeout):
             self.close()
             raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")
         _submitter.opened(self)
+        # Registered after an embedded gateway's own stop (atexit runs last-in first-out):
+        # what was submitted is sent before the site or the process goes.
+        atexit.register(self._at_exit)
+
+    @property
+    def unavailable_timeout(self) -> float:
+        return self._session.unavailable_timeout
 
     # ------------------------------------------------------------------ submit
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> TaskFuture:
@@ -76,16 +137,19 @@ class Federation:
                 constraints: common_pb2.Constraints | None = None,
                 inputs: Sequence[DatasetRef] = ()) -> TaskFuture:
         if self.closed:
-            raise errors.IntertieError("this connection is closed")
+            raise errors.IntertieError(f"submit(): the connection to {self.address} is closed "
+                                       f"(intertie.connect() opens a new one)")
+        if len(args) > self.max_payload_bytes or len(function.payload) > self.max_payload_bytes:
+            # Refused here, not at result(): the gateway would refuse it anyway.
+            if len(args) > self.max_payload_bytes:
+                what = f"the arguments of {function.name} are {_mib(len(args))}"
+            else:
+                what = f"the function {function.name} is {_mib(len(function.payload))} (with what it refers to)"
+            raise errors.PayloadTooLargeError(
+                f"{what} pickled, over the gateway's limit of {_mib(self.max_payload_bytes)} "
+                f"({self.site_id} at {self.address}): pass a dataset (fed.put_dataset) or a path instead")
         task_id = uuid.uuid4().hex
         future = TaskFuture(task_id, self)
-        if len(args) > self.max_payload_bytes or len(function.payload) > self.max_payload_bytes:
-            what = "arguments" if len(args) > self.max_payload_bytes else "function"
-            size = max(len(args), len(function.payload))
-            future._resolve(exc=errors.PayloadTooLargeError(
-                f"task {task_id}: {what} are {size} bytes, over the gateway's limit of "
-                f"{self.max_payload_bytes} bytes"))
-            return future
         spec = tasks_pb2.TaskSpec(
             task_id=task_id, function_digest=function.digest, args=args,
             resources=resources if resources is not None else options.resources.to_proto(),
@@ -127,6 +191,8 @@ class Federation:
         task_id = future.task_id
         if self._session.unqueue(future):  # not sent yet: never reaches the gateway
             return True
+        if self.closed:
+            return False
         self._session.wait_acked([task_id])
         try:
             resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=[task_id]), timeout=30)
@@ -136,10 +202,65 @@ class Federation:
 
     @_rpc.translated
     def cancel(self, task_ids: Sequence[str]) -> list[str]:
-        """Cancels tasks by id; returns the ids that were still queued or running."""
+        """Cancels tasks by id, whoever submitted them; returns the ids that were still
+        queued or running (their futures here, if any, end cancelled at once)."""
+        if isinstance(task_ids, str):
+            raise errors.InvalidRequestError("cancel() takes a list of task ids, not one string")
         self._session.wait_acked(task_ids)
-        resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=list(task_ids)), timeout=30)
-        return list(resp.cancelled)
+        return self._cancel_ids(list(task_ids), timeout=30)
+
+    def _cancel_ids(self, task_ids: list[str], timeout: float) -> list[str]:
+        cancelled: list[str] = []
+        for start in range(0, len(task_ids), CANCEL_CHUNK):
+            try:
+                resp = self._tasks.Cancel(tasks_pb2.CancelRequest(task_ids=task_ids[start:start + CANCEL_CHUNK]),
+                                          timeout=timeout)
+            except grpc.RpcError as exc:
+                raise _rpc.translate(exc, self.address) from None
+            cancelled.extend(resp.cancelled)
+        for task_id in cancelled:
+            future = self._session.future_of(task_id)
+            if future is not None:
+                self._session.forget(task_id)
+                future._set_cancelled()
+        return cancelled
+
+    @_rpc.translated
+    def cancel_all(self) -> list[str]:
+        """Cancels every unfinished task this client submitted, queued or running (tasks it
+        only follows through :meth:`future` are left alone); returns their ids. Their futures
+        end cancelled."""
+        return self._cancel_futures(self._session.owned(), timeout=30)
+
+    def _cancel_futures(self, futures: Sequence[TaskFuture], timeout: float) -> list[str]:
+        """Cancels these tasks of this client: those not yet sent are taken back, the rest
+        cancelled at the gateway once it has acknowledged them. Returns the ids cancelled."""
+        unsent = self._session.unqueue_many(futures)
+        for future in unsent:
+            future._set_cancelled()
+        taken = {id(f) for f in unsent}
+        sent = [f.task_id for f in futures if id(f) not in taken and not f.done()]
+        cancelled = [f.task_id for f in unsent]
+        if sent:
+            self._session.wait_acked(sent, timeout)
+            cancelled += self._cancel_ids(sent, timeout)
+        return cancelled
+
+    def _on_interrupt(self, futures: Sequence[TaskFuture]) -> None:
+        """Ctrl-C while waiting on these unfinished tasks of this client (see ``futures``)."""
+        if not self._cancel_on_interrupt or self.closed:
+            logger.warning("intertie: interrupted while waiting for %s; they keep running at %s "
+                           "(fed.cancel_all() cancels what this client submitted)", _tasks(len(futures)), self.address)
+            return
+        try:
+            cancelled = self._cancel_futures(futures, CANCEL_TIMEOUT_S)
+        except (errors.IntertieError, grpc.RpcError) as exc:
+            logger.warning("intertie: interrupted while waiting for %s; cancelling them at %s failed "
+                           "(%s): they may still run", _tasks(len(futures)), self.address, exc)
+            return
+        logger.warning("intertie: interrupted: cancelled %s this wait was for at %s "
+                       "(intertie.connect(cancel_on_interrupt=False) leaves them running)",
+                       _tasks(len(cancelled), "unfinished "), self.address)
 
     @_rpc.translated
     def task(self, task_id: str) -> TaskInfo:
@@ -221,34 +342,101 @@ class Federation:
         return self._data.action("delete", ref, site)
 
     def executor(self, max_workers: int | None = None) -> Any:
-        """A ``concurrent.futures.Executor`` whose ``map`` batches fine-grained work."""
+        """A ``concurrent.futures.Executor`` whose ``map`` batches fine-grained work.
+
+        ``max_workers`` (default: the CPUs of the federation's sites that are up) is what
+        the executor reports as ``_max_workers`` (Dask sizes its batches by it) and sets the
+        default window of ``map`` (twice that many tasks in flight)."""
         from intertie.executor import FederationExecutor
 
-        return FederationExecutor(self)
+        if max_workers is None:
+            try:
+                cpus = sum(s.resources_total.get("CPU", 0.0) for s in self.sites() if s.state == "up")
+            except errors.IntertieError:
+                cpus = 0.0
+            max_workers = int(cpus) or os.cpu_count() or 1
+        return FederationExecutor(self, max_workers)
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self) -> None:
-        """Closes the connection (and stops an embedded gateway). Pending futures fail."""
+    def close(self, cancel: bool = True) -> None:
+        """Closes the connection; an embedded site stops with its last connection.
+
+        The connection owns the tasks it submitted: those still queued or running are
+        cancelled, and their futures end cancelled (leaving a ``with`` block does the same).
+        ``close(cancel=False)`` leaves them to run: what was submitted is sent first, the
+        tasks finish at the site, and their futures here fail (the connection is gone), but
+        ``intertie.connect(address).future(task_id)`` gets their results later. A program
+        that ends without closing its connection leaves its tasks to run too: submissions
+        not yet sent are sent at exit. Tasks only followed through :meth:`future` are never
+        cancelled by closing.
+        """
         if self.closed:
             return
-        # Submissions already handed to us are sent and acknowledged before the channel goes
-        # (not waited for while the gateway is unreachable: they fail below).
-        self._session.drain()
+        atexit.unregister(self._at_exit)
+        if cancel:
+            owned = self._session.owned()
+            try:
+                if owned and not self._session.connected:  # not waited for: what was not sent never will be
+                    for future in self._session.unqueue_many(owned):
+                        future._set_cancelled()
+                    if any(not f.done() for f in owned):
+                        raise errors.SiteUnavailableError(f"gateway {self.address} is unreachable")
+                elif owned:
+                    self._cancel_futures(owned, CANCEL_TIMEOUT_S)
+            except (errors.IntertieError, grpc.RpcError) as exc:
+                left = [f.task_id for f in owned if not f.done()]
+                logger.warning("closing the connection to %s: could not cancel %d tasks (%s); they may "
+                               "still run, e.g. %s", self.address, len(left), exc, ", ".join(left[:3]))
+        else:
+            # Submissions already handed to us are sent and acknowledged before the channel
+            # goes (not waited for while the gateway is unreachable: they fail below).
+            self._session.drain()
         self.closed = True
         _submitter.closed(self)
         self._session.close()
         self._data.close()
         self._channel.close()
-        self._session.fail_all(errors.IntertieError("the connection was closed before the task finished"))
+        self._session.fail_all(errors.IntertieError(
+            f"the connection to {self.address} was closed before the task finished"
+            + ("" if cancel else " (it runs on at the site: intertie.connect(address).future(task_id) follows it)")))
         if self._on_close is not None:
             self._on_close()
+
+    def _at_exit(self) -> None:
+        """At interpreter exit, with this connection still open: what was submitted is sent
+        (within EXIT_FLUSH_TIMEOUT_S) and left to run; a warning names what could not be."""
+        if self.closed:
+            return
+        if self._session.drain(EXIT_FLUSH_TIMEOUT_S, through_outage=True):
+            return
+        unsent = self._session.unsent()
+        if not unsent:
+            return
+        if self._session.down is not None:
+            why = str(self._session.down)
+        elif not self._session._connected:
+            why = f"gateway {self.address} unreachable ({self._session._last_failure or 'reconnecting'})"
+        else:
+            why = f"gateway {self.address} did not acknowledge them within {EXIT_FLUSH_TIMEOUT_S:g} s"
+        shown = ", ".join(f"{name or '?'} ({task_id})" for task_id, name in unsent[:5])
+        more = f" and {len(unsent) - 5} more" if len(unsent) > 5 else ""
+        logger.warning("intertie: %s submitted were not sent before the program exited: %s. Not sent: %s%s",
+                       _tasks(len(unsent)), why, shown, more)
 
     def __enter__(self) -> Federation:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close()  # cancels what is unfinished: close(cancel=False) inside the block to keep it
 
     def __repr__(self) -> str:
         return f"<Federation {self.site_id}@{self.address}{' closed' if self.closed else ''}>"
 
+
+
+def _tasks(n: int, kind: str = "") -> str:
+    return f"{n} {kind}task{'' if n == 1 else 's'}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n:,} bytes"

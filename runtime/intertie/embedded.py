@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,8 @@ class EmbeddedGateway:
         self.log_path = self.state_dir / "gateway.log"
         self._log = open(self.log_path, "ab")
         self.process: subprocess.Popen[bytes] | None = None
+        self._users = 0  # connections using it, when shared by acquire()
+        self._shared_key: tuple[int | None, int | None, str | None] | None = None
         self.launch()
         if wait:
             self.wait_ready()
@@ -110,6 +113,43 @@ class EmbeddedGateway:
         atexit.unregister(self.stop)
         if self._own_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def release(self) -> None:
+        """Ends one connection's use of this site (see :func:`acquire`): the last one stops it."""
+        with _shared_lock:
+            self._users -= 1
+            last = self._users <= 0
+            if last and self._shared_key is not None and _shared.get(self._shared_key) is self:
+                del _shared[self._shared_key]
+        if last:
+            self.stop()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None and bool(self.address)
+
+
+# The embedded sites ``intertie.connect()`` started, by their options: a notebook cell that
+# connects again reuses the site (and its Ray) while an earlier connection to it is open;
+# the last connection closed stops it (EmbeddedGateway.release).
+_shared: dict[tuple[int | None, int | None, str | None], EmbeddedGateway] = {}
+_shared_lock = threading.Lock()
+
+
+def acquire(*, num_cpus: int | None = None, num_gpus: int | None = None,
+            state_dir: str | os.PathLike[str] | None = None) -> EmbeddedGateway:
+    """The running embedded site with these options, or a new one, for one more connection
+    (which calls :meth:`EmbeddedGateway.release` once when it closes)."""
+    key = (num_cpus, num_gpus, str(Path(state_dir).resolve()) if state_dir is not None else None)
+    with _shared_lock:  # held while a new site starts: a second connect() waits for it, not another Ray
+        gateway = _shared.get(key)
+        if gateway is not None and gateway.alive():
+            gateway._users += 1
+            logger.info("reusing the embedded site at %s (started by an earlier intertie.connect())", gateway.address)
+            return gateway
+        gateway = EmbeddedGateway(num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir)
+        gateway._users, gateway._shared_key = 1, key
+        _shared[key] = gateway
+        return gateway
 
 
 def stop_all(gateways: list[EmbeddedGateway]) -> None:

@@ -185,6 +185,7 @@ def test_future_for_earlier_task_from_new_client(fed: intertie.Federation, gatew
         assert again.result(timeout=60) == 144
         assert again.site == "shared"
         pending = other.submit(time.sleep, 0.5)
+        other.close(cancel=False)  # leaves it to run (close() would cancel it): a later client follows it
     # A task still running when looked up resolves when it finishes.
     with intertie.connect(gateway.address) as third:
         assert third.future(pending.task_id).result(timeout=60) is None

@@ -110,8 +110,11 @@ def test_close_does_not_wait_for_an_unreachable_gateway() -> None:
     started = time.monotonic()
     fed.close()
     assert time.monotonic() - started < 5  # not CLOSE_FLUSH_TIMEOUT_S
-    with pytest.raises(errors.IntertieError):
-        future.result(timeout=0)
+    # Taken back if it was still queued, failed if it may have left: either way, done.
+    assert future.done()
+    if not future.cancelled():
+        with pytest.raises(errors.IntertieError):
+            future.result(timeout=0)
 
 
 def test_batches_count_the_functions_they_carry() -> None:

@@ -39,3 +39,26 @@ def test_retry_policy() -> None:
     assert _rpc.is_retryable(FakeRpcError(grpc.StatusCode.UNAVAILABLE))
     assert not _rpc.is_retryable(FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT))
     assert not _rpc.is_retryable(FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED))
+
+
+def test_addresses_are_checked_for_form() -> None:
+    import pytest
+
+    for good in ("localhost:7070", "10.0.0.1:1", "gw-1.example.org:65535", "[::1]:7070", "unix:/tmp/gw.sock",
+                 " localhost:7070\n"):
+        assert _rpc.check_address(good) == good.strip()
+    for bad, says in (("", "empty"), ("localhost", "no port"), ("https://h:1", "prefix"), ("h:65536", "out of range"),
+                      ("h:-1", "not a number"), ("h:1:2", "brackets"), ("[::1]", r"\[IPv6\]:port"), ("h :1", "host:port"),
+                      ("h:1/x", "host:port"), (":7070", "not a host name")):
+        with pytest.raises(intertie.InvalidRequestError, match=says):
+            _rpc.check_address(bad)
+
+
+def test_unreachable_causes_are_named() -> None:
+    refused = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses; last error: UNKNOWN: "
+                           "ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused")
+    assert _rpc.unreachable_cause(refused, "127.0.0.1:1").startswith("connection refused: nothing listens at 127.0.0.1:1")
+    dns = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "errors resolving nosuch:7070: [field:hostname lookup error:"
+                       "address lookup failed for nosuch:7070: Domain name not found]")
+    assert _rpc.unreachable_cause(dns, "nosuch:7070").startswith("unknown host 'nosuch'")
+    assert _rpc.unreachable_cause(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "odd"), "h:1") == "odd"
