@@ -28,10 +28,15 @@ def _fmt(amount: float) -> str:
 class Capacity:
     """CPU and memory are admitted up to ``factor`` times the site's total, where the factor
     adapts to observed run times (at most ``overcommit``): tiny tasks get a deep pipeline,
-    long ones about one per CPU. GPUs and custom resources are never overcommitted."""
+    long ones about one per CPU. GPUs and custom resources are never overcommitted.
 
-    def __init__(self, total: Mapping[str, float], overcommit: float = 1.0) -> None:
+    ``node_max``: the most of each resource one node has (a task runs on one node, so a
+    request over it never runs however large the total); the total when not given (one node)."""
+
+    def __init__(self, total: Mapping[str, float], overcommit: float = 1.0,
+                 node_max: Mapping[str, float] | None = None) -> None:
         self.total = dict(total)
+        self.node_max = dict(total if node_max is None else node_max)
         self.overcommit = overcommit
         self.factor = min(INITIAL_FACTOR, overcommit)
         self.mean_run_s: float | None = None
@@ -42,9 +47,10 @@ class Capacity:
     def _resize(self) -> None:
         self.max_count = max(MIN_SLOTS, math.ceil(self.total.get("CPU", 0.0) * self.factor))
 
-    def update_total(self, total: Mapping[str, float]) -> None:
+    def update_total(self, total: Mapping[str, float], node_max: Mapping[str, float] | None = None) -> None:
         """Ray's view changes when nodes join or leave an attached cluster."""
         self.total = dict(total)
+        self.node_max = dict(total if node_max is None else node_max)
         self._resize()
 
     def observe(self, run_s: float) -> None:
@@ -55,11 +61,16 @@ class Capacity:
         self._resize()
 
     def never_fits(self, request: Mapping[str, float], site: str = "this site") -> str | None:
-        """Why the request exceeds the site's total capacity, or None if it could run here."""
+        """Why the request exceeds what the site can ever give one task (its total, or what
+        its largest node has), or None if it could run here."""
         for name, amount in request.items():
             have = self.total.get(name, 0.0)
             if amount > have + 1e-9:
                 return f"needs {name}={_fmt(amount)} but {site} has {name}={_fmt(have)} in total"
+            largest = self.node_max.get(name, have)
+            if amount > largest + 1e-9:
+                return (f"needs {name}={_fmt(amount)} but the largest node of {site} has {name}={_fmt(largest)} "
+                        f"({_fmt(have)} in total over its nodes; a task runs on one node)")
         return None
 
     def fits(self, request: Mapping[str, float]) -> bool:

@@ -62,7 +62,7 @@ class Federate:
         capacity = self.dispatch.capacity
         return SiteView(
             site_id=self.site_id, state="draining" if self._draining() else "up", arch=ARCH,
-            python_version=self.python, total=capacity.total, free=capacity.free(),
+            python_version=self.python, total=capacity.total, node_max=capacity.node_max, free=capacity.free(),
             queued=len(self.book.queue), running=self.dispatch.slots.running, mean_run_s=capacity.mean_run_s,
             labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True,
             resident=dict.fromkeys(self._resident(), 0))

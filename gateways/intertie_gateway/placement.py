@@ -49,6 +49,8 @@ class SiteView:
     arch: str = ""
     python_version: str = ""
     total: Mapping[str, float] = field(default_factory=dict)
+    # The most of each resource one node has; empty: not known (read ``total``).
+    node_max: Mapping[str, float] = field(default_factory=dict)
     free: Mapping[str, float] = field(default_factory=dict)
     queued: int = 0
     running: int = 0
@@ -175,6 +177,10 @@ def rejection(site: SiteView, demand: Demand, *, ignore_state: bool = False) -> 
             if name.startswith("accelerator_type:"):
                 return f"has no accelerator {name.split(':', 1)[1]}"
             return f"needs {name}={_fmt(amount)} but the site has {name}={_fmt(have)} in total"
+        largest = site.node_max.get(name, have) if site.node_max else have
+        if amount > largest + 1e-9:  # a task runs on one node: the total is spread over several
+            return (f"needs {name}={_fmt(amount)} but the site's largest node has {name}={_fmt(largest)} "
+                    f"({_fmt(have)} in total over its nodes)")
     if site.max_payload_bytes and demand.input_bytes > site.max_payload_bytes:
         return f"arguments of {demand.input_bytes} bytes exceed the site's limit of {site.max_payload_bytes}"
     return None

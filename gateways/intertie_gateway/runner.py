@@ -213,16 +213,19 @@ def _init_within(ray: Any, kwargs: dict[str, Any], timeout_s: float, address: st
 
 
 class _Slot:
-    """One pooled worker (a Ray actor) and the tasks sent to it, in the order it runs them."""
+    """One pooled worker (a Ray actor) and the tasks sent to it, in the order it runs them;
+    ``node``: the Ray node it was placed on (one worker per CPU of each node)."""
 
-    __slots__ = ("actor", "inflight", "dead", "killed", "culprit")
+    __slots__ = ("actor", "inflight", "dead", "killed", "culprit", "node", "retired")
 
-    def __init__(self, actor: Any) -> None:
+    def __init__(self, actor: Any, node: str = "") -> None:
         self.actor = actor
+        self.node = node
         self.inflight: list[Running] = []
         self.dead = False
         self.killed = False  # the gateway stopped it (cancel or timeout of its running task)
         self.culprit: Running | None = None  # the task it was running when it died
+        self.retired = False  # its node left the cluster: no new work, stopped once idle
 
 
 class Running:
@@ -258,25 +261,71 @@ class RayRunner:
         else:
             kwargs.update(address=config.ray)
             _init_within(ray, kwargs, config.ray_connect_timeout_s - (time.monotonic() - started), config.ray)
-            logger.info("attached to Ray at %s (%s): %s in total", config.ray, auth,
-                        ", ".join(f"{k}={v:g}" for k, v in sorted(self.total_resources().items())
-                                  if not k.startswith(("memory", "accelerator_type:"))))
+            nodes = self._nodes()
+            logger.info("attached to Ray at %s (%s): %d nodes, %s in total, the largest node %s", config.ray, auth,
+                        len(nodes), _shown(self.total_resources()), _shown(self.largest_node()))
         self._remote = ray.remote(execute)
         self._variants: dict[tuple[Any, ...], Any] = {}
         self._functions: dict[str, list[Any] | None] = {}
         # Pooled workers take no CPU in Ray's books: the gateway's admission control is what
-        # keeps them within the site's CPUs.
-        self._pool_class = ray.remote(PoolWorker).options(num_cpus=0, max_restarts=0, max_task_retries=0)
-        size = int(self.total_resources().get("CPU", 0)) if config.worker_pool else 0
-        self._slots = [_Slot(self._pool_class.remote()) for _ in range(size)]
+        # keeps them within the site's CPUs. Each node gets one per CPU (Ray would put
+        # them all on the gateway's node, which asks nothing of any).
+        self._pool_class = ray.remote(PoolWorker)
+        self._worker_pool = config.worker_pool
         # The site's dataset endpoint, and the size from which a Table result stays there (0: never).
         self._results_at = ""
         self._results_threshold = 0
+        self._slots: list[_Slot] = []
+        self.refresh_pool()
 
     def total_resources(self) -> dict[str, float]:
-        # node:* and object-store entries are Ray's bookkeeping, not something tasks ask for.
-        return {k: float(v) for k, v in self._ray.cluster_resources().items()
-                if not k.startswith("node:") and k != "object_store_memory"}
+        return _requestable(self._ray.cluster_resources())
+
+    def _nodes(self) -> list[tuple[str, dict[str, float]]]:
+        """The live nodes of the cluster: (node id, resources)."""
+        return [(node["NodeID"], _requestable(node.get("Resources") or {}))
+                for node in self._ray.nodes() if node.get("Alive")]
+
+    def largest_node(self) -> dict[str, float]:
+        """The most of each resource any one live node has: a task runs on one node."""
+        largest: dict[str, float] = {}
+        for _, resources in self._nodes():
+            for name, amount in resources.items():
+                largest[name] = max(largest.get(name, 0.0), amount)
+        return largest
+
+    def refresh_pool(self) -> None:
+        """One pooled worker per CPU of each live node: workers of a node that joined are
+        started, those of a node that left are retired (their tasks came back from Ray as
+        failed with the node; they get no new ones)."""
+        if not self._worker_pool:
+            return
+        want = {node: int(resources.get("CPU", 0.0)) for node, resources in self._nodes()}
+        have: dict[str, int] = {}
+        for slot in self._slots:
+            if slot.node not in want or have.get(slot.node, 0) >= want[slot.node]:
+                slot.retired = True
+            else:
+                have[slot.node] = have.get(slot.node, 0) + 1
+        for node, count in want.items():
+            for _ in range(count - have.get(node, 0)):
+                self._slots.append(self._new_slot(node))
+        for slot in [s for s in self._slots if s.retired and not s.inflight]:
+            self._slots.remove(slot)
+            with contextlib.suppress(Exception):
+                self._ray.kill(slot.actor, no_restart=True)
+
+    def _new_slot(self, node: str) -> _Slot:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Hard affinity: a soft one lets Ray put the worker elsewhere whenever the node is
+        # busy starting workers, and the pool piles up on one node. A worker whose node
+        # left is not replaced (``_replace``).
+        actor = self._pool_class.options(num_cpus=0, max_restarts=0, max_task_retries=0,
+                                         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+        slot = _Slot(actor, node)
+        self._configure(slot)
+        return slot
 
     def has_function(self, digest: str) -> bool:
         return digest in self._functions
@@ -296,14 +345,15 @@ class RayRunner:
 
     @property
     def pool_size(self) -> int:
-        return len(self._slots)
+        return sum(1 for slot in self._slots if not slot.retired)
 
     def pooled(self, request: Mapping[str, float]) -> bool:
         """Whether tasks with this request run on the pool of long-lived workers."""
         return bool(self._slots) and request == POOL_REQUEST
 
     def _least_loaded(self) -> tuple[int, _Slot]:
-        index = min(range(len(self._slots)), key=lambda i: len(self._slots[i].inflight))
+        index = min((i for i, slot in enumerate(self._slots) if not slot.retired),
+                    key=lambda i: len(self._slots[i].inflight))
         return index, self._slots[index]
 
     def keep_results_at(self, address: str, threshold: int) -> None:
@@ -420,13 +470,30 @@ class RayRunner:
         self._replace(slot, running.index)
 
     def _replace(self, slot: _Slot, index: int) -> None:
+        """A pooled worker died: another takes its place on its node, unless the node left
+        the cluster (then its CPUs are gone too, until ``refresh_pool`` sees a change)."""
         slot.dead = True
-        if self._slots[index] is slot:
-            self._slots[index] = _Slot(self._pool_class.remote())
-            self._configure(self._slots[index])
+        for i, other in enumerate(self._slots):  # (indexes shift when retired workers are dropped)
+            if other is slot:
+                if slot.retired or slot.node not in {node for node, _ in self._nodes()}:
+                    del self._slots[i]
+                else:
+                    self._slots[i] = self._new_slot(slot.node)
+                return
 
     def shutdown(self) -> None:
         try:
             self._ray.shutdown()
         except Exception:
             logger.exception("ray.shutdown failed")
+
+
+def _requestable(resources: Mapping[str, Any]) -> dict[str, float]:
+    """Resources tasks can ask for: node:* and object-store entries are Ray's bookkeeping."""
+    return {k: float(v) for k, v in resources.items() if not k.startswith("node:") and k != "object_store_memory"}
+
+
+def _shown(resources: Mapping[str, float]) -> str:
+    """CPUs, GPUs and custom resources, for the log (memory in bytes is noise there)."""
+    return ", ".join(f"{name}={amount:g}" for name, amount in sorted(resources.items())
+                     if not name.startswith(("memory", "accelerator_type:"))) or "nothing"

@@ -69,7 +69,8 @@ class Scheduler:
         python = python_version()
         draining = self._is_draining
         self.estimates = Estimates()
-        self.slots = Slots(Capacity(runner.total_resources(), config.admission_overcommit))
+        total, largest = self._resources()
+        self.slots = Slots(Capacity(total, config.admission_overcommit, largest))
         self.book = TaskBook(self.site_id, federated=make_federation is not None, estimates=self.estimates,
                              release=self.slots.release, changed=self._changed,
                              progress=functools.partial(hub.tell, progress=True), clock=time.time)
@@ -229,9 +230,16 @@ class Scheduler:
             self.book.move(task, Phase.QUEUED)
         return task
 
+    def _resources(self) -> tuple[dict[str, float], dict[str, float] | None]:
+        """Ray's total and the most any one node has (None from a runner that does not know
+        its nodes: a single-node stand-in, whose total is its largest node)."""
+        largest = getattr(self.runner, "largest_node", None)
+        return self.runner.total_resources(), largest() if largest is not None else None
+
     def refresh_resources(self) -> None:
         """Ray's view of capacity is read again (nodes of an attached cluster come and go)."""
-        self.slots.capacity.update_total(self.runner.total_resources())
+        self.slots.capacity.update_total(*self._resources())
+        self.runner.refresh_pool()
         self.pump()
 
     def drain(self) -> None:

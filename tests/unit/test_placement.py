@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from intertie_gateway.admission import Capacity
 from intertie_gateway.placement import Demand, Placer, SiteView, Weights, place_all, rejection, score
 
 CPU1 = {"CPU": 1.0}
@@ -27,6 +28,8 @@ def site(name: str, cpus: float = 4, **kw: object) -> SiteView:
     (site("a", labels={"region": "eu"}), Demand(CPU1, labels={"region": "us"}), "label region=eu, the task needs region=us"),
     (site("a"), Demand(CPU1, labels={"tier": "gold"}), "label tier=(unset)"),
     (site("a", cpus=2), Demand({"CPU": 8.0}), "needs CPU=8 but the site has CPU=2 in total"),
+    (site("a", cpus=3, node_max={"CPU": 2.0}), Demand({"CPU": 3.0}),
+     "needs CPU=3 but the site's largest node has CPU=2 (3 in total over its nodes)"),
     (site("a"), Demand({"CPU": 1.0, "accelerator_type:A100": 0.001}), "has no accelerator A100"),
     (site("a", max_payload_bytes=10), Demand(CPU1, input_bytes=11), "exceed the site's limit of 10"),
     (site("a"), Demand(CPU1, exclude=frozenset({"a"})), "refused the task before"),
@@ -261,3 +264,23 @@ def test_lazy_heap_matches_brute_force_with_refreshes_up_and_down() -> None:
         assert score(twins[chosen], demand, Weights()).total == pytest.approx(best)
         twins[chosen].pending += 1
     assert all(len(s.heap) <= 2 * len(s.feasible) + 8 for s in placer._shapes.values())
+
+
+def test_the_largest_node_bounds_a_request_not_the_total() -> None:
+    """Two nodes of 2 and 1 CPUs: 3 CPUs in total, but no node holds a task of 3."""
+    cluster = site("cluster", cpus=3, node_max={"CPU": 2.0, "memory": 8e9}, extra={"memory": 12e9})
+    assert rejection(cluster, Demand({"CPU": 2.0})) is None
+    assert rejection(cluster, Demand({"CPU": 1.0, "memory": 9e9})) is not None
+    assert rejection(site("old", cpus=3), Demand({"CPU": 3.0})) is None  # no node_max (an older peer): the total
+    decision = Placer([cluster], ignore_state=True).place(Demand({"CPU": 3.0}), commit=False)
+    assert decision.site_id is None and "largest node has CPU=2" in decision.why_not()
+
+
+def test_capacity_never_fits_names_the_largest_node() -> None:
+    cap = Capacity({"CPU": 3.0}, node_max={"CPU": 2.0})
+    assert cap.never_fits({"CPU": 2.0}) is None
+    assert cap.never_fits({"CPU": 3.0}, "site 'x'") == (
+        "needs CPU=3 but the largest node of site 'x' has CPU=2 (3 in total over its nodes; a task runs on one node)")
+    cap.update_total({"CPU": 5.0}, {"CPU": 4.0})  # a node of 4 joined
+    assert cap.never_fits({"CPU": 3.0}) is None
+
