@@ -1,13 +1,15 @@
 """Admission control: how much of the site's capacity may be inside Ray at once.
 
 Pure bookkeeping, no Ray: the scheduler asks ``fits`` before dispatching and
-``acquire``/``release`` around a task's time in Ray.
+``acquire``/``release`` around a task's time in Ray. It also measures what a task costs
+the site beyond its own run time (``overhead_s``), which placement reads.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 # A request for nothing (cpus=0) still occupies a worker; cap how many run at once.
 MIN_SLOTS = 4
@@ -19,6 +21,12 @@ BACKLOG_TARGET_S = 0.05
 INITIAL_FACTOR = 2.0
 # Weight of the newest run time in the moving average.
 EWMA_ALPHA = 0.05
+# The per-task overhead is measured over windows of this many tasks finished while every
+# CPU was busy (or this many seconds, for long tasks), and averaged with this weight per
+# window: a window averages out a fused call's results arriving together and single stalls.
+OVERHEAD_WINDOW_TASKS = 64
+OVERHEAD_WINDOW_S = 2.0
+OVERHEAD_ALPHA = 0.3
 
 
 def _fmt(amount: float) -> str:
@@ -31,17 +39,24 @@ class Capacity:
     long ones about one per CPU. GPUs and custom resources are never overcommitted.
 
     ``node_max``: the most of each resource one node has (a task runs on one node, so a
-    request over it never runs however large the total); the total when not given (one node)."""
+    request over it never runs however large the total); the total when not given (one node).
+    ``clock``: seconds, for the overhead measurement."""
 
     def __init__(self, total: Mapping[str, float], overcommit: float = 1.0,
-                 node_max: Mapping[str, float] | None = None) -> None:
+                 node_max: Mapping[str, float] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.total = dict(total)
         self.node_max = dict(total if node_max is None else node_max)
         self.overcommit = overcommit
         self.factor = min(INITIAL_FACTOR, overcommit)
         self.mean_run_s: float | None = None
+        self.overhead_s: float | None = None
         self.in_use: dict[str, float] = {}
         self.count = 0
+        self._clock = clock
+        # The current overhead window: since when, how many finished, their run times.
+        self._busy_since: float | None = None
+        self._window_n = 0
+        self._window_run = 0.0
         self._resize()
 
     def _resize(self) -> None:
@@ -54,11 +69,37 @@ class Capacity:
         self._resize()
 
     def observe(self, run_s: float) -> None:
-        """Feeds one task's time inside Ray into the admission factor."""
+        """Feeds one task's run time (measured in its worker) into the admission factor and
+        the overhead measurement. Called when the task's result is back, before it releases
+        its admission."""
         mean = run_s if self.mean_run_s is None else (1 - EWMA_ALPHA) * self.mean_run_s + EWMA_ALPHA * run_s
         self.mean_run_s = mean
         self.factor = min(self.overcommit, 1.0 + BACKLOG_TARGET_S / max(mean, 1e-6))
         self._resize()
+        self._measure_overhead(run_s)
+
+    def _measure_overhead(self, run_s: float) -> None:
+        """While every CPU holds a task (this one included), the site finishes tasks at the
+        rate its CPUs and its per-task costs allow: over a window of such finishes, each CPU
+        spent ``cpus * elapsed / n`` per task, of which the tasks' mean run time was their
+        own work and the rest overhead. Finishes while CPUs were idle say nothing of it."""
+        cpus = self.total.get("CPU", 0.0)
+        now = self._clock()
+        if cpus < 1 or self.count < cpus:  # a CPU was idle: the window ends here
+            self._busy_since = None
+            return
+        if self._busy_since is None:  # the first finish of a busy spell opens a window
+            self._busy_since, self._window_n, self._window_run = now, 0, 0.0
+            return
+        self._window_n += 1
+        self._window_run += run_s
+        elapsed = now - self._busy_since
+        if self._window_n < OVERHEAD_WINDOW_TASKS and elapsed < OVERHEAD_WINDOW_S:
+            return
+        sample = max(0.0, cpus * elapsed / self._window_n - self._window_run / self._window_n)
+        old = self.overhead_s
+        self.overhead_s = sample if old is None else old + OVERHEAD_ALPHA * (sample - old)
+        self._busy_since, self._window_n, self._window_run = now, 0, 0.0
 
     def never_fits(self, request: Mapping[str, float], site: str = "this site") -> str | None:
         """Why the request exceeds what the site can ever give one task (its total, or what

@@ -64,6 +64,7 @@ class Federate:
             site_id=self.site_id, state="draining" if self._draining() else "up", arch=ARCH,
             python_version=self.python, total=capacity.total, node_max=capacity.node_max, free=capacity.free(),
             queued=len(self.book.queue), running=self.dispatch.slots.running, mean_run_s=capacity.mean_run_s,
+            overhead_s=capacity.overhead_s,
             labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True,
             resident=dict.fromkeys(self._resident(), 0))
 

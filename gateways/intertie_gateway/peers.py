@@ -92,7 +92,8 @@ class Peer(Generic[TaskT]):
             site_id=status.site_id, state=self.state if self.state != "up" else (status.state or "up"),
             arch=status.arch, python_version=status.python_version, total=dict(status.resources_total),
             node_max=dict(status.resources_node_max), free=dict(status.resources_free), queued=status.queued,
-            running=status.running, mean_run_s=status.mean_run_s or None, labels=dict(status.labels),
+            running=status.running, mean_run_s=status.mean_run_s or None, overhead_s=status.overhead_s or None,
+            labels=dict(status.labels),
             max_payload_bytes=status.max_payload_bytes, rtt_s=self.rtt_s,
             bandwidth=self._bandwidth.get(status.site_id, 0.0), pending=self.pending,
             resident=dict.fromkeys(status.datasets, 0))

@@ -26,6 +26,8 @@ from intertie.spec import SiteScore as Score  # the same record users see in quo
 
 # Used for a site's task run time until it reports one.
 DEFAULT_RUN_S = 0.05
+# Used for a site's per-task overhead until it has measured one.
+DEFAULT_OVERHEAD_S = 0.002
 # Operator labels read by the price and carbon terms.
 PRICE_LABEL = "price"    # currency per CPU-hour
 CARBON_LABEL = "carbon"  # grams CO2e per kWh
@@ -37,7 +39,8 @@ RECORDED_CANDIDATES = 4
 RECORDED_REJECTIONS = 8
 # What a site's status says of its load and links: these change its score, never whether
 # it can run a task (``rejection`` reads none of them).
-LOAD_FIELDS = frozenset({"free", "queued", "running", "mean_run_s", "rtt_s", "bandwidth", "pending", "resident"})
+LOAD_FIELDS = frozenset({"free", "queued", "running", "mean_run_s", "overhead_s", "rtt_s", "bandwidth", "pending",
+                         "resident"})
 
 
 @dataclass
@@ -55,6 +58,9 @@ class SiteView:
     queued: int = 0
     running: int = 0
     mean_run_s: float | None = None
+    # What a task costs the site per CPU beyond its run time (admission.Capacity measures
+    # it); None until known.
+    overhead_s: float | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     max_payload_bytes: int = 0  # 0: no limit known
     local: bool = False
@@ -208,7 +214,11 @@ def score(site: SiteView, demand: Demand, weights: Weights, links: Mapping[str, 
     there = site.queued + site.running
     ahead = there + site.pending
     mix = (there * site_run + site.pending * run_s) / ahead if ahead else run_s
-    wait_s = max(0.0, ahead + 1 - slots) / slots * mix
+    # Each task ahead holds its worker for its run time and the site's per-task overhead
+    # (dispatch, Ray's round trip, its result): for tasks of a few milliseconds the
+    # overhead is most of it, and run times alone made a burst look several times faster.
+    overhead = site.overhead_s if site.overhead_s is not None else DEFAULT_OVERHEAD_S
+    wait_s = max(0.0, ahead + 1 - slots) / slots * (mix + overhead)
     bandwidth = site.bandwidth or weights.default_bandwidth
     transfer_s = 0.0
     if demand.inputs:

@@ -102,7 +102,7 @@ class Queries:
             site_id=self.config.site_id, compute_id=self.config.compute_id, address=self.address,
             state="draining" if self._draining() else "up", arch=ARCH, python_version=self.python,
             resources_total=capacity.total, resources_node_max=capacity.node_max, resources_free=capacity.free(),
-            queued=self.dispatch.queued(),
+            queued=self.dispatch.queued(), overhead_s=capacity.overhead_s or 0.0,
             running=self.dispatch.slots.running, throughput=self.estimates.throughput(time.time()),
             labels=dict(self.config.labels), max_payload_bytes=self.config.max_payload_bytes, version=_version(),
             movable=len(self.dispatch.movable()), mean_run_s=capacity.mean_run_s or 0.0,

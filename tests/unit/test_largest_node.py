@@ -79,13 +79,13 @@ def test_a_peer_s_view_carries_its_largest_node() -> None:
         peer: Peer[Task] = Peer("127.0.0.1:1", FakeListener(), {})
         try:
             peer.status = site_pb2.SiteStatus(site_id="b", state="up", resources_total={"CPU": 3.0},
-                                              resources_node_max={"CPU": 2.0})
+                                              resources_node_max={"CPU": 2.0}, overhead_s=0.004)
             peer.state = "up"
             view = peer.view()
-            assert view is not None and view.node_max == {"CPU": 2.0}
+            assert view is not None and view.node_max == {"CPU": 2.0} and view.overhead_s == 0.004
             peer.status = site_pb2.SiteStatus(site_id="b", state="up", resources_total={"CPU": 3.0})
-            view = peer.view()  # a gateway older than the field
-            assert view is not None and view.node_max == {}
+            view = peer.view()  # a gateway older than the fields
+            assert view is not None and view.node_max == {} and view.overhead_s is None
         finally:
             await peer.close()
 
