@@ -138,7 +138,7 @@ def test_quote_ranks_sites_and_commits(home: intertie.Federation) -> None:
     fut = f.submit(6, quote=quote)
     assert fut.result(timeout=60) == 36 and fut.site == quote[0].site
     out = cli("quote", "--gpus", "1", address=home.address)
-    assert out.returncode == 0 and "placed on gamma" in out.stdout and "alpha: needs GPU=1" in out.stdout
+    assert out.returncode == 0 and "would place on gamma" in out.stdout and "alpha: needs GPU=1" in out.stdout
 
 
 def test_federated_example_runs(home: intertie.Federation) -> None:
