@@ -151,7 +151,7 @@ class Federate:
         """Every site that can run ``spec``, best first."""
         demand = Task(spec, 0.0).demand(self.estimates.run_s(spec.function_digest), args_bytes or None)
         decision = Placer([self.local_view(), *self.federation.views()], self.weights).rank(demand)
-        return PlacementRecord.of(decision, "quote: every site that can run it, best first", time.time())
+        return PlacementRecord.of(decision, "every site that can run it, best first", time.time())
 
     def steal(self, thief_id: str, max_tasks: int) -> int:
         """An idle peer asks for work: forward it queued tasks it can run, newest first."""
