@@ -50,7 +50,7 @@ def main(fed: intertie.Federation) -> None:
     holder, elsewhere = others[0], others[1]
     trips = make_trips(2_000_000)
     started = time.monotonic()
-    ref = fed.put_dataset(trips, name="trips", site=holder)
+    ref = fed.put_dataset(trips, name="trips", site=holder, replace=True)  # a rerun replaces it
     print(f"stored {ref.num_rows:,} rows ({ref.num_bytes / 2**20:.0f} MiB) at {ref.site} "
           f"in {time.monotonic() - started:.2f} s: {ref!r}")
 

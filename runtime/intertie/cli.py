@@ -164,7 +164,7 @@ def cmd_datasets(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
                       f"{r.num_bytes:,}", ",".join(r.schema.names)) for r in refs]))
     elif args.action == "put":
         progress = _Progress("uploaded")
-        ref = fed.put_dataset(args.source, name=args.name, site=args.site, progress=progress)
+        ref = fed.put_dataset(args.source, name=args.name, site=args.site, progress=progress, replace=args.replace)
         progress.done()
         print(f"{ref.name} {ref.id} at {ref.site}: {ref.num_rows:,} rows, {ref.num_bytes:,} bytes")
     elif args.action == "get":
@@ -242,14 +242,16 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("task_ids", nargs="*", metavar="TASK_ID")
     cancel.add_argument("--all-mine", action="store_true",
                         help="every task you submitted (not available yet: needs tenant identities)")
-    datasets = sub.add_parser("datasets", parents=[address], help="datasets at a site: ls, put, get, rm")
+    datasets = sub.add_parser("datasets", parents=[address], help="datasets of the federation: ls, put, get, rm")
     dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("ls", "put", "get", "rm"):
         p = dsub.add_parser(action, parents=[address])
-        p.add_argument("--site", help="the site (default: the home gateway's)")
+        p.add_argument("--site", help="only this site (ls: default every site of the federation)" if action == "ls"
+                       else "the site (default: the home gateway's)")
         if action == "put":
             p.add_argument("source", help="a Parquet, Arrow IPC or CSV file (path or fsspec URL)")
-            p.add_argument("--name")
+            p.add_argument("--name", help="unique at the site (default: the file's name without its suffix)")
+            p.add_argument("--replace", action="store_true", help="replace the dataset that has the name")
         elif action == "get":
             p.add_argument("dataset", help="id or name")
             p.add_argument("output", help="file to write (.parquet, else Arrow IPC)")

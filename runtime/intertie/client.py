@@ -18,6 +18,7 @@ import grpc
 from intertie import _rpc, _submitter, errors, serialization
 from intertie._session import MAX_MESSAGE_BYTES, Session
 from intertie.datasets import DatasetClient, DatasetRef, refs_in
+from intertie.display import Listing
 from intertie.futures import TaskFuture
 from intertie.spec import PlacementInfo, Quote, SiteStatus, TaskInfo, TaskOptions, python_version
 from intertie.v1 import common_pb2, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -270,10 +271,11 @@ class Federation:
                                                        timeout=30))
 
     @_rpc.translated
-    def sites(self) -> list[SiteStatus]:
-        """The federation as the home gateway sees it: the home site first, then its peers."""
+    def sites(self) -> Listing[SiteStatus]:
+        """The federation as the home gateway sees it: the home site first, then its peers
+        (a list; in Jupyter, one table)."""
         catalogue = self._site.ListSites(site_pb2.ListSitesRequest(), timeout=30)
-        return [SiteStatus.from_proto(s) for s in catalogue.sites]
+        return Listing(SiteStatus.from_proto(s) for s in catalogue.sites)
 
     @_rpc.translated
     def quote(self, fn: Callable[..., Any], /, *args: Any, **options: Any) -> Quote:
@@ -313,13 +315,15 @@ class Federation:
 
     @_rpc.translated
     def put_dataset(self, data: Any, name: str | None = None, site: str | None = None, *,
-                    progress: Callable[[int, int], None] | None = None) -> DatasetRef:
+                    progress: Callable[[int, int], None] | None = None, replace: bool = False) -> DatasetRef:
         """Stores ``data`` at a site (default: the home) and returns its :class:`DatasetRef`.
 
         ``data`` is a ``pyarrow.Table``, a ``RecordBatchReader``, or a path/fsspec URL of
         Parquet, Arrow IPC or CSV; it is streamed in record batches (``progress(rows, bytes)``
-        is called after each)."""
-        return self._data.put(data, name, site, progress)
+        is called after each). Names are unique per site: a file put without a name is named
+        after the file; a name in use is refused unless ``replace=True``, which swaps the
+        dataset the name names for this one."""
+        return self._data.put(data, name, site, progress, replace=replace)
 
     @_rpc.translated
     def get_dataset(self, ref: DatasetRef | str, *, site: str | None = None,
@@ -328,9 +332,13 @@ class Federation:
         return self._data.get(ref, site, progress)
 
     @_rpc.translated
-    def datasets(self, site: str | None = None) -> list[DatasetRef]:
-        """The datasets at a site (default: the home)."""
-        return self._data.list(site)
+    def datasets(self, site: str | None = None) -> Listing[DatasetRef]:
+        """The datasets of the whole federation, site by site (replicas included, with the
+        site they came from), or of one ``site``. Sites that are down are left out."""
+        if site is not None:
+            return Listing(self._data.list(site))
+        return Listing(self._data.list_all(
+            (s.site_id, s.flight_address) for s in self.sites() if s.state == "up" and s.flight_address))
 
     @_rpc.translated
     def dataset(self, ref: DatasetRef | str, *, site: str | None = None) -> DatasetRef:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +22,8 @@ from intertie.display import Cell, clip, fmt_bytes, fmt_number, html_table, shor
 if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.flight as flight
+
+logger = logging.getLogger(__name__)
 
 # Batches of this many rows when a table is uploaded (bounded memory per message).
 UPLOAD_BATCH_ROWS = 64 * 1024
@@ -210,12 +213,24 @@ class DatasetClient:
         except flight.FlightError as exc:
             raise _translate(exc, f"listing datasets at site {site_id}") from None
 
-    def list_all(self, sites: Iterable[str]) -> builtins.list[DatasetRef]:
-        """The datasets of every site given that serves datasets, site by site (replicas
-        included: their ``origin`` says where they came from)."""
+    def list_all(self, sites: Iterable[tuple[str, str]]) -> builtins.list[DatasetRef]:
+        """The datasets of every (site id, Flight address) given, site by site (replicas
+        included: their ``origin`` says where they came from). A site that does not answer
+        is skipped with a warning: the listing shows what can be reached."""
+        import pyarrow.flight as flight
+
         out: builtins.list[DatasetRef] = []
-        for site in sites:
-            out.extend(self.list(site))
+        for site_id, address in sites:
+            client = self._clients.get(address)
+            if client is None:
+                client = self._clients[address] = flight.FlightClient(f"grpc://{address}")
+            try:
+                out.extend(DatasetRef.from_json(info.descriptor.command) for info in client.list_flights())
+            except flight.FlightError as exc:
+                error = _translate(exc, f"listing datasets at site {site_id}")
+                if not isinstance(error, errors.SiteUnavailableError):
+                    raise error from None
+                logger.warning("%s; its datasets are not listed", error)
         return out
 
     def action(self, kind: str, ref: DatasetRef | str, site: str | None = None) -> DatasetRef:

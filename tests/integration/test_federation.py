@@ -325,3 +325,25 @@ def test_idle_site_steals_queued_work(tmp_path: Path) -> None:
     finally:
         for gateway in gateways:
             gateway.stop()
+
+
+def test_datasets_are_listed_over_the_whole_federation_and_a_name_is_replaced_on_request(
+        home: intertie.Federation, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    at_beta = home.put_dataset(pa.table({"v": [1, 2]}), name="listed-everywhere", site="beta")
+    at_gamma = home.put_dataset(pa.table({"v": [3]}), name="listed-everywhere", site="gamma")  # unique per site
+    everywhere = {(r.id, r.site) for r in home.datasets()}
+    assert {(at_beta.id, "beta"), (at_gamma.id, "gamma")} <= everywhere
+    assert {r.site for r in home.datasets(site="beta")} == {"beta"}
+    pq.write_table(pa.table({"v": [4, 5, 6]}), tmp_path / "listed-everywhere.parquet")
+    path = str(tmp_path / "listed-everywhere.parquet")
+    refused = cli("datasets", "put", path, "--site", "beta", address=home.address)
+    assert refused.returncode != 0 and "already has a dataset named 'listed-everywhere'" in refused.stderr
+    replaced = cli("datasets", "put", path, "--site", "beta", "--replace", address=home.address)
+    assert replaced.returncode == 0, replaced.stderr
+    now = home.dataset("listed-everywhere", site="beta")
+    assert now.num_rows == 3 and now.id != at_beta.id
+    listing = cli("datasets", "ls", address=home.address)
+    assert listing.returncode == 0 and "beta" in listing.stdout and "gamma" in listing.stdout

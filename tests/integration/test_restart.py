@@ -67,6 +67,7 @@ def test_sigterm_requeues_running_tasks_without_spending_retries(gateway_factory
         running = intertie.remote(max_retries=0)(slow_square).options(name="long").submit(5)
         _wait_running(fed, running.task_id)
         task_id = running.task_id
+        fed.close(cancel=False)  # the task stays at the site (closing would cancel it)
     assert site.stop() == 0  # clean exit on SIGTERM
     assert not (state_dir / "address").exists()
 
