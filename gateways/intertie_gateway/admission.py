@@ -62,6 +62,11 @@ class Capacity:
     def _resize(self) -> None:
         self.max_count = max(MIN_SLOTS, math.ceil(self.total.get("CPU", 0.0) * self.factor))
 
+    @property
+    def spans_nodes(self) -> bool:
+        """Whether the site's Ray has more than one node (its total is more than its largest node's)."""
+        return any(amount > self.node_max.get(name, 0.0) + 1e-9 for name, amount in self.total.items())
+
     def update_total(self, total: Mapping[str, float], node_max: Mapping[str, float] | None = None) -> None:
         """Ray's view changes when nodes join or leave an attached cluster."""
         self.total = dict(total)

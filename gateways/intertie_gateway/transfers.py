@@ -59,12 +59,16 @@ class Transfers:
         the sites that hold them (the task is FETCHING, and comes back to the queue)."""
         paths: dict[str, str] = {}
         missing = []
+        # A local path serves workers on this machine only: on a Ray of several nodes every
+        # worker reads over this site's Flight endpoint (it must then listen on an address the
+        # nodes reach: --flight-listen).
+        remote_workers = self.slots.capacity.spans_nodes
         for item in task.spec.inputs:
             where = self.store.location(item.id) if self.store is not None else None
             if where is None:
                 missing.append(item)
             else:
-                paths[item.id] = where or f"flight://{self.flight_address}"
+                paths[item.id] = f"flight://{self.flight_address}" if remote_workers or not where else where
         if not missing:
             return paths
         self.book.move(task, Phase.FETCHING)

@@ -198,6 +198,15 @@ def test_a_gateway_attached_to_a_two_node_cluster_uses_both_and_knows_the_larges
     def on_three_cpus() -> int:
         return 3
 
+    @intertie.remote
+    def count_on_node(table: object) -> tuple[str, int]:
+        import time
+
+        import ray
+
+        time.sleep(0.3)  # several at once: the head's 2 CPUs cannot take them all
+        return str(ray.get_runtime_context().get_node_id()), table.num_rows  # type: ignore[attr-defined]
+
     with intertie.connect(gateway.address) as fed:
         status = fed.sites()[0]
         assert status.resources_total["CPU"] == 3.0
@@ -208,3 +217,11 @@ def test_a_gateway_attached_to_a_two_node_cluster_uses_both_and_knows_the_larges
         with pytest.raises(PlacementError, match=r"largest node has CPU=2 \(3 in total over its nodes\)"):
             on_three_cpus.submit().result(timeout=30)
         assert time.monotonic() - started < 5.0  # at once, not a task Ray never schedules
+        # Dataset arguments reach tasks on either node (over the site's Flight endpoint: a
+        # path on the gateway's machine means nothing on another node).
+        import pyarrow as pa
+
+        ref = fed.put_dataset(pa.table({"v": list(range(1000))}), name="cluster-input")
+        read = [count_on_node.submit(ref) for _ in range(9)]
+        where = {node for node, rows in (f.result(timeout=60) for f in read) if rows == 1000}
+        assert len(where) == 2

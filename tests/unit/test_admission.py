@@ -65,3 +65,8 @@ def test_factor_adapts_to_run_times() -> None:
         cap.acquire({"CPU": 1.0})
         admitted += 1
     assert admitted == 2
+
+
+def test_a_site_spans_nodes_when_its_total_is_more_than_its_largest_node() -> None:
+    assert not Capacity({"CPU": 2.0, "memory": 8.0}).spans_nodes  # one node: total and largest agree
+    assert Capacity({"CPU": 3.0, "memory": 8.0}, node_max={"CPU": 2.0, "memory": 8.0}).spans_nodes
