@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from intertie_gateway.runner import RayConnectError
+    from intertie_gateway.ray_attach import RayConnectError
     from intertie_gateway.server import serve
 
     try:

@@ -37,7 +37,7 @@ STOP_GRACE_S = 3.0
 
 
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, parent_pid: int | None = None) -> None:
-    # Ray first: attaching to a cluster is what fails most often (runner.RayConnectError says
+    # Ray first: attaching to a cluster is what fails most often (ray_attach.RayConnectError says
     # why), and then nothing else has been started or touched.
     runner = RayRunner(config)
     state = config.state_path

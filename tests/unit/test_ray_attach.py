@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from intertie_gateway import runner
-from intertie_gateway.runner import RayConnectError, find_token, prepare_attach, probe_gcs
+from intertie_gateway import ray_attach
+from intertie_gateway.ray_attach import RayConnectError, find_token, prepare_attach, probe_gcs
 
 ADDRESS = "10.0.0.5:6379"
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -26,7 +26,7 @@ class Head:
         self.offered: list[str | None] = []
 
     def __call__(self, address: str, token: str | None, timeout_s: float) -> tuple[str, str]:
-        assert address == ADDRESS and 0 < timeout_s <= runner.PROBE_TIMEOUT_S
+        assert address == ADDRESS and 0 < timeout_s <= ray_attach.PROBE_TIMEOUT_S
         self.offered.append(token)
         if self.answer is not None:
             return self.answer
@@ -46,7 +46,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def attach(monkeypatch: pytest.MonkeyPatch, head: Head, token_file: str = "",
            environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
-    monkeypatch.setattr(runner, "probe_gcs", head)
+    monkeypatch.setattr(ray_attach, "probe_gcs", head)
     env = dict(environ or {})
     return prepare_attach(ADDRESS, token_file, 15.0, env), env
 
