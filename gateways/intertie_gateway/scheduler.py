@@ -230,11 +230,9 @@ class Scheduler:
             self.book.move(task, Phase.QUEUED)
         return task
 
-    def _resources(self) -> tuple[dict[str, float], dict[str, float] | None]:
-        """Ray's total and the most any one node has (None from a runner that does not know
-        its nodes: a single-node stand-in, whose total is its largest node)."""
-        largest = getattr(self.runner, "largest_node", None)
-        return self.runner.total_resources(), largest() if largest is not None else None
+    def _resources(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Ray's total and the most any one node has."""
+        return self.runner.total_resources(), self.runner.largest_node()
 
     def refresh_resources(self) -> None:
         """Ray's view of capacity is read again (nodes of an attached cluster come and go)."""

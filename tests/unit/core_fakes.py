@@ -77,6 +77,9 @@ class FakeRunner:
     def total_resources(self) -> dict[str, float]:
         return {"CPU": 2.0}
 
+    def largest_node(self) -> dict[str, float]:
+        return self.total_resources()  # one node
+
     def pooled(self, request: object) -> bool:
         return self.pool_size > 0
 
