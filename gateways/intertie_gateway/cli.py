@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 
 from intertie.cli import ShortErrorParser, byte_size
 from intertie_gateway.config import (
@@ -38,6 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ShortErrorParser)
     run = sub.add_parser("run", help="run one site gateway in front of a Ray cluster")
     local = sub.add_parser("local", help="run N peered sites on loopback, each with its own embedded Ray")
+    token = sub.add_parser("token", help="tenants' bearer tokens of a site: create, list, revoke")
+    tsub = token.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ShortErrorParser)
+    for action, what in (("create", "make a token for a tenant; it is printed once, as the last line"),
+                         ("list", "the site's tokens (ids and tenants; never the secrets)"),
+                         ("revoke", "revoke a token (a running gateway stops taking it within seconds)")):
+        p = tsub.add_parser(action, help=what)
+        p.add_argument("--state-dir", metavar="DIR", default="intertie-state",
+                       help="the gateway's state dir (default ./intertie-state)")
+        if action == "create":
+            p.add_argument("--tenant", required=True, metavar="NAME")
+        elif action == "revoke":
+            p.add_argument("token_id", metavar="ID", help="the token's id (from list), or the token itself")
     local.add_argument("--sites", type=int, default=3, metavar="N")
     local.add_argument("--state-dir", metavar="DIR", help="parent of the sites' state dirs (default: a temp dir)")
     local.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
@@ -131,8 +144,37 @@ def run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from intertie_gateway.tokens import TokenError, TokenStore
+
+    store = TokenStore(Path(args.state_dir) / "tokens.json")
+    try:
+        if args.action == "create":
+            record, token = store.create(args.tenant)
+            print(f"token {record.id} for tenant {record.tenant} (kept at the site only as a hash; "
+                  "shown this once):", file=sys.stderr)
+            print(token)
+        elif args.action == "list":
+            for record in store.records():
+                state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(record.revoked_at))}" \
+                    if record.revoked else "active"
+                made = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.created_at))
+                print(f"{record.id}  {record.tenant:20}  created {made}  {state}")
+        else:
+            record = store.revoke(args.token_id)
+            print(f"revoked token {record.id} of tenant {record.tenant}")
+    except (TokenError, ValueError) as exc:
+        print(f"intertie-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "token":
+        return cmd_token(args)
     if args.command == "local":
         if args.sites < 1:
             print("intertie-gateway: --sites must be at least 1", file=sys.stderr)
