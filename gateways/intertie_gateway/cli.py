@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-payload-bytes", type=byte_size, metavar="BYTES")
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
+    run.add_argument("--auth", choices=("none", "token"),
+                     help="'token': callers need a tenant's token (intertie-gateway token create); default none")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
     run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
@@ -111,7 +113,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "ray": args.ray, "ray_token_file": args.ray_token_file, "ray_connect_timeout_s": args.ray_connect_timeout,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
-        "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync,
+        "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync, "auth": args.auth,
         "worker_pool": args.worker_pool,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
         "log_level": args.log_level, "data_url": args.data_url, "flight_listen": args.flight_listen,

@@ -55,6 +55,10 @@ class GatewayConfig:
     # fsync every journal commit (power-loss safe). Off, a commit still survives a killed
     # gateway process (SQLite WAL with synchronous=NORMAL), at a fraction of the cost.
     fsync: bool = False
+    # Who may call: "none" (anyone who reaches the port) or "token" (a tenant's bearer token
+    # from `intertie-gateway token create`, checked once per call). Token auth between peers
+    # needs mutual TLS, which is not built yet: "token" is for a site without peers.
+    auth: str = "none"
     # Most tasks inside Ray at once, as a multiple of the site's CPUs. The gateway adapts
     # the multiple to observed run times (admission.py): millisecond tasks need a deep
     # pipeline to keep workers busy, minute-long ones get about one per CPU; the rest wait
@@ -141,6 +145,11 @@ class GatewayConfig:
             raise ConfigError(f"worker_pool: expected true or false, got {self.worker_pool!r}")
         if not isinstance(self.fsync, bool):
             raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
+        if self.auth not in ("none", "token"):
+            raise ConfigError(f"auth: expected \"none\" or \"token\", got {self.auth!r}")
+        if self.auth == "token" and self.peers:
+            raise ConfigError("auth = \"token\" with peers: peers cannot authenticate to each other until mutual "
+                              "TLS is built; run sites with peers with auth = \"none\" on a trusted network")
         if not isinstance(self.labels, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()):
             raise ConfigError("labels: expected a table of string -> string")

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
+from intertie_gateway.auth import TokenAuth
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
@@ -24,6 +25,7 @@ from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.service import PeerService, SiteService, TaskService, register
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.throttle import quiet_grpc_noise
+from intertie_gateway.tokens import TokenStore
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,14 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     journal = Journal(state / "journal.sqlite", fsync=config.fsync)
     hub = SessionHub()
 
-    server = grpc.aio.server(options=server_options(config.max_payload_bytes))
+    interceptors = []
+    if config.auth == "token":
+        interceptors.append(TokenAuth(TokenStore(state / "tokens.json")))
+        logger.info("auth: token (tokens in %s)", state / "tokens.json")
+    else:
+        logger.warning("auth: none: anyone who reaches %s may run code at this site (--auth token to require "
+                       "tokens)", config.listen)
+    server = grpc.aio.server(options=server_options(config.max_payload_bytes), interceptors=interceptors)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")

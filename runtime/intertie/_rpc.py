@@ -3,6 +3,7 @@ translation, and the first contact with a gateway (fast, with the cause when it 
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 import time
@@ -234,3 +235,37 @@ def translated(fn: F) -> F:
 
 __all__ = ["DEFAULT_GATEWAY_PORT", "ERROR_KIND_KEY", "NON_RETRYABLE_CODES", "ErrorKind", "channel_options",
            "check_address", "first_contact", "is_retryable", "translate", "translated", "unreachable_cause"]
+
+
+class _Details(collections.namedtuple("_Details", "method timeout metadata credentials wait_for_ready compression"),
+               grpc.ClientCallDetails):  # type: ignore[misc]
+    """A call's details with the token added (what grpc's channel interceptors hand on)."""
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer TOKEN`` to every call of a channel (a tenant's token)."""
+
+    def __init__(self, token: str) -> None:
+        self.entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> _Details:
+        return _Details(details.method, details.timeout, [*(details.metadata or ()), self.entry],
+                        details.credentials, getattr(details, "wait_for_ready", None),
+                        getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def token_metadata(token: str | None) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")] if token else []

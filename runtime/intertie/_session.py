@@ -63,8 +63,10 @@ class _Pending:
 class Session:
     """The stream to one gateway and the futures of the tasks sent on it (opening at once)."""
 
-    def __init__(self, address: str, session_id: str, *, unavailable_timeout: float | None = None) -> None:
+    def __init__(self, address: str, session_id: str, *, unavailable_timeout: float | None = None,
+                 metadata: list[tuple[str, str]] | None = None) -> None:
         self.address = address
+        self._metadata = metadata or []  # sent when the stream opens (a tenant's token)
         self.session_id = session_id
         self.closed = False
         self.unavailable_timeout = RECONNECT_TIMEOUT_S if unavailable_timeout is None else unavailable_timeout
@@ -264,7 +266,7 @@ class Session:
         lost_at: float | None = None
         try:
             while not self.closed:
-                call = stub.Connect()
+                call = stub.Connect(metadata=self._metadata or None)
                 writer: asyncio.Task[None] | None = None
                 try:
                     # progress: RUNNING events too, so that futures know when they are running().

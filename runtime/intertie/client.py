@@ -86,8 +86,10 @@ class Federation:
 
     def __init__(self, address: str, *, on_close: Callable[[], None] | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, unavailable_timeout: float | None = None,
-                 cancel_on_interrupt: bool = True) -> None:
+                 cancel_on_interrupt: bool = True, token: str | None = None) -> None:
         address = _rpc.check_address(address)
+        # A tenant's token, for a gateway run with --auth token (else ignored there).
+        token = token if token is not None else (os.environ.get("INTERTIE_TOKEN") or None)
         if unavailable_timeout is not None and not unavailable_timeout > 0:
             raise errors.InvalidRequestError(f"unavailable_timeout must be > 0 seconds, got {unavailable_timeout!r}")
         self.address = address
@@ -97,6 +99,8 @@ class Federation:
         self._cancel_on_interrupt = cancel_on_interrupt
         # The payload limit is learnt from the gateway; until then allow the default.
         self._channel = grpc.insecure_channel(address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
+        if token:
+            self._channel = grpc.intercept_channel(self._channel, _rpc.BearerToken(token))
         self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._site = site_pb2_grpc.SiteServiceStub(self._channel)
         try:
@@ -110,7 +114,8 @@ class Federation:
         self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
         self._data = DatasetClient(self._flight_for)
         self._py = python_version()
-        self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout)
+        self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout,
+                                metadata=_rpc.token_metadata(token))
         if not self._session.wait_ready(connect_timeout):
             self.close()
             raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")
