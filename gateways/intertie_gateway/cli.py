@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ShortErrorParser)
     run = sub.add_parser("run", help="run one site gateway in front of a Ray cluster")
     local = sub.add_parser("local", help="run N peered sites on loopback, each with its own embedded Ray")
+    certs = sub.add_parser("certs", help="a local certificate authority and site certificates (tests, demos)")
+    csub = certs.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ShortErrorParser)
+    create = csub.add_parser("create", help="make the CA (unless DIR has one) and a certificate per --site")
+    create.add_argument("--dir", required=True, metavar="DIR", help="where ca.pem, ca.key, SITE.pem, SITE.key go")
+    create.add_argument("--site", action="append", default=[], metavar="SITE_ID", help="a site (repeatable)")
+    create.add_argument("--host", action="append", default=[], metavar="NAME|IP",
+                        help="an address the sites serve on (repeatable; default localhost and 127.0.0.1)")
     token = sub.add_parser("token", help="tenants' bearer tokens of a site: create, list, revoke")
     tsub = token.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ShortErrorParser)
     for action, what in (("create", "make a token for a tenant; it is printed once, as the last line"),
@@ -173,10 +180,32 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from intertie_gateway import certs
+
+    directory = Path(args.dir)
+    ca = certs.Issued(directory / "ca.pem", directory / "ca.key")
+    if not (ca.cert.exists() and ca.key.exists()):
+        ca = certs.create_ca(directory)
+        print(f"created the CA {ca.cert} (keep {ca.key} secret)")
+    try:
+        for site in args.site:
+            issued = certs.create_site(ca, directory, site, args.host or ["localhost", "127.0.0.1"])
+            print(f"created {issued.cert} and {issued.key} for site {site}")
+    except ValueError as exc:
+        print(f"intertie-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "token":
         return cmd_token(args)
+    if args.command == "certs":
+        return cmd_certs(args)
     if args.command == "local":
         if args.sites < 1:
             print("intertie-gateway: --sites must be at least 1", file=sys.stderr)
