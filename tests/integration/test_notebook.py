@@ -38,9 +38,11 @@ def test_a_future_says_how_it_ended(fed: intertie.Federation, tmp_path) -> None:
     assert repr(finished) == f"<TaskFuture {finished.task_id} finished at shared>"
 
     held = intertie.remote(cpus=0.1)(hold).submit(str(tmp_path / "go"))
-    assert repr(held) in (f"<TaskFuture {held.task_id} pending>", f"<TaskFuture {held.task_id} running>")
+    assert repr(held) in (f"<TaskFuture {held.task_id} pending>", f"<TaskFuture {held.task_id} running>",
+                          f"<TaskFuture {held.task_id} running at shared>")
     assert held.cancel()
-    assert repr(held) == f"<TaskFuture {held.task_id} cancelled>"
+    # (at the site once it has started there: the RUNNING event may or may not have come yet)
+    assert repr(held) in (f"<TaskFuture {held.task_id} cancelled>", f"<TaskFuture {held.task_id} cancelled at shared>")
 
 
 def test_connecting_again_reuses_the_running_embedded_site(monkeypatch: pytest.MonkeyPatch) -> None:
