@@ -39,9 +39,13 @@ class Queries:
         self.python = python
         self.address = address
         self.store = store
-        self.flight_address = store.address if store is not None else ""
         self._draining = draining
         self._commit = commit
+
+    @property
+    def flight_address(self) -> str:
+        """This site's dataset endpoint (the data plane keeps its port across restarts)."""
+        return self.store.address if self.store is not None else ""
 
     def subscribe(self, session_id: str, task_ids: Sequence[str]) -> list[str]:
         """Adds tasks to a session; finished ones are answered at once from the journal.

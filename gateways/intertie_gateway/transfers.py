@@ -43,7 +43,6 @@ class Transfers:
         self.store = store
         self._up_statuses = up_statuses
         self.site_id = site_id
-        self.flight_address = store.address if store is not None else ""
         self.pull_timeout_s = pull_timeout_s
         self._spawn = spawn
         self._done = done
@@ -52,6 +51,11 @@ class Transfers:
         # Transfers block a thread each while they last; their own pool keeps them from
         # starving the journal's (the loop's default executor).
         self._pool = ThreadPoolExecutor(MAX_TRANSFERS, thread_name_prefix="intertie-pull")
+
+    @property
+    def flight_address(self) -> str:
+        """This site's dataset endpoint (the data plane keeps its port across restarts)."""
+        return self.store.address if self.store is not None else ""
 
     def inputs_for(self, task: Task) -> dict[str, str] | None:
         """Where the worker reads each dataset argument (a local path it memory-maps, or

@@ -83,42 +83,36 @@ def test_expire_also_removes_specs(tmp_path: Path) -> None:
     assert j._db.execute("SELECT count(*) FROM specs").fetchone()[0] == 0
 
 
-def test_a_schema_2_journal_is_read_and_upgraded(tmp_path: Path) -> None:
-    # Schema 2 kept each spec inline in the tasks row; such rows stay readable.
+def older_journal(tmp_path: Path, schema: int, rows_sql: str) -> Journal:
+    """A journal file as an older gateway left it (its tasks table, then ``rows_sql``), opened now."""
     path = tmp_path / "j.sqlite"
     db = sqlite3.connect(path)
     db.executescript(
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema', '2');"
+        f"INSERT INTO meta VALUES ('schema', '{schema}');"
         "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL, state INTEGER NOT NULL,"
         " attempts INTEGER NOT NULL DEFAULT 0, site TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL,"
         " started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0, result BLOB, error BLOB,"
         " history TEXT NOT NULL DEFAULT '[]', placements BLOB);"
-        "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'0102', 1, 1.0);")
+        + rows_sql)
     db.commit()
     db.close()
-    j = Journal(path)
+    return Journal(path)
+
+
+def test_a_schema_2_journal_is_read_and_upgraded(tmp_path: Path) -> None:
+    # Schema 2 kept each spec inline in the tasks row; such rows stay readable.
+    j = older_journal(tmp_path, 2, "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'0102', 1, 1.0);")
     j.accept([], [("new", b"\x03", b"")], now=2.0)
     assert {r.task_id: r.spec for r in j.unfinished()} == {"old": b"\x01\x02", "new": b"\x03"}
     assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(jr.SCHEMA_VERSION)
 
 
 def test_args_are_kept_beside_the_spec_and_a_schema_3_journal_keeps_its_inline_ones(tmp_path: Path) -> None:
-    path = tmp_path / "j.sqlite"
-    db = sqlite3.connect(path)
-    db.executescript(  # schema 3: specs in their own table, args inside them
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema', '3');"
-        "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL, state INTEGER NOT NULL,"
-        " attempts INTEGER NOT NULL DEFAULT 0, site TEXT NOT NULL DEFAULT '', submitted_at REAL NOT NULL,"
-        " started_at REAL NOT NULL DEFAULT 0, finished_at REAL NOT NULL DEFAULT 0, result BLOB, error BLOB,"
-        " history TEXT NOT NULL DEFAULT '[]', placements BLOB);"
-        "CREATE TABLE specs (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL);"
-        "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'', 1, 1.0);"
-        "INSERT INTO specs VALUES ('old', x'0102');")
-    db.commit()
-    db.close()
-    j = Journal(path)
+    j = older_journal(tmp_path, 3,  # schema 3: specs in their own table, args inside them
+                      "CREATE TABLE specs (task_id TEXT PRIMARY KEY, spec BLOB NOT NULL);"
+                      "INSERT INTO tasks (task_id, spec, state, submitted_at) VALUES ('old', x'', 1, 1.0);"
+                      "INSERT INTO specs VALUES ('old', x'0102');")
     j.accept([], [("new", b"\x03", b"pickled args")], now=2.0)
     rows = {r.task_id: (r.spec, r.args) for r in j.unfinished()}
     assert rows == {"old": (b"\x01\x02", None), "new": (b"\x03", b"pickled args")}
