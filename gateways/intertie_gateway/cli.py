@@ -85,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
     run.add_argument("--auth", choices=("none", "token"),
                      help="'token': callers need a tenant's token (intertie-gateway token create); default none")
+    run.add_argument("--tls-cert", metavar="PEM", help="this site's certificate: serve gRPC and Flight over TLS")
+    run.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    run.add_argument("--tls-ca", metavar="PEM",
+                     help="the federation CA: peers must show a certificate it signed (mutual TLS)")
+    run.add_argument("--peer-listen", metavar="HOST:PORT",
+                     help="where peers connect, with mutual TLS (needs --tls-ca; --peer gives peers' such addresses)")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
     run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
@@ -121,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync, "auth": args.auth,
-        "worker_pool": args.worker_pool,
+        "worker_pool": args.worker_pool, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
+        "peer_listen": args.peer_listen,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
         "log_level": args.log_level, "data_url": args.data_url, "flight_listen": args.flight_listen,
         "dataset_quota_bytes": args.dataset_quota, "replica_cache_bytes": args.replica_cache,

@@ -56,9 +56,20 @@ class GatewayConfig:
     # gateway process (SQLite WAL with synchronous=NORMAL), at a fraction of the cost.
     fsync: bool = False
     # Who may call: "none" (anyone who reaches the port) or "token" (a tenant's bearer token
-    # from `intertie-gateway token create`, checked once per call). Token auth between peers
-    # needs mutual TLS, which is not built yet: "token" is for a site without peers.
+    # from `intertie-gateway token create`, checked once per call). With peers, "token" needs
+    # mutual TLS between them (tls_ca and peer_listen): a peer is known by its certificate.
     auth: str = "none"
+    # TLS: this site's certificate chain and key (PEM files, e.g. from `intertie-gateway certs
+    # create`), for its gRPC and Flight endpoints. Clients then connect with the CA that signed
+    # it (connect(tls_ca=...), INTERTIE_TLS_CA, --tls-ca). Unset: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # The federation's CA (PEM): peers must show a certificate it signed (mutual TLS; the
+    # certificate's CN is the peer's site id), and this site shows its own to them.
+    tls_ca: str = ""
+    # Where peers connect (HOST:PORT, mutual TLS), beside ``listen`` where tenants connect with
+    # their tokens; the addresses in ``peers`` are the peers' peer_listen addresses.
+    peer_listen: str = ""
     # Most tasks inside Ray at once, as a multiple of the site's CPUs. The gateway adapts
     # the multiple to observed run times (admission.py): millisecond tasks need a deep
     # pipeline to keep workers busy, minute-long ones get about one per CPU; the rest wait
@@ -147,9 +158,7 @@ class GatewayConfig:
             raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
         if self.auth not in ("none", "token"):
             raise ConfigError(f"auth: expected \"none\" or \"token\", got {self.auth!r}")
-        if self.auth == "token" and self.peers:
-            raise ConfigError("auth = \"token\" with peers: peers cannot authenticate to each other until mutual "
-                              "TLS is built; run sites with peers with auth = \"none\" on a trusted network")
+        self._check_tls()
         if not isinstance(self.labels, Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.labels.items()):
             raise ConfigError("labels: expected a table of string -> string")
@@ -176,6 +185,38 @@ class GatewayConfig:
         object.__setattr__(self, "bandwidth", {k: float(v) for k, v in self.bandwidth.items()})
         object.__setattr__(self, "resources", {k: float(v) for k, v in self.resources.items()})
         object.__setattr__(self, "labels", dict(self.labels))
+
+    def _check_tls(self) -> None:
+        for key in ("tls_cert", "tls_key", "tls_ca", "peer_listen"):
+            if not isinstance(getattr(self, key), str):
+                raise ConfigError(f"{key}: expected a string, got {getattr(self, key)!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key (--tls-cert, --tls-key) go together: the site's certificate "
+                              "and its private key")
+        for key in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, key)
+            if path and not Path(path).expanduser().is_file():
+                raise ConfigError(f"{key}: no file {path!r}")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca (--tls-ca) needs tls_cert and tls_key: mutual TLS between peers means this "
+                              "site shows a certificate of the federation CA too")
+        if self.peer_listen:
+            host, sep, port = self.peer_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"peer_listen: expected HOST:PORT, got {self.peer_listen!r}")
+            if not self.tls_ca:
+                raise ConfigError("peer_listen (--peer-listen) is the mutual-TLS endpoint for peers: it needs the "
+                                  "federation CA (--tls-ca) and this site's certificate (--tls-cert, --tls-key)")
+        if self.auth == "token" and self.peers and not (self.tls_ca and self.peer_listen):
+            raise ConfigError("auth = \"token\" with peers: peers authenticate by mutual TLS; give the federation "
+                              "CA and this site's certificate (--tls-ca, --tls-cert, --tls-key) and where peers "
+                              "connect (--peer-listen); or run with --auth none on a trusted network")
+
+    @property
+    def peers_by_certificate(self) -> bool:
+        """Peers must prove who they are with a certificate of the federation CA (mutual TLS),
+        not by a claim checked with a call back (the plaintext federation of a trusted network)."""
+        return self.auth == "token" or bool(self.tls_ca)
 
     def _check_ray(self) -> None:
         if not isinstance(self.ray, str):

@@ -19,7 +19,7 @@ from typing import Generic
 import grpc
 
 from intertie.v1 import peer_pb2, site_pb2
-from intertie_gateway.peers import Peer
+from intertie_gateway.peers import Channels, Peer, insecure
 from intertie_gateway.placement import SiteView
 from intertie_gateway.ports import PeerListener, TaskT
 from intertie_gateway.validate import clip
@@ -34,12 +34,12 @@ class Membership(Generic[TaskT]):
     """All peers of this gateway, their heartbeats, and work stealing when idle."""
 
     def __init__(self, listener: PeerListener[TaskT], addresses: Sequence[str], *, heartbeat_s: float,
-                 down_after: int, steal: bool, bandwidth: Mapping[str, float]) -> None:
+                 down_after: int, steal: bool, bandwidth: Mapping[str, float], channel: Channels = insecure) -> None:
         self.listener = listener
         self.heartbeat_s = heartbeat_s
         self.down_after = down_after
         self.steal_enabled = steal
-        self.peers = [Peer(a, listener, bandwidth) for a in addresses]
+        self.peers = [Peer(a, listener, bandwidth, channel) for a in addresses]
         self.by_site: dict[str, Peer[TaskT]] = {}
         self.closed = False
         self._loop_task: asyncio.Task[None] | None = None

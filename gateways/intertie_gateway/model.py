@@ -26,6 +26,9 @@ class ErrorKind(enum.IntEnum):
     SITE_FAILURE = 9       # the site or worker failed, retries spent
     INTERNAL = 10
     DATASET_NOT_FOUND = 11
+    UNAUTHENTICATED = 12
+    PERMISSION_DENIED = 13
+    QUOTA_EXCEEDED = 14
 
     @classmethod
     def named(cls, name: str, default: ErrorKind) -> ErrorKind:

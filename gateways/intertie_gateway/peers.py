@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Mapping, Sequence
-from typing import Generic
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic
 
 import grpc
 
@@ -46,11 +46,20 @@ RECONCILE_CHUNK = 50_000
 REFUSED_RETRY_S = 5.0
 
 
+# Opens the channel to a peer's address with these options (mutual TLS: ``transport``).
+Channels = Callable[[str, Sequence[tuple[str, Any]]], grpc.aio.Channel]
+
+
+def insecure(address: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=list(options))
+
+
 class Peer(Generic[TaskT]):
     """One configured peer gateway: what its heartbeats told (kept by ``membership``) and
     the link to it."""
 
-    def __init__(self, address: str, listener: PeerListener[TaskT], bandwidth: Mapping[str, float]) -> None:
+    def __init__(self, address: str, listener: PeerListener[TaskT], bandwidth: Mapping[str, float],
+                 channel: Channels = insecure) -> None:
         self.address = address
         self.listener = listener
         self._bandwidth = bandwidth  # bytes/s per peer site, as configured
@@ -65,7 +74,7 @@ class Peer(Generic[TaskT]):
         self.sending = False
         self._sender: asyncio.Task[None] | None = None  # referenced: the loop keeps only weak references
         self.pending = 0  # forwarded since its last status
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(PEER_MESSAGE_BYTES))
+        self._channel = channel(address, channel_options(PEER_MESSAGE_BYTES))
         self.tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self.site = site_pb2_grpc.SiteServiceStub(self._channel)
         self.peer = peer_pb2_grpc.PeerServiceStub(self._channel)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
-from intertie_gateway.auth import TokenAuth
+from intertie_gateway.auth import Gatekeeper
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
@@ -26,6 +26,7 @@ from intertie_gateway.service import PeerService, SiteService, TaskService, regi
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.throttle import quiet_grpc_noise
 from intertie_gateway.tokens import TokenStore
+from intertie_gateway.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +49,22 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     journal = Journal(state / "journal.sqlite", fsync=config.fsync)
     hub = SessionHub()
 
-    interceptors = []
+    transport = Transport.from_config(config)
+    tokens = None
     if config.auth == "token":
-        interceptors.append(TokenAuth(TokenStore(state / "tokens.json")))
+        tokens = TokenStore(state / "tokens.json")
         logger.info("auth: token (tokens in %s)", state / "tokens.json")
     else:
         logger.warning("auth: none: anyone who reaches %s may run code at this site (--auth token to require "
                        "tokens)", config.listen)
-    server = grpc.aio.server(options=server_options(config.max_payload_bytes), interceptors=interceptors)
-    port = server.add_insecure_port(config.listen)
+    server = grpc.aio.server(options=server_options(config.max_payload_bytes), interceptors=[Gatekeeper(tokens)])
+    port = transport.serve_tenants(server, config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    if config.peer_listen and transport.serve_peers(server, config.peer_listen) == 0:
+        raise OSError(f"cannot listen on {config.peer_listen} (peer_listen)")
+    logger.info("transport: %s", "TLS, peers by mutual TLS at " + config.peer_listen if transport.mutual and
+                config.peer_listen else "TLS" if transport.tls else "plaintext (--tls-cert/--tls-key for TLS)")
     host = config.listen.rpartition(":")[0]
     address = f"{host}:{port}"
     cores: list[Scheduler] = []  # the core, once built
@@ -80,7 +86,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     # the other through the ports protocols: neither imports the other).
     make_federation = functools.partial(
         Membership, addresses=config.peers, heartbeat_s=config.heartbeat_s, down_after=config.down_after,
-        steal=config.steal, bandwidth=config.bandwidth) if config.peers else None
+        steal=config.steal, bandwidth=config.bandwidth, channel=transport.peer_channel) if config.peers else None
     scheduler = Scheduler(config, journal, runner, hub, address=address, store=store,
                           make_federation=make_federation)
     cores.append(scheduler)

@@ -13,6 +13,7 @@ from google.protobuf import symbol_database
 
 from intertie._rpc import ERROR_KIND_KEY
 from intertie.v1 import peer_pb2, peer_pb2_grpc, site_pb2, site_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from intertie_gateway.auth import caller
 from intertie_gateway.convert import placement_to_proto, spec_from_proto
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
@@ -192,8 +193,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"Connect: the first message must open a session (open.session_id, 1-{MAX_SESSION_ID_CHARS} "
                          "characters)")
-        peer = first.open.peer_site
-        if peer:
+        peer, refused = self._link_site(first.open.peer_site)
+        if refused:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED", refused)
+        if peer and not caller().peer:  # a plaintext federation: ask the claimed site itself
             verdict, why = await self._scheduler.verify_link(peer, first.open.session_id)
             if verdict != "ok":  # unreachable: the opener retries (UNAVAILABLE), refused: it is told why
                 code = grpc.StatusCode.PERMISSION_DENIED if verdict == "refused" else grpc.StatusCode.UNAVAILABLE
@@ -224,6 +227,20 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         finally:
             reader.cancel()
             self._hub.close(session)
+
+    def _link_site(self, claimed: str) -> tuple[str, str]:
+        """(the peer site whose link this stream is, or "" for a tenant's session; why the
+        stream is refused, or ""). A peer is who its certificate says; a claim without a
+        certificate is honoured only where peers are not required to show one."""
+        who = caller()
+        if who.peer:
+            if claimed and claimed != who.peer:
+                return "", f"the link claims site {clip(claimed)!r} but its certificate names {who.peer!r}"
+            return who.peer, ""
+        if claimed and self._scheduler.config.peers_by_certificate:
+            return "", (f"site {self._scheduler.site_id!r} takes peer links only on its peers' endpoint, with a "
+                        "certificate of the federation CA")
+        return claimed, ""
 
     async def _read_batches(self, stream: AsyncIterator[Any], session: Session) -> None:
         """Submits each batch of a Connect stream in order; its ack goes back on the stream."""
@@ -318,11 +335,27 @@ class PeerService(peer_pb2_grpc.PeerServiceServicer):
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
+    async def _peer_only(self, context: grpc.aio.ServicerContext, claimed: str = "") -> None:
+        """Peers' methods: where peers show certificates, only a peer may call them, and only
+        as the site its certificate names."""
+        who = caller()
+        if not self._scheduler.config.peers_by_certificate:
+            return
+        if not who.peer:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
+                         "only a peer site may call this (on the peers' endpoint, with a certificate of the "
+                         "federation CA)")
+        if claimed and claimed != who.peer:
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
+                         f"the request claims site {clip(claimed)!r} but the certificate names {who.peer!r}")
+
     async def Steal(self, request: peer_pb2.StealRequest,
                     context: grpc.aio.ServicerContext) -> peer_pb2.StealResponse:
+        await self._peer_only(context, request.site_id)
         return peer_pb2.StealResponse(moved=self._scheduler.steal(request.site_id, min(request.max_tasks, 10_000)))
 
     async def VerifyLink(self, request: peer_pb2.VerifyLinkRequest,
                          context: grpc.aio.ServicerContext) -> peer_pb2.VerifyLinkResponse:
+        await self._peer_only(context)
         return peer_pb2.VerifyLinkResponse(ok=self._scheduler.owns_link(request.site_id, request.session_id),
                                            site_id=self._scheduler.site_id)

@@ -4,7 +4,10 @@ translation, and the first contact with a gateway (fast, with the cause when it 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import os
+import pathlib
 import re
 import time
 from collections.abc import Callable
@@ -158,11 +161,35 @@ def check_address(address: object) -> str:
     return text
 
 
-def unreachable_cause(exc: grpc.RpcError, target: str = "") -> str:
-    """Why an UNAVAILABLE call failed, in words (gRPC's own text follows in parentheses)."""
+# Words of gRPC's TLS failures, and what they mean to a user; a retry cannot mend them.
+_TLS_FAILURES = (
+    ("certificate_verify_failed", "the gateway's certificate is not signed by the CA given (tls_ca= or "
+                                  "INTERTIE_TLS_CA): is that the CA of this gateway's federation?"),
+    ("not in peer certificate", "the gateway's certificate is not for the host name connected to: connect with a "
+                                "name or address its certificate lists (intertie-gateway certs create --host)"),
+    ("wrong_version_number", "the TLS handshake failed: the gateway does not serve TLS (connect without tls_ca)"),
+    ("handshake failed", "the TLS handshake failed: does the gateway serve TLS with a certificate of this CA?"),
+)
+
+
+def tls_cause(exc: grpc.RpcError) -> str | None:
+    """Why a call failed in the TLS handshake, in words, if it did."""
+    details = ((exc.details() if hasattr(exc, "details") else None) or str(exc)).lower()
+    for words, meaning in _TLS_FAILURES:
+        if words in details:
+            return meaning
+    return None
+
+
+def unreachable_cause(exc: grpc.RpcError, target: str = "", *, tls: bool = False) -> str:
+    """Why an UNAVAILABLE call failed, in words (gRPC's own text follows in parentheses).
+    ``tls``: whether the client connected with TLS."""
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
     host = target.rpartition(":")[0] or target
     lowered = details.lower()
+    meaning = tls_cause(exc)
+    if meaning:
+        return f"{meaning} [{details}]"
     if "connection refused" in lowered:
         why = f"connection refused: nothing listens at {target} (is the gateway running, and is that its port?)"
     elif "domain name not found" in lowered or "lookup failed" in lowered or "name or service not known" in lowered \
@@ -171,7 +198,8 @@ def unreachable_cause(exc: grpc.RpcError, target: str = "") -> str:
     elif "no route to host" in lowered or "network is unreachable" in lowered:
         why = f"no route to {host!r}"
     elif "connection reset" in lowered or "socket closed" in lowered:
-        why = f"the connection to {target} was reset"
+        why = f"the connection to {target} was reset" + ("" if tls else (
+            " (if the gateway serves TLS, connect with its CA: tls_ca= or INTERTIE_TLS_CA)"))
     else:
         return details
     return f"{why} [{details}]"
@@ -182,7 +210,7 @@ def unreachable_cause(exc: grpc.RpcError, target: str = "") -> str:
 REFUSED_RETRY_S = 2.0
 
 
-def first_contact(call: Callable[[float], Any], target: str, timeout: float) -> Any:
+def first_contact(call: Callable[[float], Any], target: str, timeout: float, *, tls: bool = False) -> Any:
     """``call(timeout_s)``: the first RPC to a gateway, failing fast with the cause.
 
     A refused connection or an unknown host is a :class:`~intertie.SiteUnavailableError`
@@ -202,8 +230,8 @@ def first_contact(call: Callable[[float], Any], target: str, timeout: float) -> 
                     f"connection, or is it another kind of server?)") from None
             if code != grpc.StatusCode.UNAVAILABLE:
                 raise translate(exc, target) from None
-            cause = unreachable_cause(exc, target)
-            if cause.startswith("unknown host") or now - started >= min(REFUSED_RETRY_S, timeout):
+            cause = unreachable_cause(exc, target, tls=tls)
+            if cause.startswith("unknown host") or tls_cause(exc) or now - started >= min(REFUSED_RETRY_S, timeout):
                 raise errors.SiteUnavailableError(f"cannot reach gateway {target}: {cause}") from None
             time.sleep(0.1)  # a retry's pace, not a synchronisation: gRPC backs off 0.1 s too
 
@@ -234,7 +262,8 @@ def translated(fn: F) -> F:
 
 
 __all__ = ["DEFAULT_GATEWAY_PORT", "ERROR_KIND_KEY", "NON_RETRYABLE_CODES", "ErrorKind", "channel_options",
-           "check_address", "first_contact", "is_retryable", "translate", "translated", "unreachable_cause"]
+           "check_address", "first_contact", "is_retryable", "tls_cause", "translate", "translated",
+           "unreachable_cause"]
 
 
 class _Details(collections.namedtuple("_Details", "method timeout metadata credentials wait_for_ready compression"),
@@ -267,5 +296,55 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         return continuation(self._details(details), requests)
 
 
-def token_metadata(token: str | None) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")] if token else []
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """How a client proves itself and checks the gateway: a tenant's bearer token, and the
+    PEM of the CA that signed the gateway's certificate (TLS; None: plaintext)."""
+
+    token: str | None = None
+    tls_ca: bytes | None = None
+
+    @classmethod
+    def resolve(cls, token: str | None = None, tls_ca: str | os.PathLike[str] | bytes | None = None) -> Credentials:
+        """From the arguments, else ``INTERTIE_TOKEN`` and ``INTERTIE_TLS_CA`` (a file name).
+        ``tls_ca``: a PEM file's name, or PEM bytes."""
+        token = token if token is not None else (os.environ.get("INTERTIE_TOKEN") or None)
+        if token is not None and not isinstance(token, str):
+            raise errors.InvalidRequestError(f"token: expected a string, got {type(token).__name__}")
+        token = token.strip() or None if isinstance(token, str) else token  # "": no token
+        if token is not None and any(c.isspace() or not c.isprintable() for c in token):
+            raise errors.InvalidRequestError("token: expected the token printed by `intertie-gateway token create` "
+                                             "(one word, no spaces)")
+        source = tls_ca if tls_ca is not None else (os.environ.get("INTERTIE_TLS_CA") or None)
+        pem: bytes | None = None
+        if isinstance(source, bytes):
+            pem = source
+        elif source is not None:
+            try:
+                pem = pathlib.Path(source).expanduser().read_bytes()
+            except OSError as exc:
+                raise errors.InvalidRequestError(f"tls_ca: cannot read the CA certificate {str(source)!r} "
+                                                 f"({exc.strerror})") from None
+        if pem is not None and b"-----BEGIN CERTIFICATE-----" not in pem:
+            raise errors.InvalidRequestError("tls_ca: expected a PEM certificate (-----BEGIN CERTIFICATE-----), "
+                                             "e.g. the ca.pem of `intertie-gateway certs create`")
+        return cls(token, pem)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        """A blocking channel to a gateway, with TLS and the token when given."""
+        if self.tls_ca is not None:
+            channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(self.tls_ca), options=options)
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        return grpc.intercept_channel(channel, BearerToken(self.token)) if self.token else channel
+
+    def aio_channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        """An asyncio channel (the token goes in each call's metadata: ``metadata()``)."""
+        import grpc.aio
+
+        if self.tls_ca is not None:
+            return grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(self.tls_ca), options=options)
+        return grpc.aio.insecure_channel(address, options=options)

@@ -64,9 +64,10 @@ class Session:
     """The stream to one gateway and the futures of the tasks sent on it (opening at once)."""
 
     def __init__(self, address: str, session_id: str, *, unavailable_timeout: float | None = None,
-                 metadata: list[tuple[str, str]] | None = None) -> None:
+                 credentials: _rpc.Credentials | None = None) -> None:
         self.address = address
-        self._metadata = metadata or []  # sent when the stream opens (a tenant's token)
+        self._credentials = credentials or _rpc.Credentials()
+        self._metadata = self._credentials.metadata()  # sent when the stream opens (a tenant's token)
         self.session_id = session_id
         self.closed = False
         self.unavailable_timeout = RECONNECT_TIMEOUT_S if unavailable_timeout is None else unavailable_timeout
@@ -260,7 +261,7 @@ class Session:
         import grpc.aio
 
         self._session_task = asyncio.current_task()
-        channel = grpc.aio.insecure_channel(self.address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
+        channel = self._credentials.aio_channel(self.address, _rpc.channel_options(MAX_MESSAGE_BYTES))
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         backoff = 0.05
         lost_at: float | None = None
@@ -307,7 +308,7 @@ class Session:
                         return
                     if not _rpc.is_retryable(exc):
                         self._fail_inflight(_rpc.translate(exc, self.address))
-                    self._last_failure = _rpc.unreachable_cause(exc, self.address)
+                    self._last_failure = _rpc.unreachable_cause(exc, self.address, tls=self._credentials.tls_ca is not None)
                     logger.info("session stream to %s broke (%s); reconnecting", self.address,
                                 exc.code() if hasattr(exc, "code") else exc)
                 except (ConnectionError, OSError) as exc:

@@ -26,6 +26,9 @@ _KIND_TO_CLASS: dict[int, type[errors.IntertieError]] = {
     ErrorKind.ERROR_KIND_INVALID_ARGUMENT: errors.InvalidRequestError,
     ErrorKind.ERROR_KIND_SERIALIZATION: errors.SerializationError,
     ErrorKind.ERROR_KIND_SITE_FAILURE: errors.SiteFailureError,
+    ErrorKind.ERROR_KIND_UNAUTHENTICATED: errors.AuthenticationError,
+    ErrorKind.ERROR_KIND_PERMISSION_DENIED: errors.PermissionDeniedError,
+    ErrorKind.ERROR_KIND_QUOTA_EXCEEDED: errors.QuotaExceededError,
 }
 
 

@@ -228,11 +228,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
     address.add_argument("--token", default=argparse.SUPPRESS,
                          help="your tenant's token, for a gateway run with --auth token (default: $INTERTIE_TOKEN)")
+    address.add_argument("--tls-ca", default=argparse.SUPPRESS, metavar="PEM",
+                         help="the CA certificate of a gateway serving TLS (default: $INTERTIE_TLS_CA)")
     parser = ShortErrorParser(prog="intertie", description="Use an Intertie federation.")
     parser.add_argument("--address", default=os.environ.get("INTERTIE_ADDRESS"),
                         help="home gateway HOST:PORT (default: $INTERTIE_ADDRESS)")
     parser.add_argument("--token", default=None,
                         help="your tenant's token, for a gateway run with --auth token (default: $INTERTIE_TOKEN)")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="the CA certificate of a gateway serving TLS (default: $INTERTIE_TLS_CA)")
     parser.add_argument("--version", action="version",
                         version=f"intertie {__version__} (Python {sys.version.split()[0]})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     from intertie.client import Federation
 
     try:
-        with Federation(args.address, connect_timeout=10, token=args.token) as fed:
+        with Federation(args.address, connect_timeout=10, token=args.token, tls_ca=args.tls_ca) as fed:
             return COMMANDS[args.command](fed, args)
     except IntertieError as exc:
         print(f"intertie: {type(exc).__name__}: {exc}", file=sys.stderr)

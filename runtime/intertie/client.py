@@ -86,10 +86,12 @@ class Federation:
 
     def __init__(self, address: str, *, on_close: Callable[[], None] | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT_S, unavailable_timeout: float | None = None,
-                 cancel_on_interrupt: bool = True, token: str | None = None) -> None:
+                 cancel_on_interrupt: bool = True, token: str | None = None,
+                 tls_ca: str | os.PathLike[str] | bytes | None = None) -> None:
         address = _rpc.check_address(address)
-        # A tenant's token, for a gateway run with --auth token (else ignored there).
-        token = token if token is not None else (os.environ.get("INTERTIE_TOKEN") or None)
+        # A tenant's token (else INTERTIE_TOKEN), and the CA of a gateway serving TLS (else
+        # INTERTIE_TLS_CA): checked for form here, by the gateway at the first call.
+        self.credentials = _rpc.Credentials.resolve(token, tls_ca)
         if unavailable_timeout is not None and not unavailable_timeout > 0:
             raise errors.InvalidRequestError(f"unavailable_timeout must be > 0 seconds, got {unavailable_timeout!r}")
         self.address = address
@@ -98,15 +100,13 @@ class Federation:
         self._on_close = on_close
         self._cancel_on_interrupt = cancel_on_interrupt
         # The payload limit is learnt from the gateway; until then allow the default.
-        self._channel = grpc.insecure_channel(address, options=_rpc.channel_options(MAX_MESSAGE_BYTES))
-        if token:
-            self._channel = grpc.intercept_channel(self._channel, _rpc.BearerToken(token))
+        self._channel = self.credentials.channel(address, _rpc.channel_options(MAX_MESSAGE_BYTES))
         self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._site = site_pb2_grpc.SiteServiceStub(self._channel)
         try:
             status = _rpc.first_contact(
                 lambda timeout: self._site.GetStatus(site_pb2.GetStatusRequest(), timeout=timeout),
-                address, connect_timeout)
+                address, connect_timeout, tls=self.credentials.tls_ca is not None)
         except BaseException:
             self._channel.close()
             raise
@@ -115,7 +115,7 @@ class Federation:
         self._data = DatasetClient(self._flight_for)
         self._py = python_version()
         self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout,
-                                metadata=_rpc.token_metadata(token))
+                                credentials=self.credentials)
         if not self._session.wait_ready(connect_timeout):
             self.close()
             raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")

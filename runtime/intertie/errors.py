@@ -32,6 +32,11 @@ class PermissionDeniedError(IntertieError):
     """The caller may not do this at this site."""
 
 
+class QuotaExceededError(IntertieError):
+    """Over one of the tenant's quotas at the site (queued tasks, dataset bytes, submission
+    rate). Unlike a payload that is too large, the same request may succeed later."""
+
+
 class PayloadTooLargeError(IntertieError):
     """Function, arguments or result are over the site's payload limit."""
 

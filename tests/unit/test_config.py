@@ -114,3 +114,24 @@ def test_version_and_byte_sizes_with_units(capsys: pytest.CaptureFixture[str]) -
     config = config_from_args(_parser().parse_args(["run", "--object-store-memory", "512MiB",
                                                     "--max-payload-bytes", "1e6"]))
     assert (config.object_store_memory, config.max_payload_bytes) == (512 << 20, 1_000_000)
+
+
+def test_tls_settings_go_together_and_name_what_is_missing(tmp_path: Path) -> None:
+    pem = tmp_path / "site.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    for values, match in (
+            ({"tls_cert": str(pem)}, "tls_cert and tls_key .* go together"),
+            ({"tls_cert": str(pem), "tls_key": str(tmp_path / "missing.key")}, "tls_key: no file"),
+            ({"tls_ca": str(pem)}, "tls_ca .* needs tls_cert and tls_key"),
+            ({"peer_listen": "127.0.0.1:7071"}, "peer_listen .* needs the federation CA"),
+            ({"tls_cert": str(pem), "tls_key": str(pem), "tls_ca": str(pem), "peer_listen": "nohost"},
+             "peer_listen: expected HOST:PORT"),
+            ({"auth": "token", "peers": ("127.0.0.1:7072",)}, "peers authenticate by mutual TLS"),
+            ({"auth": "token", "peers": ("127.0.0.1:7072",), "tls_cert": str(pem), "tls_key": str(pem),
+              "tls_ca": str(pem)}, "--peer-listen")):
+        with pytest.raises(ConfigError, match=match):
+            GatewayConfig.build(values)
+    config = GatewayConfig.build({"auth": "token", "peers": ("127.0.0.1:7072",), "tls_cert": str(pem),
+                                  "tls_key": str(pem), "tls_ca": str(pem), "peer_listen": "127.0.0.1:7071"})
+    assert config.peers_by_certificate
+    assert not GatewayConfig.build({"auth": "none", "peers": ("127.0.0.1:7072",)}).peers_by_certificate

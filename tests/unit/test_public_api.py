@@ -9,7 +9,7 @@ import intertie
 
 EXPECTED = [
     "AuthenticationError", "DatasetNotFoundError", "DatasetRef", "Federation", "FederationExecutor", "IntertieError", "InvalidRequestError",
-    "PayloadTooLargeError", "PermissionDeniedError", "PlacementError", "RemoteFunction", "RemoteTaskError",
+    "PayloadTooLargeError", "PermissionDeniedError", "QuotaExceededError", "PlacementError", "RemoteFunction", "RemoteTaskError",
     "Resources", "SerializationError", "SiteFailureError", "SiteStatus", "SiteUnavailableError",
     "TaskCancelledError", "TaskFuture", "TaskInfo", "TaskNotFoundError", "TaskOptions", "TaskTimeoutError",
     "__version__", "connect", "remote",

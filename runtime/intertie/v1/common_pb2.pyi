@@ -21,6 +21,9 @@ class ErrorKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_KIND_SITE_FAILURE: _ClassVar[ErrorKind]
     ERROR_KIND_INTERNAL: _ClassVar[ErrorKind]
     ERROR_KIND_DATASET_NOT_FOUND: _ClassVar[ErrorKind]
+    ERROR_KIND_UNAUTHENTICATED: _ClassVar[ErrorKind]
+    ERROR_KIND_PERMISSION_DENIED: _ClassVar[ErrorKind]
+    ERROR_KIND_QUOTA_EXCEEDED: _ClassVar[ErrorKind]
 ERROR_KIND_UNSPECIFIED: ErrorKind
 ERROR_KIND_REMOTE: ErrorKind
 ERROR_KIND_CANCELLED: ErrorKind
@@ -33,6 +36,9 @@ ERROR_KIND_SERIALIZATION: ErrorKind
 ERROR_KIND_SITE_FAILURE: ErrorKind
 ERROR_KIND_INTERNAL: ErrorKind
 ERROR_KIND_DATASET_NOT_FOUND: ErrorKind
+ERROR_KIND_UNAUTHENTICATED: ErrorKind
+ERROR_KIND_PERMISSION_DENIED: ErrorKind
+ERROR_KIND_QUOTA_EXCEEDED: ErrorKind
 
 class ResourceRequest(_message.Message):
     __slots__ = ("cpus", "gpus", "memory_bytes", "custom")

@@ -34,7 +34,7 @@ class Function(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., payload: _Optional[bytes] = ..., name: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home", "inputs", "returns_dataset")
+    __slots__ = ("task_id", "function_digest", "args", "resources", "max_retries", "timeout_s", "batch", "python_version", "name", "constraints", "home", "inputs", "returns_dataset", "tenant")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_DIGEST_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class TaskSpec(_message.Message):
     HOME_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     RETURNS_DATASET_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     function_digest: str
     args: bytes
@@ -61,7 +62,8 @@ class TaskSpec(_message.Message):
     home: str
     inputs: _containers.RepeatedCompositeFieldContainer[DatasetInput]
     returns_dataset: bool
-    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[DatasetInput, _Mapping]]] = ..., returns_dataset: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, task_id: _Optional[str] = ..., function_digest: _Optional[str] = ..., args: _Optional[bytes] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., max_retries: _Optional[int] = ..., timeout_s: _Optional[float] = ..., batch: _Optional[bool] = ..., python_version: _Optional[str] = ..., name: _Optional[str] = ..., constraints: _Optional[_Union[_common_pb2.Constraints, _Mapping]] = ..., home: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[DatasetInput, _Mapping]]] = ..., returns_dataset: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class DatasetInput(_message.Message):
     __slots__ = ("id", "site", "num_bytes")
@@ -220,7 +222,7 @@ class Attempt(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., site: _Optional[str] = ..., started_at: _Optional[float] = ..., ended_at: _Optional[float] = ..., outcome: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("task_id", "name", "state", "site", "attempts", "max_retries", "error", "submitted_at", "started_at", "finished_at", "resources", "history", "placements", "home")
+    __slots__ = ("task_id", "name", "state", "site", "attempts", "max_retries", "error", "submitted_at", "started_at", "finished_at", "resources", "history", "placements", "home", "tenant")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +237,7 @@ class TaskInfo(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     HOME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     name: str
     state: TaskState
@@ -249,7 +252,8 @@ class TaskInfo(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[Attempt]
     placements: _containers.RepeatedCompositeFieldContainer[Placement]
     home: str
-    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., site: _Optional[str] = ..., attempts: _Optional[int] = ..., max_retries: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., home: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, task_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., site: _Optional[str] = ..., attempts: _Optional[int] = ..., max_retries: _Optional[int] = ..., error: _Optional[_Union[_common_pb2.Error, _Mapping]] = ..., submitted_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., resources: _Optional[_Union[_common_pb2.ResourceRequest, _Mapping]] = ..., history: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., placements: _Optional[_Iterable[_Union[Placement, _Mapping]]] = ..., home: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class PlacementScore(_message.Message):
     __slots__ = ("site", "wait_s", "transfer_s", "run_s", "price", "carbon_g", "total")
