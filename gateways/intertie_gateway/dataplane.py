@@ -10,9 +10,14 @@ Flight on loopback and restarts it, on the same port, when it dies. A crash then
 transfers under way, not the site: its journal, its Ray and its tasks go on.
 
 The child serves the public Flight surface of :class:`~intertie_gateway.flight_service.FlightService`
-plus internal actions (``dp-*``) that carry a secret only the gateway knows: pull a dataset
-from peers, evict replicas, where a dataset lies, stop transfers, and a sync that hands it
-the peers' Flight addresses and returns the ids it holds.
+plus internal actions (``dp-*``) that only the site itself may call: pull a dataset from
+peers, evict replicas, where a dataset lies, stop transfers, and a sync that hands it the
+peers' Flight addresses and returns the ids it holds.
+
+The site itself (this gateway, and its Ray workers) shows a secret made at each gateway
+start; the child gets it, with the site's certificate and key, on its stdin (never in its
+arguments or environment). With a certificate the endpoint serves TLS (``grpc+tls://``), and
+every client of the site verifies it with the federation CA, or the certificate itself.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
-from intertie_gateway.flight_service import FlightService
+from intertie_gateway.flight_service import SECRET_HEADER, FlightService, caller_of
+from intertie_gateway.tokens import TokenStore
+from intertie_gateway.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +56,6 @@ CALL_TIMEOUT_S = 30.0
 # Restarts closer together than this are delayed to it: a data plane that dies at once on
 # every start must not spin.
 RESTART_MIN_INTERVAL_S = 1.0
-SECRET_ENV = "INTERTIE_DATAPLANE_SECRET"
 # Asking a non-local store where a dataset is happens on the event loop: briefly.
 LOCATION_TIMEOUT_S = 2.0
 # A pull that has no source yet (peers not up after a restart) asks again this often.
@@ -59,22 +65,21 @@ SOURCES_RETRY_S = 0.5
 class DataPlaneService(FlightService):
     """The child's Flight service: the public surface plus the gateway's own actions."""
 
-    def __init__(self, location: str, store: DatasetStore, secret: str, **kwargs: Any) -> None:
+    def __init__(self, location: str, store: DatasetStore, **kwargs: Any) -> None:
         self._peer_addresses: list[str] = []
         super().__init__(location, store, peers=lambda: list(self._peer_addresses), **kwargs)
-        self._secret = secret
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
         if not action.type.startswith("dp-"):
             return super().do_action(context, action)
+        internal_caller = caller_of(context).internal
 
         def internal() -> Any:
             try:
                 request = json.loads(action.body.to_pybytes())
             except ValueError:
                 request = None
-            if not isinstance(request, dict) or not secrets.compare_digest(str(request.get("secret", "")),
-                                                                            self._secret):
+            if not internal_caller or not isinstance(request, dict):
                 raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"unknown action {action.type[:40]!r}")
             if action.type == "dp-sync":
                 self._peer_addresses = [str(a) for a in request.get("peers", [])]
@@ -103,16 +108,20 @@ class DataPlane:
 
     def __init__(self, state_dir: Path, url: str, site_id: str, *, host: str, port: int = 0,
                  quota_bytes: int = 0, replica_cache_bytes: int = 0, max_rate: float = 0.0,
-                 peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
+                 peers: Callable[[], Sequence[str]] = lambda: (), transport: Transport, tokens: Path | None) -> None:
+        """``transport``: the site's certificate (TLS) and the federation CA; ``tokens``: the
+        tenants' token file (None: auth none)."""
         self.url = url
         self.site_id = site_id
         self._state_dir = state_dir
         self._host = host
         self._port = port
         self._args = ["--quota", str(quota_bytes), "--replica-cache", str(replica_cache_bytes),
-                      "--max-rate", str(max_rate)]
+                      "--max-rate", str(max_rate), *(["--tokens", str(tokens)] if tokens is not None else [])]
         self._peers = peers
-        self._secret = secrets.token_hex(16)
+        self._transport = transport
+        self._secret = secrets.token_hex(32)
+        self._options = [(SECRET_HEADER.encode(), self._secret.encode())]
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
         self._lock = threading.Lock()
@@ -133,6 +142,13 @@ class DataPlane:
     def address(self) -> str:
         return f"{self._host}:{self._port}"
 
+    @property
+    def worker_endpoint(self) -> str:
+        """What the site's Ray workers need to reach this endpoint as the site itself: its
+        address, the certificate to verify it with, and the secret (handed to workers by the
+        gateway through Ray, never to a client)."""
+        return json.dumps({"address": self.address, "roots": _roots(self._transport).decode(),
+                           "secret": self._secret})
     def _start(self) -> None:
         ready = self._state_dir / "dataplane.port"
         ready.unlink(missing_ok=True)
@@ -141,7 +157,11 @@ class DataPlane:
                "--parent-pid", str(os.getpid()), "--log-level", logging.getLevelName(logger.getEffectiveLevel()),
                *self._args]
         # Its log lines go where the gateway's go: one log per site for the operator.
-        self._process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env={**os.environ, SECRET_ENV: self._secret})
+        self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        assert self._process.stdin is not None
+        with self._process.stdin as pipe:
+            pipe.write(json.dumps({"secret": self._secret, "cert": self._transport.cert.decode(),
+                                   "key": self._transport.key.decode(), "ca": self._transport.ca.decode()}).encode())
         self._started_at = time.monotonic()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.exists():
@@ -150,7 +170,7 @@ class DataPlane:
                 raise OSError(f"the data plane of site {self.site_id!r} did not start (its log lines are above)")
             time.sleep(0.02)
         self._port = int(ready.read_text())
-        client = flight.FlightClient(f"grpc://{self.address}")
+        client = connect(self.address, _roots(self._transport))
         with self._lock:
             old, self._client = self._client, client
         if old is not None:
@@ -190,10 +210,10 @@ class DataPlane:
             client = self._client
         if client is None:
             raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r}: its data plane is not running")
-        request = json.dumps({**body, "secret": self._secret}).encode()
+        request = json.dumps(body).encode()
         try:
             result = next(iter(client.do_action(flight.Action(action, request),
-                                                flight.FlightCallOptions(timeout=timeout))))
+                                                flight.FlightCallOptions(timeout=timeout, headers=self._options))))
         except flight.FlightError as exc:
             text = str(exc).split(". Detail:", 1)[0]
             for kind in ("ERROR_KIND_NOT_FOUND", "ERROR_KIND_DATASET_NOT_FOUND", "ERROR_KIND_SITE_FAILURE",
@@ -288,6 +308,20 @@ class DataPlane:
                 process.wait()
 
 
+def _roots(transport: Transport) -> bytes:
+    """What the site's own clients verify its endpoint with: the federation CA, else the
+    site's certificate itself (b"": plaintext)."""
+    return transport.ca or transport.cert
+
+
+def connect(address: str, roots: bytes, **tls: Any) -> flight.FlightClient:
+    """A Flight client of an endpoint that serves TLS with a certificate ``roots`` verify
+    (plaintext when ``roots`` is empty); ``tls``: a client certificate (mutual TLS)."""
+    if not roots:
+        return flight.FlightClient(f"grpc://{address}")
+    return flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=roots, **tls)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="intertie_gateway.dataplane")
     parser.add_argument("--url", required=True)
@@ -298,16 +332,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quota", type=int, default=0)
     parser.add_argument("--replica-cache", type=int, default=0)
     parser.add_argument("--max-rate", type=float, default=0.0)
+    parser.add_argument("--tokens", default=None)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s [data plane]: %(message)s",
                         stream=sys.stderr)
-    secret = os.environ.pop(SECRET_ENV, "")
-    if not secret:
-        print("intertie_gateway.dataplane: started without its secret", file=sys.stderr)
+    try:
+        given = json.loads(sys.stdin.read())
+    except ValueError:
+        given = {}
+    if not isinstance(given, dict) or not given.get("secret"):
+        print("intertie_gateway.dataplane: started without its secret on stdin", file=sys.stderr)
         return 2
+    transport = Transport(given["cert"].encode(), given["key"].encode(), given["ca"].encode())
+    tls: dict[str, Any] = {"tls_certificates": [(transport.cert, transport.key)]} if transport.tls else {}
     store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache)
-    server = DataPlaneService(f"grpc://{args.listen}", store, secret, max_rate=args.max_rate)
+    tokens = TokenStore(Path(args.tokens)) if args.tokens else None
+    server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
+                              max_rate=args.max_rate, secret=given["secret"], tokens=tokens, **tls)
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(str(server.port))

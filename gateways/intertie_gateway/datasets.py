@@ -10,6 +10,11 @@ A dataset is a *primary* (uploaded here, or a task result stored here) or a *rep
 bounded by ``replica_cache_bytes``, the least recently used one is evicted first, and
 never one a task is reading. The quota bounds primaries only.
 
+Each dataset has an owner: the tenant that put it, or the tenant of the task whose result it
+is ("" without authentication, and for datasets stored before owners were recorded). A
+caller that names a tenant sees only that tenant's datasets: another tenant's is answered
+exactly like one that does not exist. Names are unique per owner.
+
 Uploads and pulled replicas are validated in full as they arrive (``arrow_checks``); a
 pull's watchdog and its check of a holder's answer are in ``pulls``; the Flight endpoint
 that serves the store is ``flight_service``.
@@ -42,7 +47,7 @@ from intertie_gateway.arrow_checks import (
     first_line,
     write_batch,
 )
-from intertie_gateway.pulls import Watchdog, peer_meta, quietly
+from intertie_gateway.pulls import Watchdog, owner_here, peer_meta, quietly
 from intertie_gateway.validate import clip
 
 __all__ = ["DatasetError", "DatasetMeta", "DatasetStore"]
@@ -60,6 +65,7 @@ class DatasetMeta:
     created_at: float
     schema: str  # the Arrow schema, IPC-serialized, hex
     origin: str = ""  # for a replica: the site it was pulled from; "" for a primary
+    owner: str = ""  # the tenant it belongs to, as this site names it
 
     @property
     def replica(self) -> bool:
@@ -108,17 +114,21 @@ class DatasetStore:
         """Bytes of primaries (what the quota bounds), or of replicas."""
         return sum(m.num_bytes for m in list(self._meta.values()) if m.replica == replicas)
 
-    def listing(self) -> list[DatasetMeta]:
+    def listing(self, tenant: str | None = None) -> list[DatasetMeta]:
+        """The datasets ``tenant`` owns (None: all of them)."""
         with self._lock:
-            return sorted(self._meta.values(), key=lambda m: m.created_at)
+            return sorted((m for m in self._meta.values() if _visible(m, tenant)), key=lambda m: m.created_at)
 
-    def resolve(self, key: str) -> DatasetMeta:
+    def resolve(self, key: str, tenant: str | None = None) -> DatasetMeta:
         """A dataset by id, or by name: this site's own of that name (names are unique among
-        them), else the one replica of that name."""
+        them), else the one replica of that name. ``tenant``: only among that tenant's (None:
+        among all); another's is not found, with the same message as one that does not exist."""
         with self._lock:
             meta = self._meta.get(key)
+            if meta is not None and not _visible(meta, tenant):
+                meta = None
             if meta is None:
-                named = [m for m in self._meta.values() if m.name == key]
+                named = [m for m in self._meta.values() if m.name == key and _visible(m, tenant)]
                 pool = [m for m in named if not m.replica] or named
                 if len(pool) > 1:  # replicas of two sites' datasets, or a store from before names were unique
                     ids = ", ".join(sorted(m.id for m in pool)[:5])
@@ -130,9 +140,11 @@ class DatasetStore:
             raise DatasetError("ERROR_KIND_NOT_FOUND", f"site {self.site_id!r} has no dataset {clip(key)!r}")
         return meta
 
-    def _holders_of(self, name: str, other_than: str) -> list[DatasetMeta]:
-        """This site's own datasets named ``name``, except the one of id ``other_than`` (call with the lock)."""
-        return [m for m in self._meta.values() if m.name == name and not m.replica and m.id != other_than]
+    def _holders_of(self, name: str, other_than: str, owner: str) -> list[DatasetMeta]:
+        """This site's own datasets of ``owner`` named ``name``, except the one of id ``other_than``
+        (call with the lock)."""
+        return [m for m in self._meta.values()
+                if m.name == name and not m.replica and m.id != other_than and m.owner == owner]
 
     def _taken(self, name: str, dataset_id: str) -> DatasetError:
         return DatasetError("ERROR_KIND_INVALID_ARGUMENT",
@@ -191,7 +203,7 @@ class DatasetStore:
         delay = retry_s
         done = 0  # batches received so far
         rows = 0
-        expected: tuple[str, int] | None = None  # the holder's name and row count
+        expected: tuple[str, int, str] | None = None  # the holder's name, row count and owner
         fh: Any = None
         writer: Any = None
         schema: pa.Schema | None = None
@@ -250,7 +262,8 @@ class DatasetStore:
                         writer = fh = None
                         nbytes = self.fs.size(part)
                         self.fs.mv(part, self._path(dataset_id, "arrow"))
-                        return self._commit(dataset_id, expected[0], rows, nbytes, schema, origin=site)
+                        return self._commit(dataset_id, expected[0], rows, nbytes, schema, origin=site,
+                                            owner=owner_here(expected[2], site, self.site_id))
                     except DatasetError as exc:
                         if exc.kind != "ERROR_KIND_INVALID_ARGUMENT":
                             raise
@@ -293,13 +306,13 @@ class DatasetStore:
                 self.fs.rm(part)
 
     def write(self, name: str, reader: Any, dataset_id: str | None = None, *, replace: bool = False,
-              replaced: list[DatasetMeta] | None = None) -> DatasetMeta:
+              replaced: list[DatasetMeta] | None = None, owner: str = "") -> DatasetMeta:
         """Stores a stream of record batches (``reader.read_chunk()`` or iteration) as a
-        primary; a given id replaces the dataset of that id (a rerun task's result).
+        primary of ``owner``; a given id replaces the dataset of that id (a rerun task's result).
 
-        Names are unique among this site's datasets: a name in use is refused (before the
-        stream is read, and again when it is committed) unless ``replace``, which deletes
-        the dataset that had it once the new one is stored (and adds it to ``replaced``).
+        Names are unique among an owner's datasets at this site: a name in use is refused
+        (before the stream is read, and again when it is committed) unless ``replace``, which
+        deletes the dataset that had it once the new one is stored (and adds it to ``replaced``).
 
         Every batch is validated in full before it is written (the stream comes from the
         network: a bad offset would crash Arrow's writer or, stored, every reader); the size
@@ -313,7 +326,7 @@ class DatasetStore:
         dataset_id = dataset_id or uuid.uuid4().hex
         if name and not replace:
             with self._lock:
-                if self._holders_of(name, dataset_id):
+                if self._holders_of(name, dataset_id, owner):
                     raise self._taken(name, dataset_id)
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = 0
@@ -332,17 +345,17 @@ class DatasetStore:
                                            f"{self.quota_bytes} bytes ({in_use} in use)")
             nbytes = self.fs.size(part)
             with self._lock:  # another upload of the name may have been committed meanwhile
-                if name and not replace and self._holders_of(name, dataset_id):
+                if name and not replace and self._holders_of(name, dataset_id, owner):
                     raise self._taken(name, dataset_id)
             self.fs.mv(part, self._path(dataset_id, "arrow"))
         except BaseException:
             if self.fs.exists(part):
                 self.fs.rm(part)
             raise
-        meta = self._commit(dataset_id, name or dataset_id, rows, nbytes, schema)
+        meta = self._commit(dataset_id, name or dataset_id, rows, nbytes, schema, owner=owner)
         if name and replace:
             with self._lock:
-                olds = self._holders_of(name, dataset_id)
+                olds = self._holders_of(name, dataset_id, owner)
             for old in olds:
                 self.delete(old.id)
                 logger.info("dataset %s replaces %s as %r", dataset_id, old.id, name)
@@ -351,9 +364,10 @@ class DatasetStore:
         return meta
 
     def _commit(self, dataset_id: str, name: str, rows: int, nbytes: int, schema: pa.Schema,
-                origin: str = "") -> DatasetMeta:
+                origin: str = "", owner: str = "") -> DatasetMeta:
         meta = DatasetMeta(id=dataset_id, name=name, site=self.site_id, num_rows=rows, num_bytes=nbytes,
-                           created_at=time.time(), schema=schema.serialize().to_pybytes().hex(), origin=origin)
+                           created_at=time.time(), schema=schema.serialize().to_pybytes().hex(), origin=origin,
+                           owner=owner)
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.json.part")
         with self.fs.open(part, "wb") as fh:
             fh.write(meta.to_json())
@@ -386,8 +400,8 @@ class DatasetStore:
             logger.info("evicted replica %s (%s, %d bytes) from the cache", meta.id, meta.name, meta.num_bytes)
         return dropped
 
-    def open(self, key: str) -> tuple[DatasetMeta, pa.ipc.RecordBatchFileReader]:
-        meta = self.resolve(key)
+    def open(self, key: str, tenant: str | None = None) -> tuple[DatasetMeta, pa.ipc.RecordBatchFileReader]:
+        meta = self.resolve(key, tenant)
         with self._lock:
             self._used_at[meta.id] = time.time()
         path = self._path(meta.id, "arrow")
@@ -397,8 +411,8 @@ class DatasetStore:
             source = pa.BufferReader(self.fs.cat_file(path))
         return meta, pa.ipc.open_file(source)
 
-    def delete(self, key: str) -> DatasetMeta:
-        meta = self.resolve(key)
+    def delete(self, key: str, tenant: str | None = None) -> DatasetMeta:
+        meta = self.resolve(key, tenant)
         with self._lock:
             if self._meta.pop(meta.id, None) is None:  # deleted meanwhile (another thread)
                 return meta
@@ -409,3 +423,7 @@ class DatasetStore:
             except FileNotFoundError:
                 pass
         return meta
+
+
+def _visible(meta: DatasetMeta, tenant: str | None) -> bool:
+    return tenant is None or meta.owner == tenant

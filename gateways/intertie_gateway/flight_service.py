@@ -15,15 +15,24 @@ Flight surface (the gateway never unpickles anything here; it is all Arrow):
 Every handler runs inside ``_served``, which answers bad input with a typed
 ``ERROR_KIND_<KIND>`` and anything unexpected with a bounded internal error; tickets,
 descriptors and action bodies are bounded and parsed here.
+
+Who calls is decided once per call, before any handler, by :class:`Gate` (a Flight server
+middleware): the site itself (its gateway and its Ray workers, by a secret that never
+leaves the site), a tenant (by the bearer token of the site's gRPC endpoint, with auth
+"token"), or anyone (auth "none": tenant "", who sees every dataset, as before tenants).
+A tenant sees, reads, replaces and deletes only its own datasets; only the site sets a
+dataset's id or owner (a task's result belongs to the task's tenant).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -32,6 +41,7 @@ import pyarrow.flight as flight
 from intertie_gateway.arrow_checks import first_line
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.throttle import log_throttled
+from intertie_gateway.tokens import MAX_TOKEN_CHARS, TokenError, TokenStore
 from intertie_gateway.validate import clip
 
 logger = logging.getLogger(__name__)
@@ -39,6 +49,70 @@ logger = logging.getLogger(__name__)
 # A peer that does not answer a replica deletion in this time keeps its copy until it
 # is evicted from its cache.
 REPLICA_DELETE_TIMEOUT_S = 5.0
+
+
+# The header that carries the site's own secret (its gateway and its workers).
+SECRET_HEADER = "intertie-secret"
+GATE = "gate"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling. ``tenant``: whose datasets it sees (None: every dataset: the site
+    itself, and everyone when the site runs without authentication); ``internal``: the site
+    itself."""
+
+    tenant: str | None
+    internal: bool = False
+
+
+class Admitted(flight.ServerMiddleware):  # type: ignore[misc]
+    def __init__(self, caller: Caller) -> None:
+        self.caller = caller
+
+
+class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
+    """Decides the caller of every Flight call before it is served (see the module doc).
+    ``tokens`` None: auth none. A refusal is a Flight UNAUTHENTICATED error in one line that
+    never repeats what was sent."""
+
+    def __init__(self, secret: str, tokens: TokenStore | None) -> None:
+        self._secret = secret
+        self._tokens = tokens
+
+    def start_call(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
+        secret = _header(headers, SECRET_HEADER)
+        if secret is not None:
+            if not self._secret or not secrets.compare_digest(secret.encode(), self._secret.encode()):
+                raise _refused("not authenticated: a wrong site secret")
+            return Admitted(Caller(None, internal=True))
+        if self._tokens is None:
+            return Admitted(Caller(None))
+        scheme, _, token = (_header(headers, "authorization") or "")[:MAX_TOKEN_CHARS + 16].partition(" ")
+        try:
+            if not token or scheme.lower() != "bearer":
+                raise TokenError("no token: pass connect(..., token=...), INTERTIE_TOKEN or --token")
+            return Admitted(Caller(self._tokens.check(token.strip())))
+        except TokenError as exc:
+            log_throttled(logger, f"flight-auth-{str(exc).split(' ')[0]}", "refused a Flight call (%s): %s",
+                          info.method, exc)
+            raise _refused(f"not authenticated: {exc}") from None
+
+
+def _header(headers: dict[str, list[Any]], name: str) -> str | None:
+    values = headers.get(name) or ()
+    for value in values:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def _refused(why: str) -> flight.FlightUnauthenticatedError:
+    return flight.FlightUnauthenticatedError(f"ERROR_KIND_UNAUTHENTICATED: {clip(why, 300)}")
+
+
+def caller_of(context: Any) -> Caller:
+    """The caller the Gate decided for this call."""
+    return context.get_middleware(GATE).caller  # type: ignore[no-any-return]
 
 
 def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
@@ -58,16 +132,22 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
     """The site's dataset endpoint (its own port, in the site's status as flight_address)."""
 
     def __init__(self, location: str, store: DatasetStore, *, max_rate: float = 0.0,
-                 peers: Callable[[], Sequence[str]] = lambda: ()) -> None:
-        super().__init__(location)
+                 peers: Callable[[], Sequence[str]] = lambda: (), secret: str = "", tokens: TokenStore | None = None,
+                 connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}"),
+                 **server: Any) -> None:
+        """``secret``: what the site's own calls show (""): none can); ``tokens``: the tenants'
+        (None: auth none); ``connect``: a client for a peer's address; ``server``: TLS options
+        of ``FlightServerBase``."""
+        super().__init__(location, middleware={GATE: Gate(secret, tokens)}, **server)
         self.store = store
         self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
         self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
+        self._connect = connect
 
     def _drop_replicas(self, meta: DatasetMeta) -> int:
         """Asks every up peer to delete its replica of a deleted primary; how many did."""
         def drop(address: str) -> int:
-            client = flight.FlightClient(f"grpc://{address}")
+            client = self._connect(address)
             try:
                 options = flight.FlightCallOptions(timeout=REPLICA_DELETE_TIMEOUT_S)
                 list(client.do_action(flight.Action("delete-replica", meta.id.encode()), options))
@@ -106,15 +186,21 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                                              f"this {what} ({type(exc).__name__})") from None
 
     def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
+        who = caller_of(context)
+
         def put() -> DatasetMeta:
             request = _json_request(descriptor.command or b"{}", "put descriptor")
             name, dataset_id = request.get("name") or "", request.get("id") or None
-            replace = request.get("replace", False)
+            replace, owner = request.get("replace", False), request.get("owner", "")
             if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)) \
-                    or not isinstance(replace, bool):
+                    or not isinstance(replace, bool) or not isinstance(owner, str):
                 raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
-                                   "bad put descriptor: name and id must be strings, replace true or false")
-            return self.store.write(name, reader, dataset_id=dataset_id, replace=replace, replaced=replaced)
+                                   "bad put descriptor: name, id and owner must be strings, replace true or false")
+            if (dataset_id is not None and who.tenant is not None) or (owner and not who.internal):
+                raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                                   "bad put descriptor: a dataset's id and owner are set by the site")
+            return self.store.write(name, reader, dataset_id=dataset_id, replace=replace, replaced=replaced,
+                                    owner=owner if who.internal else who.tenant or "")
 
         replaced: list[DatasetMeta] = []
         meta = self._served("put", put)
@@ -124,6 +210,8 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
+        who = caller_of(context)
+
         def get() -> flight.GeneratorStream:
             key, start = ticket.ticket, 0
             if key.startswith(b"{"):
@@ -134,7 +222,7 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                                        "\"from_batch\": a whole number >= 0}")
             else:
                 key = _text(key, "ticket")
-            _, file_reader = self.store.open(key)
+            _, file_reader = self.store.open(key, who.tenant)
             batches: Iterator[pa.RecordBatch] = (
                 file_reader.get_batch(i) for i in range(min(start, file_reader.num_record_batches),
                                                         file_reader.num_record_batches))
@@ -146,9 +234,11 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         return self._served("get", get)
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
+        who = caller_of(context)
+
         def listing() -> list[flight.FlightInfo]:
             out = []
-            for meta in self.store.listing():
+            for meta in self.store.listing(who.tenant):
                 schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
                 out.append(flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
                                              [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes))
@@ -157,18 +247,20 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         return iter(self._served("listing", listing))
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
+        who = caller_of(context)
+
         def act() -> DatasetMeta:
             key = _text(action.body.to_pybytes(), "action body")
             if action.type == "get":
-                return self.store.resolve(key)
+                return self.store.resolve(key, who.tenant)
             if action.type == "delete":
-                meta = self.store.delete(key)
+                meta = self.store.delete(key, who.tenant)
                 if not meta.replica:
                     dropped = self._drop_replicas(meta)
                     if dropped:
                         logger.info("deleted dataset %s and %d replicas of it", meta.id, dropped)
                 return meta
-            if action.type == "delete-replica":
+            if action.type == "delete-replica" and who.tenant is None:
                 if not self.store.resolve(key).replica:
                     raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
                                        f"{clip(key)!r} is a primary at {self.store.site_id!r}")
@@ -192,9 +284,11 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         """The schema of a dataset (descriptor command: its id or name). pyarrow attaches the
         server's traceback to any error raised here (unlike every other method), so a
         request that cannot be answered gets an empty schema whose metadata says why."""
+        who = caller_of(context)
+
         def schema() -> pa.Schema:
             key = _text(descriptor.command or b"", "descriptor") if descriptor.command is not None else ""
-            meta = self.store.resolve(key)
+            meta = self.store.resolve(key, who.tenant)
             return pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
 
         try:

@@ -1,7 +1,8 @@
 """The peer side of a pull (:meth:`~intertie_gateway.datasets.DatasetStore.pull` copies a
 dataset from the sites that hold it): a watchdog that cancels a stream on which nothing
-arrives, since a peer that hangs sends no error, and the check of a holder's answer about
-the dataset (its name and row count), which is network data like the batches.
+arrives, since a peer that hangs sends no error, the check of a holder's answer about the
+dataset (its name, row count and owner), which is network data like the batches, and whose
+the replica is here.
 """
 
 from __future__ import annotations
@@ -46,17 +47,30 @@ class Watchdog:
                 self._last = time.monotonic()
 
 
-def peer_meta(body: bytes, dataset_id: str) -> tuple[str, int]:
-    """(name, rows) from a holder's answer to ``get``; anything else is invalid data."""
+def peer_meta(body: bytes, dataset_id: str) -> tuple[str, int, str]:
+    """(name, rows, owner) from a holder's answer to ``get``; anything else is invalid data."""
     try:
         meta = json.loads(body)
     except (ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict) or meta.get("id") != dataset_id or not isinstance(meta.get("num_rows"), int) \
-            or meta["num_rows"] < 0:
+            or meta["num_rows"] < 0 or not isinstance(meta.get("owner", ""), str):
         raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "its metadata of the dataset is not valid")
     name = meta.get("name")
-    return (name if isinstance(name, str) and VALID_NAME.match(name) else dataset_id), meta["num_rows"]
+    return (name if isinstance(name, str) and VALID_NAME.match(name) else dataset_id), meta["num_rows"], \
+        meta.get("owner", "")
+
+
+def owner_here(owner: str, holder: str, here: str) -> str:
+    """The owner of a replica as this site names it. A site names its own tenants plainly and
+    another site's as ``tenant@site`` (as a forwarded task's tenant is named), so a tenant of
+    the holder becomes ``tenant@holder``, and this site's own tenant, named by the holder as
+    ``tenant@here``, becomes ``tenant`` again."""
+    if not owner:
+        return ""
+    if "@" not in owner:
+        return f"{owner}@{holder}"
+    return owner.removesuffix(f"@{here}")
 
 
 def quietly(call: Callable[[], object]) -> None:

@@ -92,25 +92,41 @@ def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
 def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
             inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
     """Runs one task. ``inputs``: dataset id -> a local path to memory-map, or
-    ``flight://HOST:PORT`` of the site's dataset endpoint. ``stored``: (that endpoint, a
-    size threshold, whether the function is declared ``returns="dataset"``, the task id)
-    - a Table result over the threshold, or any result of such a function, is stored at
-    the site and the task returns its DatasetRef."""
+    ``flight://`` and the site's dataset endpoint (see :func:`_flight`). ``stored``: (that
+    endpoint, a size threshold, whether the function is declared ``returns="dataset"``, the
+    task id[, the task's tenant]) - a Table result over the threshold, or any result of such
+    a function, is stored at the site, owned by the task's tenant, and the task returns its
+    DatasetRef."""
     started = time.perf_counter()
     outcome = _execute(digest, args, name, batch, holder, inputs, stored)
     return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
 
 
-_flight_clients: dict[str, Any] = {}
+# Per address of the site's dataset endpoint: what it was told (address, roots, secret), a
+# client, and the call options that show the site's secret (workers call as the site itself).
+_flight_clients: dict[str, tuple[dict[str, str], Any, Any]] = {}
 
 
-def _flight(address: str) -> Any:
+def _flight(endpoint: str) -> tuple[Any, Any]:
+    """A client of the site's dataset endpoint and its call options. ``endpoint``: the JSON
+    of ``DataPlane.worker_endpoint`` (address, certificate to verify, secret), or a bare
+    address that was told in full before (a dataset argument read over Flight)."""
     import pyarrow.flight as flight
 
-    client = _flight_clients.get(address)
-    if client is None:
-        client = _flight_clients[address] = flight.FlightClient(f"grpc://{address}")
-    return client
+    from intertie_gateway.flight_service import SECRET_HEADER
+
+    access = json.loads(endpoint) if endpoint.startswith("{") else {"address": endpoint}
+    known = _flight_clients.get(access["address"])
+    if known is not None and (len(access) == 1 or known[0] == access):
+        return known[1], known[2]
+    if access.get("roots"):
+        client = flight.FlightClient(f"grpc+tls://{access['address']}", tls_root_certs=access["roots"].encode())
+    else:
+        client = flight.FlightClient(f"grpc://{access['address']}")
+    secret = access.get("secret", "")
+    options = flight.FlightCallOptions(headers=[(SECRET_HEADER.encode(), secret.encode())] if secret else [])
+    _flight_clients[access["address"]] = (access, client, options)
+    return client, options
 
 
 def _is_table(value: Any) -> bool:
@@ -122,13 +138,14 @@ class ResultNotATable(TypeError):
     pass
 
 
-def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[str, int, bool, str]) -> Any:
+def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[Any, ...]) -> Any:
     """The result with its (large, or declared) tables stored at the site as datasets."""
-    address, threshold, declared, task_id = stored
+    address, threshold, declared, task_id, *tenant = stored
 
     def keep(item: Any, index: int | None) -> Any:
         if _is_table(item) and (declared or (threshold and item.nbytes >= threshold)):
-            return _store(item, address, name, task_id and (task_id if index is None else f"{task_id}-{index}"))
+            return _store(item, address, name, task_id and (task_id if index is None else f"{task_id}-{index}"),
+                          tenant[0] if tenant else "")
         if declared:
             raise ResultNotATable(f"{name} is declared returns='dataset' but returned {type(item).__name__}, "
                                   f"not a pyarrow.Table")
@@ -139,7 +156,7 @@ def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[str, int, bo
     return keep(value, None)
 
 
-def _store(table: Any, address: str, name: str, dataset_id: str) -> Any:
+def _store(table: Any, address: str, name: str, dataset_id: str, owner: str) -> Any:
     import pyarrow as pa
     import pyarrow.flight as flight
 
@@ -152,8 +169,9 @@ def _store(table: Any, address: str, name: str, dataset_id: str) -> Any:
     # it rather than adding one): always for returns="dataset", and for fused tasks.
     dataset_id = re.sub(r"[^A-Za-z0-9._-]", "_", dataset_id) if dataset_id else uuid.uuid4().hex
     descriptor = flight.FlightDescriptor.for_command(
-        json.dumps({"name": f"{label}-{dataset_id[:12]}", "id": dataset_id}).encode())
-    writer, answers = _flight(address).do_put(descriptor, table.schema)
+        json.dumps({"name": f"{label}-{dataset_id[:12]}", "id": dataset_id, "owner": owner}).encode())
+    client, options = _flight(address)
+    writer, answers = client.do_put(descriptor, table.schema, options)
     with writer:
         writer.write_table(table, max_chunksize=STORE_BATCH_ROWS)
         writer.done_writing()
@@ -176,7 +194,8 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
             if location.startswith("flight://"):  # a store workers cannot open: ask the gateway
                 import pyarrow.flight as flight
 
-                reader = _flight(location[len("flight://"):]).do_get(flight.Ticket(ref.id.encode()))
+                client, options = _flight(location[len("flight://"):])
+                reader = client.do_get(flight.Ticket(ref.id.encode()), options)
                 cache[ref.id] = reader.read_all()
             else:
                 cache[ref.id] = pa.ipc.open_file(pa.memory_map(location)).read_all()

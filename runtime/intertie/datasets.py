@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import pyarrow.flight as flight
 
+    from intertie._rpc import Credentials
+
 logger = logging.getLogger(__name__)
 
 # Batches of this many rows when a table is uploaded (bounded memory per message).
@@ -74,7 +76,8 @@ def _translate(exc: Exception, what: str) -> errors.IntertieError:
     import pyarrow.flight as flight
 
     text = str(exc)
-    for kind, cls in (("ERROR_KIND_NOT_FOUND", errors.DatasetNotFoundError),
+    for kind, cls in (("ERROR_KIND_UNAUTHENTICATED", errors.AuthenticationError),
+                      ("ERROR_KIND_NOT_FOUND", errors.DatasetNotFoundError),
                       ("ERROR_KIND_INVALID_ARGUMENT", errors.InvalidRequestError),
                       ("ERROR_KIND_PAYLOAD_TOO_LARGE", errors.PayloadTooLargeError)):
         if kind in text:
@@ -139,22 +142,36 @@ def name_for(data: Any) -> str | None:
 
 
 class DatasetClient:
-    """Flight clients per site address, opened lazily."""
+    """Flight clients per site address, opened lazily, with the connection's credentials:
+    TLS verified with its CA, and its token in every call."""
 
-    def __init__(self, resolve: Callable[[str | None], tuple[str, str]]) -> None:
-        self._resolve = resolve  # site id (None: home) -> (site id, flight address)
-        self._clients: dict[str, flight.FlightClient] = {}
-
-    def _client(self, site: str | None) -> tuple[str, flight.FlightClient]:
+    def __init__(self, resolve: Callable[[str | None], tuple[str, str]],
+                 credentials: Credentials | None = None) -> None:
         import pyarrow.flight as flight
 
+        from intertie._rpc import Credentials  # not at the top: workers import this module, without grpc
+
+        self._resolve = resolve  # site id (None: home) -> (site id, flight address)
+        self._credentials = credentials or Credentials()
+        self._clients: dict[str, flight.FlightClient] = {}
+        self._options = flight.FlightCallOptions(headers=[
+            (k.encode(), v.encode()) for k, v in self._credentials.metadata()])
+
+    def _open(self, address: str) -> flight.FlightClient:
+        import pyarrow.flight as flight
+
+        client = self._clients.get(address)
+        if client is None:
+            ca = self._credentials.tls_ca
+            client = self._clients[address] = (flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=ca)
+                                               if ca is not None else flight.FlightClient(f"grpc://{address}"))
+        return client
+
+    def _client(self, site: str | None) -> tuple[str, flight.FlightClient]:
         site_id, address = self._resolve(site)
         if not address:
             raise errors.SiteUnavailableError(f"site {site_id!r} serves no datasets")
-        client = self._clients.get(address)
-        if client is None:
-            client = self._clients[address] = flight.FlightClient(f"grpc://{address}")
-        return site_id, client
+        return site_id, self._open(address)
 
     def put(self, data: Any, name: str | None, site: str | None,
             progress: Callable[[int, int], None] | None = None, *, replace: bool = False) -> DatasetRef:
@@ -166,7 +183,7 @@ class DatasetClient:
         descriptor = flight.FlightDescriptor.for_command(
             json.dumps({"name": name or "", "replace": replace}).encode())
         try:
-            writer, metadata = client.do_put(descriptor, reader.schema)
+            writer, metadata = client.do_put(descriptor, reader.schema, self._options)
             rows = sent = 0
             with writer:
                 for batch in reader:
@@ -191,7 +208,7 @@ class DatasetClient:
         key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
         site_id, client = self._client(where)
         try:
-            reader = client.do_get(flight.Ticket(key.encode()))
+            reader = client.do_get(flight.Ticket(key.encode()), self._options)
             batches = []
             rows = got = 0
             for chunk in reader:
@@ -209,7 +226,8 @@ class DatasetClient:
 
         site_id, client = self._client(site)
         try:
-            return [DatasetRef.from_json(info.descriptor.command) for info in client.list_flights()]
+            return [DatasetRef.from_json(info.descriptor.command)
+                    for info in client.list_flights(options=self._options)]
         except flight.FlightError as exc:
             raise _translate(exc, f"listing datasets at site {site_id}") from None
 
@@ -221,11 +239,9 @@ class DatasetClient:
 
         out: builtins.list[DatasetRef] = []
         for site_id, address in sites:
-            client = self._clients.get(address)
-            if client is None:
-                client = self._clients[address] = flight.FlightClient(f"grpc://{address}")
             try:
-                out.extend(DatasetRef.from_json(info.descriptor.command) for info in client.list_flights())
+                out.extend(DatasetRef.from_json(info.descriptor.command)
+                           for info in self._open(address).list_flights(options=self._options))
             except flight.FlightError as exc:
                 error = _translate(exc, f"listing datasets at site {site_id}")
                 if not isinstance(error, errors.SiteUnavailableError):
@@ -239,7 +255,7 @@ class DatasetClient:
         key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
         site_id, client = self._client(where)
         try:
-            results: Iterator[Any] = client.do_action(flight.Action(kind, key.encode()))
+            results: Iterator[Any] = client.do_action(flight.Action(kind, key.encode()), self._options)
             return DatasetRef.from_json(next(iter(results)).body.to_pybytes())
         except flight.FlightError as exc:
             raise _translate(exc, f"{kind} of dataset {key!r} at site {site_id}") from None

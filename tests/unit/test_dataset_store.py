@@ -17,6 +17,8 @@ import pytest
 from intertie_gateway.datasets import DatasetError, DatasetStore
 from intertie_gateway.flight_service import FlightService
 
+SECRET = "the-site-s-own"
+
 
 def table(rows: int, start: int = 0) -> pa.Table:
     return pa.table({"v": pa.array(range(start, start + rows), pa.int64())})
@@ -29,7 +31,7 @@ def batches(t: pa.Table, rows: int = 1000) -> pa.RecordBatchReader:
 @pytest.fixture
 def holder(tmp_path: Path) -> Iterator[tuple[DatasetStore, str]]:
     store = DatasetStore(str(tmp_path / "holder"), "holder")
-    server = FlightService("grpc://127.0.0.1:0", store)
+    server = FlightService("grpc://127.0.0.1:0", store, secret=SECRET)
     try:
         yield store, f"127.0.0.1:{server.port}"
     finally:
@@ -137,11 +139,13 @@ def test_a_worker_stores_a_result_under_its_task_id(holder: tuple[DatasetStore, 
     from intertie_gateway import worker
 
     store, address = holder
-    ref = worker._store(table(100), address, "jobs.<locals>.clean", "batch:7")
-    again = worker._store(table(50), address, "jobs.<locals>.clean", "batch:7")  # a rerun replaces it
+    endpoint = json.dumps({"address": address, "roots": "", "secret": SECRET})
+    ref = worker._store(table(100), endpoint, "jobs.<locals>.clean", "batch:7", "acme")
+    again = worker._store(table(50), endpoint, "jobs.<locals>.clean", "batch:7", "acme")  # a rerun replaces it
     assert ref.id == again.id == "batch_7" and ref.name == "clean-batch_7" and ref.site == "holder"
     assert store.ids() == ["batch_7"] and store.open("batch_7")[1].read_all().equals(table(50))
-    assert worker._store(table(10), address, "f", "").id != worker._store(table(10), address, "f", "").id
+    assert store.resolve("batch_7").owner == "acme"  # the task's tenant: told by the site, through Ray
+    assert worker._store(table(10), address, "f", "", "").id != worker._store(table(10), address, "f", "", "").id
 
 
 class HangingService(FlightService):
@@ -372,3 +376,133 @@ def test_a_file_put_without_a_name_is_named_after_the_file() -> None:
     assert name_for(Path("/data/events.csv.gz")) == "events"
     assert name_for("/data/partitioned/") == "partitioned"
     assert name_for(table(1)) is None
+
+
+def test_a_tenant_sees_only_its_own_datasets_and_another_s_is_answered_like_an_unknown_one(tmp_path: Path) -> None:
+    store = DatasetStore(str(tmp_path / "s"), "s")
+    mine = store.write("sales", batches(table(10)), owner="acme")
+    theirs = store.write("sales", batches(table(20)), owner="bolt")  # names are unique per tenant
+    assert [m.id for m in store.listing("acme")] == [mine.id] and len(store.listing()) == 2
+    assert store.resolve("sales", "acme").id == mine.id and store.resolve("sales", "bolt").id == theirs.id
+    for call in (lambda k: store.resolve(k, "acme"), lambda k: store.open(k, "acme"),
+                 lambda k: store.delete(k, "acme")):
+        with pytest.raises(DatasetError) as other:
+            call(theirs.id)
+        with pytest.raises(DatasetError) as unknown:
+            call("f" * len(theirs.id))
+        assert other.value.kind == unknown.value.kind == "ERROR_KIND_NOT_FOUND"
+        assert str(other.value).replace(theirs.id, "ID") == str(unknown.value).replace("f" * len(theirs.id), "ID")
+    assert store.ids() == [mine.id, theirs.id]  # nothing of bolt's was deleted
+    with pytest.raises(DatasetError, match="already has a dataset named 'sales'"):
+        store.write("sales", batches(table(1)), owner="acme")
+    assert store.write("sales", batches(table(3)), owner="acme", replace=True).num_rows == 3
+    assert store.resolve("sales", "bolt").id == theirs.id  # acme's replace left bolt's alone
+
+
+def test_a_store_from_before_owners_opens_with_its_datasets_owned_by_no_tenant(tmp_path: Path) -> None:
+    store = DatasetStore(str(tmp_path / "s"), "s")
+    meta = store.write("old", batches(table(4)))
+    path = tmp_path / "s" / f"{meta.id}.json"
+    raw = json.loads(path.read_text())
+    del raw["owner"]  # as written by the previous release
+    path.write_text(json.dumps(raw))
+    reopened = DatasetStore(str(tmp_path / "s"), "s")
+    assert reopened.resolve("old").owner == "" and reopened.listing("acme") == []
+    assert [m.id for m in reopened.listing("")] == [meta.id]
+
+
+def test_a_replica_s_owner_is_named_as_this_site_names_tenants() -> None:
+    from intertie_gateway.pulls import owner_here
+
+    assert owner_here("acme", "beta", "alpha") == "acme@beta"  # a tenant of the holder
+    assert owner_here("acme@alpha", "beta", "alpha") == "acme"  # this site's own tenant, back home
+    assert owner_here("acme@gamma", "beta", "alpha") == "acme@gamma"
+    assert owner_here("", "beta", "alpha") == ""
+
+
+@pytest.fixture
+def tenants(tmp_path: Path) -> Iterator[tuple[DatasetStore, str, dict[str, str]]]:
+    """A Flight endpoint with token auth and TLS; tokens of tenants acme and bolt."""
+    from intertie_gateway.certs import create_ca, create_site
+    from intertie_gateway.tokens import TokenStore
+
+    tokens = TokenStore(tmp_path / "tokens.json")
+    issued = {tenant: tokens.create(tenant)[1] for tenant in ("acme", "bolt")}
+    ca = create_ca(tmp_path / "certs")
+    site = create_site(ca, tmp_path / "certs", "s", ["127.0.0.1"])
+    store = DatasetStore(str(tmp_path / "s"), "s")
+    server = FlightService("grpc+tls://127.0.0.1:0", store, secret=SECRET, tokens=tokens,
+                           tls_certificates=[(site.cert.read_bytes(), site.key.read_bytes())])
+    try:
+        yield store, f"127.0.0.1:{server.port}", {**issued, "ca": ca.cert.read_text()}
+    finally:
+        server.shutdown()
+
+
+def _sdk(address: str, token: str | None, ca: str) -> object:
+    from intertie._rpc import Credentials
+    from intertie.datasets import DatasetClient
+
+    return DatasetClient(lambda site: ("s", address), Credentials(token, ca.encode()))
+
+
+def test_flight_refuses_a_missing_or_wrong_token_in_one_line_that_never_repeats_it(
+        tenants: tuple[DatasetStore, str, dict[str, str]]) -> None:
+    import intertie
+
+    store, address, issued = tenants
+    kept = store.write("kept", batches(table(5)), owner="acme")
+    wrong = issued["acme"][:-4] + "AAAA"
+    for token in (None, wrong, "itk_not-a-token"):
+        client = _sdk(address, token, issued["ca"])
+        for call in (lambda c: c.list(), lambda c: c.get(kept.id), lambda c: c.put(table(3), "x", None),  # type: ignore[attr-defined]
+                     lambda c: c.action("delete", kept.id)):  # type: ignore[attr-defined]
+            with pytest.raises(intertie.AuthenticationError) as refused:
+                call(client)
+            text = str(refused.value)
+            assert "\n" not in text and "not authenticated" in text and (token is None or token not in text), text
+    assert store.ids() == [kept.id]
+
+
+def test_over_flight_tenant_b_gets_the_same_answer_for_a_s_dataset_as_for_an_unknown_one(
+        tenants: tuple[DatasetStore, str, dict[str, str]]) -> None:
+    import intertie
+
+    store, address, issued = tenants
+    acme, bolt = _sdk(address, issued["acme"], issued["ca"]), _sdk(address, issued["bolt"], issued["ca"])
+    ref = acme.put(table(100), "private", None)  # type: ignore[attr-defined]
+    assert store.resolve(ref.id).owner == "acme" and acme.get(ref.id).equals(table(100))  # type: ignore[attr-defined]
+    assert bolt.list() == [] and [r.id for r in acme.list()] == [ref.id]  # type: ignore[attr-defined]
+    unknown = "0" * len(ref.id)
+    for call in (lambda k: bolt.get(k), lambda k: bolt.action("get", k),  # type: ignore[attr-defined]
+                 lambda k: bolt.action("delete", k)):  # type: ignore[attr-defined]
+        answers = []
+        for key in (ref.id, unknown, "private"):
+            with pytest.raises(intertie.DatasetNotFoundError) as err:
+                call(key)
+            answers.append(str(err.value).replace(key, "KEY"))
+        assert answers[0] == answers[1] == answers[2], answers
+    assert bolt.put(table(7), "private", None).num_rows == 7  # type: ignore[attr-defined]  # its own name space
+    assert store.resolve(ref.id).num_rows == 100  # acme's is untouched
+    # Only the site itself says which id or owner a dataset gets.
+    client = flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=issued["ca"].encode())
+    options = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {issued['bolt']}".encode())])
+    for command in ({"name": "x", "id": ref.id}, {"name": "x", "owner": "acme"}):
+        writer, _ = client.do_put(flight.FlightDescriptor.for_command(json.dumps(command).encode()),
+                                  table(1).schema, options)
+        with pytest.raises(flight.FlightError, match="set by the site"):
+            with writer:
+                writer.write_table(table(1))
+                writer.done_writing()
+    client.close()
+    assert store.resolve(ref.id).num_rows == 100 and store.resolve(ref.id).owner == "acme"
+
+
+def test_a_plaintext_client_cannot_talk_to_a_tls_flight_endpoint(
+        tenants: tuple[DatasetStore, str, dict[str, str]]) -> None:
+    _, address, issued = tenants
+    client = flight.FlightClient(f"grpc://{address}")
+    with pytest.raises(flight.FlightUnavailableError):
+        list(client.list_flights(options=flight.FlightCallOptions(
+            timeout=10, headers=[(b"authorization", f"Bearer {issued['acme']}".encode())])))
+    client.close()
