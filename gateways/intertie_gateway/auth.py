@@ -22,11 +22,11 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from intertie_gateway.tenancy import ANONYMOUS, Caller
 from intertie_gateway.throttle import log_throttled
 from intertie_gateway.tokens import MAX_TOKEN_CHARS, TokenError, TokenStore
 from intertie_gateway.transport import peer_site
@@ -43,16 +43,6 @@ FAILURE_WINDOW_S = 60.0
 MAX_SOURCES = 10_000
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """``tenant``: the tenant calling ("" anonymous, with auth none); ``peer``: the site id a
-    peer proved with its certificate (then ``tenant`` is "")."""
-
-    tenant: str = ""
-    peer: str = ""
-
-
-ANONYMOUS = Caller()
 _caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("intertie_caller", default=ANONYMOUS)
 
 

@@ -39,7 +39,7 @@ def spec_from_proto(spec: tasks_pb2.TaskSpec, home: str | None = None) -> TaskSp
         resources=resources, constraints=constraints, max_retries=spec.max_retries, timeout_s=spec.timeout_s,
         batch=spec.batch, python_version=spec.python_version, home=spec.home if home is None else home,
         inputs=tuple(DatasetInput(i.id, i.site, i.num_bytes) for i in spec.inputs) if spec.inputs else (),
-        returns_dataset=spec.returns_dataset)
+        returns_dataset=spec.returns_dataset, tenant=spec.tenant)
 
 
 def spec_from_journal(blob: bytes, args: bytes | None) -> TaskSpec:
@@ -52,11 +52,12 @@ def spec_from_journal(blob: bytes, args: bytes | None) -> TaskSpec:
 
 
 def spec_to_proto(spec: TaskSpec, *, home: str = "") -> tasks_pb2.TaskSpec:
-    """The wire spec to forward (``home`` is set by the receiving peer from the link)."""
+    """The wire spec to forward (``home`` is set by the receiving peer from the link; the
+    tenant is the home's name of it, which the peer qualifies with the home)."""
     out = tasks_pb2.TaskSpec(task_id=spec.task_id, function_digest=spec.function_digest, args=spec.args,
                              max_retries=spec.max_retries, timeout_s=spec.timeout_s, batch=spec.batch,
                              python_version=spec.python_version, name=spec.name, home=home,
-                             returns_dataset=spec.returns_dataset)
+                             returns_dataset=spec.returns_dataset, tenant=spec.tenant)
     if spec.resources is not NO_RESOURCES:  # fields set in place: no message built to be copied in
         res, wire = spec.resources, out.resources
         wire.cpus, wire.gpus, wire.memory_bytes = res.cpus, res.gpus, res.memory_bytes

@@ -17,6 +17,7 @@ from intertie_gateway.book import Task, TaskBook
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import TERMINAL, Journal, TaskRow
 from intertie_gateway.sessions import SessionHub
+from intertie_gateway.tenancy import TENANT, foreign
 from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,14 @@ class Intake:
         self._spawn = spawn
         self._known_functions = journal.function_digests()
 
-    async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "") -> list[tasks_pb2.TaskAck]:
+    async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "",
+                     tenant: str = "") -> list[tasks_pb2.TaskAck]:
         """Validates, journals and queues a batch; one ack per task, in order.
 
         ``peer``: the site whose verified link the batch came on ("" for a client). Only
-        there is ``home`` honoured, and it is the link's site whatever the spec says."""
+        there are ``home`` and ``tenant`` honoured: the home is the link's site whatever the
+        spec says, and the tenant is the home's, named "tenant@home" here. ``tenant``: the
+        calling client's tenant (from its token), written into each of its tasks."""
         now = self.book.now()
         limit = self.config.max_payload_bytes
         bad_functions: dict[str, common_pb2.Error] = {}
@@ -82,10 +86,16 @@ class Intake:
             error = None
             if peer:
                 spec.home = peer
-            elif spec.home:
+                if spec.tenant and not TENANT.match(spec.tenant):
+                    error = common_pb2.Error(kind=K.ERROR_KIND_INVALID_ARGUMENT, message=(
+                        f"task {clip(spec.task_id)}: tenant {clip(spec.tenant)!r} is not a tenant's name"))
+                spec.tenant = foreign(spec.tenant, peer)
+            elif spec.home or spec.tenant:
                 error = common_pb2.Error(kind=K.ERROR_KIND_INVALID_ARGUMENT, message=(
-                    f"task {clip(spec.task_id)}: home is set by the gateway a task was forwarded from, not by a "
-                    "client"))
+                    f"task {clip(spec.task_id)}: {'home' if spec.home else 'tenant'} is set by the gateway (from the "
+                    "caller's credentials), not by a client"))
+            else:
+                spec.tenant = tenant
             federated = self.book.federated and not spec.home
             if error is None:
                 error = check_spec(spec, max_payload_bytes=limit, python_version="" if federated else self.python,
@@ -111,6 +121,9 @@ class Intake:
                 continue
             seen.add(spec.task_id)
             live = self.book.get(spec.task_id)
+            if live is not None and (live.spec.tenant, live.spec.home) != (spec.tenant, spec.home):
+                acks[-1] = tasks_pb2.TaskAck(task_id=spec.task_id, accepted=False, error=_id_taken(spec.task_id))
+                continue
             if live is not None:  # a resubmission of a task in flight: idempotent
                 live.add_session(request.session_id)
                 continue
@@ -126,48 +139,64 @@ class Intake:
             # One step that cancelling the caller (its stream closed, its deadline passed) does
             # not split: tasks journaled but not registered would be acknowledged on a resend
             # (found journaled) and never run.
-            await asyncio.shield(self._spawn(self._accept_off_loop(request.session_id, new_functions, accepted,
-                                                                   rows, now)))
+            taken = await asyncio.shield(self._spawn(self._accept_off_loop(request.session_id, new_functions,
+                                                                           accepted, rows, now)))
         else:
-            self._register(request.session_id, new_functions, accepted,
-                           self.journal.accept(new_functions, rows, now))
+            taken = self._register(request.session_id, new_functions, accepted,
+                                   self.journal.accept(new_functions, rows, now))
+        if taken:
+            acks = [tasks_pb2.TaskAck(task_id=a.task_id, accepted=False, error=_id_taken(a.task_id))
+                    if a.accepted and a.task_id in taken else a for a in acks]
         return acks
 
     async def _accept_off_loop(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
-                               accepted: list[Task], rows: list[tuple[str, bytes, bytes]], now: float) -> None:
+                               accepted: list[Task], rows: list[tuple[str, bytes, bytes]], now: float) -> set[str]:
         existed = await asyncio.get_running_loop().run_in_executor(None, self.journal.accept, new_functions, rows,
                                                                    now)
-        self._register(session_id, new_functions, accepted, existed)
+        return self._register(session_id, new_functions, accepted, existed)
 
     def _register(self, session_id: str, new_functions: list[tuple[str, str, bytes]], accepted: list[Task],
-                  existed: set[str]) -> None:
-        """Journaled: from here on the tasks survive a crash, and may be acknowledged."""
+                  existed: set[str]) -> set[str]:
+        """Journaled: from here on the tasks survive a crash, and may be acknowledged. Returns
+        the ids that turned out to be another owner's (refused, saying nothing of that task)."""
+        taken: set[str] = set()
         for digest, _, _ in new_functions:
             self._known_functions.add(digest)  # its bytes are read back from the journal when needed
-        journaled_before: list[str] = []
+        journaled_before: list[Task] = []
         for task in accepted:
             live = self.book.get(task.task_id)
+            if live is not None and (live.spec.tenant, live.spec.home) != (task.spec.tenant, task.spec.home):
+                taken.add(task.task_id)
+                continue
             if live is not None:  # a concurrent submit of the same task registered it meanwhile
                 live.add_session(session_id)
                 continue
             if task.task_id in existed:
-                journaled_before.append(task.task_id)
+                journaled_before.append(task)
                 continue
             task.add_session(session_id)
             self.book.admit(task)
         if journaled_before:
-            self._rejoin(session_id, journaled_before)
+            taken |= self._rejoin(session_id, journaled_before)
         self._pump()
+        return taken
 
-    def _rejoin(self, session_id: str, task_ids: list[str]) -> None:
+    def _rejoin(self, session_id: str, tasks: list[Task]) -> set[str]:
         """Resubmitted tasks that were journaled before and are not in memory: a finished one is
         answered from the journal; an unfinished one (its first submit journaled it but never
-        registered it) is put back as at a restart."""
+        registered it) is put back as at a restart. Returns the ids journaled for another
+        owner: refused (the row is not theirs to read)."""
+        taken: set[str] = set()
         self._commit()
-        rows = self.journal.get_many(task_ids)
-        for task_id in task_ids:
+        rows = self.journal.get_many([t.task_id for t in tasks])
+        for task in tasks:
+            task_id = task.task_id
             row = rows.get(task_id)
             if row is None:
+                continue
+            journaled = tasks_pb2.TaskSpec.FromString(row.spec)
+            if (journaled.tenant, journaled.home) != (task.spec.tenant, task.spec.home):
+                taken.add(task_id)
                 continue
             if row.state in TERMINAL:
                 self.hub.push({session_id}, convert.event_from_row(row.task_id, row.state, row.site, row.attempts,
@@ -175,3 +204,10 @@ class Intake:
             elif not self.book.changes:  # unless the commit failed: then the row may be stale
                 logger.warning("task %s: journaled but not queued; restoring it", task_id)
                 self._restore(row, "lost before it started").add_session(session_id)
+        return taken
+
+
+def _id_taken(task_id: str) -> common_pb2.Error:
+    """A task id already used by another tenant (or peer): refused, saying nothing of that task."""
+    return common_pb2.Error(kind=K.ERROR_KIND_INVALID_ARGUMENT, message=(
+        f"task {clip(task_id)}: this id is taken; submit with a new id (the SDK makes a random one per task)"))

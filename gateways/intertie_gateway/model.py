@@ -169,6 +169,7 @@ class TaskSpec:
     home: str = ""  # the site that forwarded it here ("": a client's task, this site is its home)
     inputs: tuple[DatasetInput, ...] = ()
     returns_dataset: bool = False
+    tenant: str = ""  # whose task: a tenant of this site, or "tenant@home" for a forwarded one
 
     def ray_request(self) -> dict[str, float]:
         """The resources in Ray's names; zero entries dropped."""

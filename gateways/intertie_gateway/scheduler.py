@@ -36,6 +36,7 @@ from intertie_gateway.ports import Federation, PeerListener, PeerPort
 from intertie_gateway.queries import Queries
 from intertie_gateway.runner import RayRunner
 from intertie_gateway.sessions import SessionHub
+from intertie_gateway.tenancy import Caller
 from intertie_gateway.transfers import Transfers
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ class Scheduler:
         """The home ``home`` lists every unfinished task it has here (see
         ``Federate.confirm``). Returns (listed ids unknown here, how many were dropped)."""
         dropped = self.federate.confirm(home, listed, self.dispatch.stop_run)
-        unknown = self.queries.subscribe(session_id, listed)
+        unknown = self.queries.subscribe(session_id, listed, Caller(peer=home))
         self._commit_and_pump()
         return unknown, dropped
 

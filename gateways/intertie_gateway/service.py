@@ -163,7 +163,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                      context: grpc.aio.ServicerContext) -> tasks_pb2.SubmitResponse:
         if self._scheduler.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
-        acks = await self._scheduler.intake.submit(request)
+        who = caller()
+        request.session_id = self._session_key(request.session_id)
+        acks = await self._scheduler.intake.submit(request, tenant=who.tenant)
         return tasks_pb2.SubmitResponse(acks=acks)
 
     async def Watch(self, request: tasks_pb2.WatchRequest,
@@ -171,7 +173,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if not 0 < len(request.session_id) <= MAX_SESSION_ID_CHARS:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"Watch needs a session_id of 1-{MAX_SESSION_ID_CHARS} characters")
-        session = self._hub.open(request.session_id, request.progress)
+        session = self._hub.open(self._session_key(request.session_id), request.progress)
         try:
             yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
             while not session.closed:
@@ -202,7 +204,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 code = grpc.StatusCode.PERMISSION_DENIED if verdict == "refused" else grpc.StatusCode.UNAVAILABLE
                 await _abort(context, code, "ERROR_KIND_INVALID_ARGUMENT",
                              f"site {self._scheduler.site_id!r} did not open a peer link: {why}")
-        session = self._hub.open(first.open.session_id, first.open.progress, peer)
+        session = self._hub.open(self._session_key(first.open.session_id), first.open.progress, peer)
         reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
         try:
             yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())  # the session is open
@@ -228,6 +230,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             reader.cancel()
             self._hub.close(session)
 
+    def _session_key(self, session_id: str) -> str:
+        """The session as the gateway files it: a tenant's session ids are its own, so another
+        tenant who learns one can neither take its stream over nor read its events."""
+        who = caller()
+        if who.peer:
+            return f"{who.peer}/{session_id}"
+        return f"{who.tenant}/{session_id}" if who.tenant else session_id
+
     def _link_site(self, claimed: str) -> tuple[str, str]:
         """(the peer site whose link this stream is, or "" for a tenant's session; why the
         stream is refused, or ""). A peer is who its certificate says; a claim without a
@@ -244,6 +254,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
     async def _read_batches(self, stream: AsyncIterator[Any], session: Session) -> None:
         """Submits each batch of a Connect stream in order; its ack goes back on the stream."""
+        who = caller()  # (this task was started by the call's own: it has the caller)
         try:
             async for message in stream:
                 kind = None if isinstance(message, Malformed) else message.WhichOneof("kind")
@@ -266,7 +277,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     continue
                 request = message.submit.request
                 request.session_id = session.session_id
-                acks = await self._scheduler.intake.submit(request, peer=session.peer)
+                acks = await self._scheduler.intake.submit(request, peer=session.peer, tenant=who.tenant)
                 session.push_reply(tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks)))
         except asyncio.CancelledError:
             raise
@@ -285,12 +296,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if len(request.task_ids) > MAX_IDS_PER_CALL:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
-        unknown = self._scheduler.queries.subscribe(request.session_id, list(request.task_ids))
+        unknown = self._scheduler.queries.subscribe(self._session_key(request.session_id), list(request.task_ids),
+                                                    caller())
         return tasks_pb2.SubscribeResponse(unknown_task_ids=unknown)
 
     async def GetTask(self, request: tasks_pb2.GetTaskRequest,
                       context: grpc.aio.ServicerContext) -> tasks_pb2.TaskInfo:
-        info = self._scheduler.queries.info(request.task_id)
+        info = self._scheduler.queries.info(request.task_id, caller())
         if info is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, "ERROR_KIND_NOT_FOUND",
                          f"site {self._scheduler.site_id!r} knows no task {clip(request.task_id)!r}")
@@ -302,7 +314,15 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if len(request.task_ids) > MAX_IDS_PER_CALL:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
-        return tasks_pb2.CancelResponse(cancelled=self._scheduler.cancel(list(request.task_ids)))
+        who = caller()
+        ids = self._scheduler.queries.visible(list(request.task_ids), who)
+        if request.all_mine:
+            if self._scheduler.config.auth != "token" or who.peer:
+                await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "ERROR_KIND_INVALID_ARGUMENT",
+                             f"site {self._scheduler.site_id!r} runs without token auth: its tasks belong to no "
+                             "tenant, so there are none that are yours to cancel all at once; cancel by task id")
+            ids += self._scheduler.queries.owned(who.tenant)
+        return tasks_pb2.CancelResponse(cancelled=self._scheduler.cancel(list(dict.fromkeys(ids))))
 
     async def Quote(self, request: tasks_pb2.QuoteRequest,
                     context: grpc.aio.ServicerContext) -> tasks_pb2.Placement:

@@ -24,10 +24,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from intertie_gateway.tenancy import TENANT
+
 PREFIX = "itk_"
 # Longest token accepted for checking; anything longer is refused unread (a real one is ~60).
 MAX_TOKEN_CHARS = 256
-TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _TOKEN = re.compile(r"^itk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 # The file is looked at again at most this often (revocations reach a running gateway).
 RELOAD_EVERY_S = 1.0

@@ -122,6 +122,13 @@ def cmd_task(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-d
 
 
 def cmd_cancel(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    if args.all_mine:
+        mine = fed.cancel_all(tenant=True)
+        for task_id in mine:
+            print(f"{task_id}  cancelled")
+        print(f"cancelled {len(mine)} unfinished task(s) of your tenant at {fed.address}", file=sys.stderr)
+        if not args.task_ids:
+            return 0
     task_ids = list(dict.fromkeys(args.task_ids))  # once each, in the order given
     cancelled = set(fed.cancel(task_ids))
     failed = 0
@@ -249,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", parents=[address], help="cancel queued or running tasks by id")
     cancel.add_argument("task_ids", nargs="*", metavar="TASK_ID")
     cancel.add_argument("--all-mine", action="store_true",
-                        help="every task you submitted (not available yet: needs tenant identities)")
+                        help="every unfinished task of your tenant whose home is this gateway, whichever "
+                             "client submitted it (a gateway with token auth)")
     datasets = sub.add_parser("datasets", parents=[address], help="datasets of the federation: ls, put, get, rm")
     dsub = datasets.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action in ("ls", "put", "get", "rm"):
@@ -287,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "cancel":
-        if args.all_mine:
-            print("intertie cancel: --all-mine is not available yet: a new intertie process has no identity "
-                  "that ties it to the tasks another client submitted (it comes with tenants and tokens); "
-                  "cancel by TASK_ID instead", file=sys.stderr)
-            return 2
-        if not args.task_ids:
+        if not args.task_ids and not args.all_mine:
             parser.error("cancel: give one or more TASK_IDs")
     if args.command == "quote":
         args.options = _quote_options(args)

@@ -232,11 +232,27 @@ class Federation:
         return cancelled
 
     @_rpc.translated
-    def cancel_all(self) -> list[str]:
+    def cancel_all(self, *, tenant: bool = False) -> list[str]:
         """Cancels every unfinished task this client submitted, queued or running (tasks it
         only follows through :meth:`future` are left alone); returns their ids. Their futures
-        end cancelled."""
-        return self._cancel_futures(self._session.owned(), timeout=30)
+        end cancelled.
+
+        ``tenant=True``: also every other unfinished task of this client's tenant whose home
+        is this gateway, whichever client or program submitted it (a gateway with token auth:
+        elsewhere tasks belong to no tenant and this raises InvalidRequestError)."""
+        cancelled = self._cancel_futures(self._session.owned(), timeout=30)
+        if tenant:
+            try:
+                resp = self._tasks.Cancel(tasks_pb2.CancelRequest(all_mine=True), timeout=30)
+            except grpc.RpcError as exc:
+                raise _rpc.translate(exc, self.address) from None
+            cancelled += [i for i in resp.cancelled if i not in set(cancelled)]
+            for task_id in resp.cancelled:
+                future = self._session.future_of(task_id)
+                if future is not None:
+                    self._session.forget(task_id)
+                    future._set_cancelled()
+        return cancelled
 
     def _cancel_futures(self, futures: Sequence[TaskFuture], timeout: float) -> list[str]:
         """Cancels these tasks of this client: those not yet sent are taken back, the rest

@@ -372,6 +372,7 @@ class TaskInfo(Tabled):
     placements: tuple[PlacementInfo, ...] = ()
     home: str = ""
     error_type: str = ""  # the class of the exception the function raised (module.qualname)
+    tenant: str = ""  # whose task, as the answering site names it ("" without token auth)
 
     @property
     def placement(self) -> PlacementInfo | None:
@@ -440,4 +441,5 @@ class TaskInfo(Tabled):
                    history=tuple(AttemptInfo(a.attempt, a.site, a.started_at, a.ended_at, a.outcome)
                                  for a in msg.history),
                    placements=tuple(PlacementInfo.from_proto(p) for p in msg.placements), home=msg.home,
+                   tenant=msg.tenant,
                    error_type=msg.error.exception_type if msg.HasField("error") else "")

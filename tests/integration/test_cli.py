@@ -123,7 +123,7 @@ def test_cancel_by_id(fed: intertie.Federation, gateway) -> None:  # type: ignor
     assert out.returncode == 0 and out.stdout == f"{queued.task_id}  cancelled\n", out.stderr
 
 
-def test_cancel_all_mine_is_refused_until_clients_have_identities(gateway) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_all_mine_is_refused_where_tasks_belong_to_no_tenant(gateway) -> None:  # type: ignore[no-untyped-def]
     out = _cli("cancel", "--all-mine", "--address", gateway.address)
-    assert out.returncode == 2 and out.stdout == ""
-    assert "--all-mine is not available yet" in out.stderr and "TASK_ID" in out.stderr
+    assert out.returncode == 1 and out.stdout == ""
+    assert "without token auth" in out.stderr and "cancel by task id" in out.stderr and "Traceback" not in out.stderr

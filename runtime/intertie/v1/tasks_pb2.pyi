@@ -308,10 +308,12 @@ class QuoteRequest(_message.Message):
     def __init__(self, task: _Optional[_Union[TaskSpec, _Mapping]] = ..., args_bytes: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "all_mine")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    ALL_MINE_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    all_mine: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., all_mine: _Optional[bool] = ...) -> None: ...
 
 class CancelResponse(_message.Message):
     __slots__ = ("cancelled",)

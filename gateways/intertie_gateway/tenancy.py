@@ -1,0 +1,45 @@
+"""Tenants at a site: who is calling, whose a task is, and who may see it. Pure.
+
+A site's own tenants are named by its tokens ("acme"). A task a peer forwarded here belongs
+to that peer's tenant, known here as "tenant@home" ("acme@alpha"): the peer vouches for the
+tenant, the certificate for the peer. With ``auth = "none"`` there is one anonymous tenant
+("") and no isolation, as on a trusted network.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# A tenant's name, as tokens carry it.
+TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# How a forwarded task's tenant is written here when its home had no authentication.
+ANONYMOUS_NAME = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """``tenant``: the tenant calling ("" anonymous, with auth none); ``peer``: the site id a
+    peer proved with its certificate, or whose link was verified (then ``tenant`` is "")."""
+
+    tenant: str = ""
+    peer: str = ""
+
+
+ANONYMOUS = Caller()
+
+
+def foreign(tenant: str, home: str) -> str:
+    """How this site names the tenant of a task forwarded by ``home``."""
+    return f"{tenant or ANONYMOUS_NAME}@{home}"
+
+
+def may_see(tenant: str, home: str, who: Caller, *, isolated: bool) -> bool:
+    """Whether ``who`` may see (read, follow, cancel) a task or dataset of ``tenant`` whose
+    home is ``home`` ("": this site). A peer sees what it forwarded here; a tenant what it
+    submitted here. Not isolated (auth none): everyone sees everything, as before tenants."""
+    if who.peer:
+        return home == who.peer
+    if not isolated:
+        return True
+    return not home and tenant == who.tenant

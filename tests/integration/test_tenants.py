@@ -1,0 +1,108 @@
+"""Tenants of one site (token auth): each sees, follows, cancels and reuses only its own tasks;
+another tenant's ids behave exactly like unknown ones."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+import intertie
+from intertie._rpc import BearerToken
+from intertie.embedded import EmbeddedGateway
+from intertie.serialization import pickle_function
+from intertie.spec import python_version
+from intertie.v1 import tasks_pb2, tasks_pb2_grpc
+
+# A task is RUNNING at its site within this long of being submitted to an idle site.
+STARTS_S = 60.0
+
+
+def sleeps(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def double(x: int) -> int:
+    return 2 * x
+
+
+def token_for(tenant: str, state_dir: Path) -> str:
+    made = subprocess.run([sys.executable, "-m", "intertie_gateway", "token", "create", "--tenant", tenant,
+                           "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60, check=True)
+    return made.stdout.strip().splitlines()[-1]
+
+
+@dataclass
+class Site:
+    address: str
+    acme: str
+    globex: str
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    state = tmp_path_factory.mktemp("tenants")
+    tokens = token_for("acme", state), token_for("globex", state)
+    gateway = EmbeddedGateway(num_cpus=2, site_id="tenants", state_dir=state,
+                              extra_args=["--auth", "token", "--object-store-memory", str(100 << 20)])
+    try:
+        yield Site(gateway.address, *tokens)
+    finally:
+        gateway.stop()
+
+
+def _unknown_message(fed: intertie.Federation, task_id: str) -> str:
+    with pytest.raises(intertie.TaskNotFoundError) as err:
+        fed.task(task_id)
+    return str(err.value).replace(task_id, "ID")
+
+
+def test_a_tenant_cannot_see_follow_cancel_or_take_over_another_tenants_task(site: Site) -> None:
+    with intertie.connect(site.address, token=site.acme) as acme, \
+            intertie.connect(site.address, token=site.globex) as globex:
+        done = acme.submit(double, 21)
+        assert done.result(timeout=60) == 42
+        running = acme.submit(sleeps, 300)
+        deadline = time.monotonic() + STARTS_S
+        while not running.running():
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+        info = acme.task(running.task_id)
+        assert info.tenant == "acme" and acme.task(done.task_id).tenant == "acme"
+        unknown = _unknown_message(globex, "f" * 32)
+        for task_id in (done.task_id, running.task_id):  # finished (journal) and live (book)
+            assert _unknown_message(globex, task_id) == unknown
+            assert globex.cancel([task_id]) == []
+            with pytest.raises(intertie.TaskNotFoundError):
+                globex.future(task_id).result(timeout=30)
+        assert globex.cancel_all(tenant=True) == []
+        assert acme.task(running.task_id).state == "RUNNING"
+        # The same id from another tenant is refused, saying nothing of the task behind it.
+        channel = grpc.intercept_channel(grpc.insecure_channel(site.address), BearerToken(site.globex))
+        with channel:
+            stub = tasks_pb2_grpc.TaskServiceStub(channel)
+            digest = pickle_function(double).digest  # a function the site knows
+            for task_id in (done.task_id, running.task_id):
+                ack = stub.Submit(tasks_pb2.SubmitRequest(session_id="globex-s", tasks=[tasks_pb2.TaskSpec(
+                    task_id=task_id, function_digest=digest, python_version=python_version())]), timeout=30).acks[0]
+                assert not ack.accepted and "this id is taken" in ack.error.message, ack
+            forged = stub.Submit(tasks_pb2.SubmitRequest(session_id="globex-s", tasks=[tasks_pb2.TaskSpec(
+                task_id="forged-tenant", function_digest="0" * 64, tenant="acme")]), timeout=30).acks[0]
+            assert not forged.accepted and "tenant is set by the gateway" in forged.error.message
+        assert acme.task(running.task_id).state == "RUNNING"
+        # acme's other program (here: the CLI) cancels every unfinished task of acme's.
+        out = subprocess.run([sys.executable, "-m", "intertie", "--address", site.address, "cancel", "--all-mine"],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "INTERTIE_TOKEN": site.acme, "INTERTIE_ADDRESS": ""})
+        assert out.returncode == 0 and out.stdout == f"{running.task_id}  cancelled\n", out.stderr
+        with pytest.raises(concurrent.futures.CancelledError):  # as for any task cancelled at its site
+            running.result(timeout=30)
