@@ -18,6 +18,11 @@ The site itself (this gateway, and its Ray workers) shows a secret made at each 
 start; the child gets it, with the site's certificate and key, on its stdin (never in its
 arguments or environment). With a certificate the endpoint serves TLS (``grpc+tls://``), and
 every client of the site verifies it with the federation CA, or the certificate itself.
+
+With the federation CA, the child serves peers on a second endpoint with mutual TLS
+(:class:`~intertie_gateway.flight_service.PeerFlightService`; a Flight server, like a gRPC
+one, either requires a client certificate of every caller or never asks for one), and
+pulls from peers and tells them of deleted originals with the site's certificate.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
-from intertie_gateway.flight_service import SECRET_HEADER, FlightService, caller_of
+from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, caller_of
 from intertie_gateway.tokens import TokenStore
 from intertie_gateway.transport import Transport
 
@@ -116,6 +121,7 @@ class DataPlane:
         self._state_dir = state_dir
         self._host = host
         self._port = port
+        self._peer_port = 0  # the peers' endpoint (mutual TLS), kept across restarts like the other
         self._args = ["--quota", str(quota_bytes), "--replica-cache", str(replica_cache_bytes),
                       "--max-rate", str(max_rate), *(["--tokens", str(tokens)] if tokens is not None else [])]
         self._peers = peers
@@ -143,6 +149,12 @@ class DataPlane:
         return f"{self._host}:{self._port}"
 
     @property
+    def peer_address(self) -> str:
+        """Where peers read this site's datasets over mutual TLS ("": a plaintext federation,
+        whose peers read at ``address``)."""
+        return f"{self._host}:{self._peer_port}" if self._transport.mutual else ""
+
+    @property
     def worker_endpoint(self) -> str:
         """What the site's Ray workers need to reach this endpoint as the site itself: its
         address, the certificate to verify it with, and the secret (handed to workers by the
@@ -152,8 +164,9 @@ class DataPlane:
     def _start(self) -> None:
         ready = self._state_dir / "dataplane.port"
         ready.unlink(missing_ok=True)
+        peers = ["--peer-listen", f"{self._host}:{self._peer_port}"] if self._transport.mutual else []
         cmd = [sys.executable, "-m", "intertie_gateway.dataplane", "--url", self.url, "--site-id", self.site_id,
-               "--listen", f"{self._host}:{self._port}", "--ready-file", str(ready),
+               "--listen", f"{self._host}:{self._port}", *peers, "--ready-file", str(ready),
                "--parent-pid", str(os.getpid()), "--log-level", logging.getLevelName(logger.getEffectiveLevel()),
                *self._args]
         # Its log lines go where the gateway's go: one log per site for the operator.
@@ -169,7 +182,7 @@ class DataPlane:
                 self._process.kill()
                 raise OSError(f"the data plane of site {self.site_id!r} did not start (its log lines are above)")
             time.sleep(0.02)
-        self._port = int(ready.read_text())
+        self._port, self._peer_port = (int(p) for p in ready.read_text().split())
         client = connect(self.address, _roots(self._transport))
         with self._lock:
             old, self._client = self._client, client
@@ -327,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", required=True)
     parser.add_argument("--site-id", required=True)
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--peer-listen", default="")
     parser.add_argument("--ready-file", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--quota", type=int, default=0)
@@ -346,20 +360,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     transport = Transport(given["cert"].encode(), given["key"].encode(), given["ca"].encode())
     tls: dict[str, Any] = {"tls_certificates": [(transport.cert, transport.key)]} if transport.tls else {}
-    store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache)
+
+    def peer(address: str) -> flight.FlightClient:
+        """A client of a peer's endpoint: mutual TLS with the site's certificate in a federation with a CA."""
+        if not transport.mutual:
+            return flight.FlightClient(f"grpc://{address}")
+        return connect(address, transport.ca, cert_chain=transport.cert, private_key=transport.key)
+
+    store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache,
+                         connect=peer)
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None
     server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
-                              max_rate=args.max_rate, secret=given["secret"], tokens=tokens, **tls)
+                              max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer, **tls)
+    servers: list[FlightService] = [server]
+    if args.peer_listen:
+        servers.append(PeerFlightService(f"grpc+tls://{args.peer_listen}", store, max_rate=args.max_rate,
+                                         verify_client=True, root_certificates=transport.ca, **tls))
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")
-    tmp.write_text(str(server.port))
+    tmp.write_text(f"{server.port} {servers[-1].port if args.peer_listen else 0}")
     os.replace(tmp, ready)
 
     def watch_parent() -> None:  # stops with the gateway, however that ends
         while os.getppid() == args.parent_pid:
             time.sleep(1.0)
         store.close()
-        server.shutdown()
+        for each in servers:
+            each.shutdown()
 
     threading.Thread(target=watch_parent, daemon=True).start()
     try:

@@ -78,8 +78,11 @@ class DatasetMeta:
 class DatasetStore:
     """Arrow IPC datasets under an fsspec URL (a local folder, ``memory://``, object stores)."""
 
-    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0, replica_cache_bytes: int = 0) -> None:
+    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0, replica_cache_bytes: int = 0,
+                 connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}")) -> None:
+        """``connect``: a Flight client of a peer's address (mutual TLS in a federation with a CA)."""
         self.fs, self.root = fsspec.core.url_to_fs(url)
+        self._connect = connect
         self.url = url
         self.site_id = site_id
         self.quota_bytes = quota_bytes
@@ -217,7 +220,7 @@ class DatasetStore:
                     if site in refused:
                         continue
                     asked += 1
-                    client = flight.FlightClient(f"grpc://{address}")
+                    client = self._connect(address)
                     try:
                         if expected is None:
                             info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))), None)

@@ -297,6 +297,25 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
             return flight.SchemaResult(pa.schema([], metadata={"intertie-error": clip(str(exc), 1000)}))
 
 
+class PeerFlightService(FlightService):
+    """The peers' endpoint (mutual TLS: the handshake admits only certificates of the
+    federation CA). Peers read datasets (for the tasks they run) and drop their replicas of a
+    deleted original; they neither store nor delete anything else here."""
+
+    PEER_ACTIONS = ("get", "delete-replica")
+
+    def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
+        raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: peers do not store datasets here")
+
+    def do_action(self, context: Any, action: flight.Action) -> Any:
+        if action.type not in self.PEER_ACTIONS:
+            raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: unknown action {clip(action.type)!r}")
+        return super().do_action(context, action)
+
+    def list_actions(self, context: Any) -> list[tuple[str, str]]:
+        return [(kind, text) for kind, text in super().list_actions(context) if kind in self.PEER_ACTIONS]
+
+
 # The largest ticket, descriptor or action body read (ids and names are 128 characters).
 MAX_REQUEST_BYTES = 4096
 

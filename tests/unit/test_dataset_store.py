@@ -506,3 +506,50 @@ def test_a_plaintext_client_cannot_talk_to_a_tls_flight_endpoint(
         list(client.list_flights(options=flight.FlightCallOptions(
             timeout=10, headers=[(b"authorization", f"Bearer {issued['acme']}".encode())])))
     client.close()
+
+
+def test_the_peers_endpoint_takes_only_certificates_of_the_federation_ca_and_peers_only_read(tmp_path: Path) -> None:
+    from intertie_gateway.certs import create_ca, create_site
+    from intertie_gateway.dataplane import connect
+    from intertie_gateway.flight_service import PeerFlightService
+
+    ca = create_ca(tmp_path / "fed")
+    alpha, beta = (create_site(ca, tmp_path / "fed", s, ["127.0.0.1"]) for s in ("alpha", "beta"))
+    outsider_ca = create_ca(tmp_path / "outsider")
+    outsider = create_site(outsider_ca, tmp_path / "outsider", "beta", ["127.0.0.1"])
+    store = DatasetStore(str(tmp_path / "alpha"), "alpha")
+    original = store.write("shared", batches(table(50)), owner="acme")
+    server = PeerFlightService("grpc+tls://127.0.0.1:0", store, verify_client=True,
+                               root_certificates=ca.cert.read_bytes(),
+                               tls_certificates=[(alpha.cert.read_bytes(), alpha.key.read_bytes())])
+    address = f"127.0.0.1:{server.port}"
+
+    def client(issued: object | None) -> flight.FlightClient:
+        mine = {} if issued is None else {"cert_chain": issued.cert.read_bytes(),  # type: ignore[attr-defined]
+                                          "private_key": issued.key.read_bytes()}  # type: ignore[attr-defined]
+        return connect(address, ca.cert.read_bytes(), **mine)
+
+    try:
+        for refused in (client(None), client(outsider)):  # a tenant's client, a certificate of another CA
+            with pytest.raises(flight.FlightUnavailableError):
+                list(refused.list_flights(options=flight.FlightCallOptions(timeout=10)))
+            refused.close()
+        peer = client(beta)
+        assert [json.loads(i.descriptor.command)["id"] for i in peer.list_flights()] == [original.id]
+        assert peer.do_get(flight.Ticket(original.id.encode())).read_all().equals(table(50))
+        with pytest.raises(flight.FlightError, match="unknown action 'delete'"):
+            list(peer.do_action(flight.Action("delete", original.id.encode())))
+        writer, _ = peer.do_put(flight.FlightDescriptor.for_command(b'{"name": "x"}'), table(1).schema)
+        with pytest.raises(flight.FlightError, match="peers do not store datasets here"):
+            with writer:
+                writer.write_table(table(1))
+                writer.done_writing()
+        peer.close()
+        # A pull with the site's certificate gets a replica, owned by the holder's tenant as named here.
+        here = DatasetStore(str(tmp_path / "beta"), "beta", connect=lambda a: connect(
+            a, ca.cert.read_bytes(), cert_chain=beta.cert.read_bytes(), private_key=beta.key.read_bytes()))
+        replica = here.pull(original.id, lambda: [("alpha", address)], timeout_s=5)
+        assert (replica.origin, replica.owner, replica.num_rows) == ("alpha", "acme@alpha", 50)
+        assert store.ids() == [original.id]
+    finally:
+        server.shutdown()
