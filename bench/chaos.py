@@ -262,7 +262,7 @@ class ProxiedFederation:
                 name = str(profile["site_id"])
                 labels: dict[str, str] = dict(profile.get("labels", {}))  # type: ignore[call-overload]
                 extra = ["--heartbeat", str(heartbeat_s), "--object-store-memory", str(128 << 20),
-                         "--region", labels.get("region", "local")]
+                         "--region", labels.get("region", "local"), "--auth", "none"]  # plaintext links via proxies
                 for key, value in labels.items():
                     extra += ["--label", f"{key}={value}"]
                 if profile.get("resources"):
@@ -301,7 +301,8 @@ def proxied_federation(args: argparse.Namespace) -> Iterator[ProxiedFederation]:
 
 
 def connect_home(local: LocalFederation | ProxiedFederation, address: str | None = None) -> intertie.Federation:
-    fed = intertie.connect(address or local.site("alpha").address)
+    alpha = local.site("alpha")
+    fed = intertie.connect(address or alpha.address, token=alpha.token, tls_ca=alpha.tls_ca)
     try:
         wait_until(lambda: state_of(fed, "beta") == state_of(fed, "gamma") == "up", "the three sites never came up",
                    timeout=120)

@@ -69,7 +69,7 @@ def logged_pull_s(local: LocalFederation, site: str, dataset_id: str) -> float:
 
 def migration(args: argparse.Namespace) -> None:
     with LocalFederation(3, extra_args=SITE_ARGS) as local, \
-            intertie.connect(local.site("alpha").address) as fed:
+            intertie.connect(local.site("alpha")) as fed:
         time.sleep(2)
         table = table_of(args.mb)
         ref = fed.put_dataset(table, site="beta")
@@ -115,7 +115,7 @@ def migration(args: argparse.Namespace) -> None:
 def locality(args: argparse.Namespace, aware: bool) -> tuple[float, int, dict[str, int], int]:
     estimate = args.link_rate if aware else 1e15
     extra = [*SITE_ARGS, "--flight-max-rate", str(args.link_rate), "--default-bandwidth", str(estimate)]
-    with LocalFederation(3, extra_args=extra) as local, intertie.connect(local.site("alpha").address) as fed:
+    with LocalFederation(3, extra_args=extra) as local, intertie.connect(local.site("alpha")) as fed:
         time.sleep(2)
         refs = [fed.put_dataset(table_of(args.set_mb, seed=i), name=f"set-{i}", site=site)
                 for i, site in enumerate(["alpha", "alpha", "beta", "beta", "gamma", "gamma"])]

@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     with LocalFederation(3) as local:
         time.sleep(2)
-        with intertie.connect(local.site("alpha").address) as fed:
+        with intertie.connect(local.site("alpha")) as fed:
             here = round_trips(fed, "alpha", args.tasks)
             there = round_trips(fed, "beta", args.tasks)
             one_site, _ = makespan(fed, args.burst, args.task_ms, "alpha")

@@ -135,5 +135,5 @@ if __name__ == "__main__":
         print("starting a local federation of 3 sites (each with its own Ray)...")
         with LocalFederation(3) as local:
             time.sleep(1.5)  # a few heartbeats, so every site has seen its peers
-            with intertie.connect(local.addresses[0]) as fed:
+            with intertie.connect(local) as fed:
                 main(fed, local)

@@ -26,8 +26,12 @@ class GatewayProcess:
 
     def __init__(self, state_dir: Path, *args: str, site_id: str = "test", num_cpus: int = 2) -> None:
         self.state_dir = state_dir
+        # These sites test what a site does, not who may call it (test_auth, test_tenants and
+        # test_tls do, as do the embedded site and the local federation, secure by default):
+        # they run without auth unless a test says otherwise.
+        auth = [] if "--auth" in args else ["--auth", "none"]
         self.args = ["--listen", "127.0.0.1:0", "--state-dir", str(state_dir), "--site-id", site_id,
-                     "--num-cpus", str(num_cpus), "--object-store-memory", str(OBJECT_STORE_BYTES), *args]
+                     "--num-cpus", str(num_cpus), "--object-store-memory", str(OBJECT_STORE_BYTES), *auth, *args]
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
         self.log_path = state_dir / "gateway-test.log"

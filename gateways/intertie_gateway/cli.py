@@ -84,7 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
     run.add_argument("--auth", choices=("none", "token"),
-                     help="'token': callers need a tenant's token (intertie-gateway token create); default none")
+                     help="'token' (the default): callers need a tenant's token (intertie-gateway token create); "
+                          "'none': anyone who reaches the port may run code here (a trusted network only)")
+    run.add_argument("--bootstrap-token", metavar="FILE",
+                     help="at start, write a token of tenant 'local' to FILE (0600) for the program that starts "
+                          "the gateway (intertie.connect(), intertie-gateway local); kept across restarts")
     run.add_argument("--tls-cert", metavar="PEM", help="this site's certificate: serve gRPC and Flight over TLS")
     run.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     run.add_argument("--tls-ca", metavar="PEM",
@@ -153,7 +157,10 @@ def run_local(args: argparse.Namespace) -> int:
     with LocalFederation(args.sites, base_dir=args.state_dir, heartbeat_s=args.heartbeat) as fed:
         for gateway in fed.gateways:
             print(f"{gateway.site_id:10} {gateway.address}   (state {gateway.state_dir})", flush=True)
-        print(f"\nexport INTERTIE_ADDRESS={fed.addresses[0]}", flush=True)
+        first = fed.gateways[0]
+        print(f"\nexport INTERTIE_ADDRESS={first.address}", flush=True)
+        print(f"export INTERTIE_TOKEN={first.token}   # tenant 'local' of site {first.site_id}", flush=True)
+        print(f"export INTERTIE_TLS_CA={fed.tls_ca}", flush=True)
         print("Ctrl-C stops every site.", flush=True)
         stop.wait()
         print("stopping...", flush=True)
@@ -225,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.bootstrap_token:
+        if config.auth != "token":
+            print("intertie-gateway: configuration error: --bootstrap-token is for --auth token", file=sys.stderr)
+            return 2
+        from pathlib import Path
+
+        from intertie_gateway.tokens import TokenStore
+
+        TokenStore(config.state_path / "tokens.json").bootstrap("local", Path(args.bootstrap_token))
     from intertie_gateway.ray_attach import RayConnectError
     from intertie_gateway.server import serve
 

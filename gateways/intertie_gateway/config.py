@@ -55,10 +55,11 @@ class GatewayConfig:
     # fsync every journal commit (power-loss safe). Off, a commit still survives a killed
     # gateway process (SQLite WAL with synchronous=NORMAL), at a fraction of the cost.
     fsync: bool = False
-    # Who may call: "none" (anyone who reaches the port) or "token" (a tenant's bearer token
-    # from `intertie-gateway token create`, checked once per call). With peers, "token" needs
-    # mutual TLS between them (tls_ca and peer_listen): a peer is known by its certificate.
-    auth: str = "none"
+    # Who may call: "token" (a tenant's bearer token from `intertie-gateway token create`,
+    # checked once per call) or "none" (anyone who reaches the port: a trusted network only).
+    # With peers, "token" needs mutual TLS between them (tls_ca and peer_listen): a peer is
+    # known by its certificate.
+    auth: str = "token"
     # TLS: this site's certificate chain and key (PEM files, e.g. from `intertie-gateway certs
     # create`), for its gRPC and Flight endpoints. Clients then connect with the CA that signed
     # it (connect(tls_ca=...), INTERTIE_TLS_CA, --tls-ca). Unset: plaintext.

@@ -138,6 +138,7 @@ class Queries:
             movable=len(self.dispatch.movable()), mean_run_s=capacity.mean_run_s or 0.0,
             accelerators=sorted(k.split(":", 1)[1] for k in capacity.total if k.startswith("accelerator_type:")),
             last_seen=time.time(), flight_address=self.flight_address,
+            peer_flight_address=self.store.peer_address if self.store is not None else "",
             datasets=self.store.ids() if self.store is not None else [])
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:

@@ -16,7 +16,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
 import threading
@@ -24,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from intertie_gateway.files import write_private
 from intertie_gateway.tenancy import TENANT
 
 PREFIX = "itk_"
@@ -78,6 +78,20 @@ class TokenStore:
             self._records[token_id] = record
             self._save_locked()
         return record, f"{PREFIX}{token_id}_{secret}"
+
+    def bootstrap(self, tenant: str, path: Path) -> str:
+        """A token for ``tenant`` in the file ``path`` (0600), for the program that started
+        this gateway (``intertie.connect()``, ``intertie-gateway local``): the one already
+        there if this store still takes it, else a new one."""
+        try:
+            token = path.read_text().strip()
+            if self.check(token) == tenant:
+                return token
+        except (OSError, TokenError):
+            pass
+        _, token = self.create(tenant)
+        write_private(path, token.encode() + b"\n")
+        return token
 
     def records(self) -> list[TokenRecord]:
         with self._lock:
@@ -142,12 +156,7 @@ class TokenStore:
         self._seen = seen
 
     def _save_locked(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
         body = json.dumps({"tokens": [asdict(r) for r in self._records.values()]}, indent=1)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(body)
-        os.replace(tmp, self.path)  # readers see the old file or the new one, never half
+        write_private(self.path, body.encode())
         stat = self.path.stat()
         self._seen = (stat.st_mtime_ns, stat.st_size)

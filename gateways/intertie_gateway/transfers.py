@@ -52,11 +52,6 @@ class Transfers:
         # starving the journal's (the loop's default executor).
         self._pool = ThreadPoolExecutor(MAX_TRANSFERS, thread_name_prefix="intertie-pull")
 
-    @property
-    def flight_address(self) -> str:
-        """This site's dataset endpoint (the data plane keeps its port across restarts)."""
-        return self.store.address if self.store is not None else ""
-
     def inputs_for(self, task: Task) -> dict[str, str] | None:
         """Where the worker reads each dataset argument (a local path it memory-maps, or
         ``flight://HOST:PORT`` of this site's endpoint); None while some are fetched from
@@ -69,10 +64,10 @@ class Transfers:
         remote_workers = self.slots.capacity.spans_nodes
         for item in task.spec.inputs:
             where = self.store.location(item.id) if self.store is not None else None
-            if where is None:
+            if where is None or self.store is None:
                 missing.append(item)
             else:
-                paths[item.id] = f"flight://{self.flight_address}" if remote_workers or not where else where
+                paths[item.id] = f"flight://{self.store.worker_endpoint}" if remote_workers or not where else where
         if not missing:
             return paths
         self.book.move(task, Phase.FETCHING)
@@ -81,14 +76,15 @@ class Transfers:
 
     def sources(self, dataset_id: str, holder: str) -> list[tuple[str, str]]:
         """(site, Flight address) of the up peers that hold a dataset: the site its ref
-        names first, then those that list a replica (read from Flight threads too)."""
-        found = [(s.site_id != holder, s.site_id, s.flight_address) for s in self._up_statuses()
-                 if s.flight_address and (s.site_id == holder or dataset_id in s.datasets)]
+        names first, then those that list a replica (read from Flight threads too). Peers
+        read at each other's peers' endpoint (mutual TLS) where there is one."""
+        found = [(s.site_id != holder, s.site_id, s.peer_flight_address or s.flight_address)
+                 for s in self._up_statuses() if s.flight_address and (s.site_id == holder or dataset_id in s.datasets)]
         return [(site, address) for _, site, address in sorted(found)]
 
     def peer_flight_addresses(self) -> list[str]:
         """The dataset endpoints of the up peers: told when an original is deleted."""
-        return [s.flight_address for s in self._up_statuses() if s.flight_address]
+        return [s.peer_flight_address or s.flight_address for s in self._up_statuses() if s.flight_address]
 
     async def _fetch(self, task: Task, missing: list[DatasetInput]) -> None:
         try:

@@ -39,7 +39,7 @@ from intertie.spec import Resources, SiteStatus, TaskInfo, TaskOptions
 __version__ = "0.1.0"
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+def connect(address: str | Any | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
             state_dir: str | None = None, **kwargs: Any) -> Federation:
     """Connects to a gateway at ``address`` ("host:port"), which becomes the tasks' home.
 
@@ -48,9 +48,14 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     its last connection is closed or the program exits; connecting again while one is
     open (a re-run notebook cell) reuses it. An empty address is an error, as is a
     malformed one; a refused connection or an unknown host fails within seconds.
-    ``kwargs`` go to :class:`Federation`: ``connect_timeout``, ``unavailable_timeout``
-    (how long the home may be unreachable before waiting futures fail; default 30 s),
-    ``cancel_on_interrupt`` (Ctrl-C while waiting cancels the tasks waited for; default True).
+    ``kwargs`` go to :class:`Federation`: ``token`` (a tenant's token, for a gateway with
+    token auth; default ``INTERTIE_TOKEN``), ``tls_ca`` (the CA certificate of a gateway
+    serving TLS, a file or PEM bytes; default ``INTERTIE_TLS_CA``), ``connect_timeout``,
+    ``unavailable_timeout`` (how long the home may be unreachable before waiting futures
+    fail; default 30 s), ``cancel_on_interrupt`` (Ctrl-C while waiting cancels the tasks
+    waited for; default True). The embedded site makes a token for its program itself.
+    ``address`` may also be a site or a federation started with :mod:`intertie.embedded`
+    (its first site): its address, token and CA are used.
     """
     from intertie import client
 

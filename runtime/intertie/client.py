@@ -36,7 +36,7 @@ CANCEL_TIMEOUT_S = 10.0
 CANCEL_CHUNK = 10_000
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+def connect(address: str | Any | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
             state_dir: str | None = None, **kwargs: Any) -> Federation:
     """What :func:`intertie.connect` does: ``address``, else ``INTERTIE_ADDRESS``, else an
     embedded local site (reused while an earlier connection to it is open). An empty
@@ -49,12 +49,19 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
                     "INTERTIE_ADDRESS is set but empty: set it to the gateway's \"host:port\", or unset "
                     "it for an embedded local site")
             address = env
+    if address is not None and not isinstance(address, str) and hasattr(address, "address"):
+        # A local site or federation this program started (intertie.embedded): its address,
+        # token and CA, unless given.
+        kwargs.setdefault("token", address.token)
+        kwargs.setdefault("tls_ca", address.tls_ca)
+        address = address.address
     if address is not None:
         return Federation(address, **kwargs)
     from intertie import embedded
 
     gateway = embedded.acquire(num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir)
     try:
+        kwargs.setdefault("token", gateway.token)  # the embedded site's own tenant, "local"
         return Federation(gateway.address, on_close=gateway.release, **kwargs)
     except BaseException:
         gateway.release()
@@ -112,7 +119,7 @@ class Federation:
             raise
         self.site_id = status.site_id
         self.max_payload_bytes = status.max_payload_bytes or (100 << 20)
-        self._data = DatasetClient(self._flight_for)
+        self._data = DatasetClient(self._flight_for, self.credentials)
         self._py = python_version()
         self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout,
                                 credentials=self.credentials)

@@ -31,7 +31,8 @@ class EmbeddedGateway:
 
     def __init__(self, *, num_cpus: int | None = None, num_gpus: int | None = None,
                  state_dir: str | os.PathLike[str] | None = None, site_id: str = "local",
-                 extra_args: list[str] | None = None, listen: str = "127.0.0.1:0", wait: bool = True) -> None:
+                 extra_args: list[str] | None = None, listen: str = "127.0.0.1:0", wait: bool = True,
+                 tls_ca: Path | None = None) -> None:
         self._own_dir = state_dir is None
         self.state_dir = Path(state_dir) if state_dir else Path(tempfile.mkdtemp(prefix="intertie-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -44,6 +45,13 @@ class EmbeddedGateway:
         if num_gpus is not None:
             self._cmd += ["--num-gpus", str(num_gpus)]
         self._cmd += extra_args or []
+        # Token auth, as every gateway: the gateway writes a token of tenant "local" for this
+        # program at start (unless the caller chose the gateway's auth in extra_args).
+        self.token: str | None = None
+        self._token_file = None if "--auth" in self._cmd else self.state_dir / "client-token"
+        if self._token_file is not None:
+            self._cmd += ["--bootstrap-token", str(self._token_file)]
+        self.tls_ca = tls_ca  # the CA of its certificate, when it serves TLS
         self.log_path = self.state_dir / "gateway.log"
         self._log = open(self.log_path, "ab")
         self.process: subprocess.Popen[bytes] | None = None
@@ -78,6 +86,8 @@ class EmbeddedGateway:
                                            f"{timeout:.0f} s:\n{self._tail()}")
             time.sleep(0.05)
         self.address = address_file.read_text().strip()
+        if self._token_file is not None:  # written before the gateway serves
+            self.token = self._token_file.read_text().strip()
         logger.info("embedded gateway %s at %s (state %s)", self.site_id, self.address, self.state_dir)
         return self.address
 
@@ -171,6 +181,18 @@ LOCAL_SITES: tuple[dict[str, object], ...] = (
 )
 
 
+def _make_certs(directory: Path, site_ids: list[str]) -> Path:
+    """A CA and a certificate per site for loopback (``intertie-gateway certs create``, a
+    program: the SDK does not import the gateway); returns the CA's certificate."""
+    sites = [arg for site_id in site_ids for arg in ("--site", site_id)]
+    done = subprocess.run([sys.executable, "-m", "intertie_gateway", "certs", "create", "--dir", str(directory),
+                           *sites, "--host", "127.0.0.1", "--host", "localhost"],
+                          capture_output=True, text=True, timeout=START_TIMEOUT_S)
+    if done.returncode != 0:
+        raise SiteUnavailableError(f"could not make the local federation's certificates: {done.stderr.strip()}")
+    return directory / "ca.pem"
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (peers must know each other's address before start)."""
     import socket
@@ -193,22 +215,34 @@ class LocalFederation:
     ``intertie-gateway local --sites N`` runs one from the command line; tests and
     examples use it directly. Sites follow :data:`LOCAL_SITES` (cycled, with a suffix,
     beyond three).
+
+    ``secure`` (the default), as a federation between owners runs: a CA and a certificate
+    per site (``intertie-gateway certs create``), TLS towards tenants, mutual TLS between the
+    sites on their peers' endpoints, and token auth; :meth:`connect` hands out the site's
+    token and CA. ``secure=False``: plaintext and no auth, as on a trusted network.
     """
 
     def __init__(self, sites: int = 3, *, base_dir: str | os.PathLike[str] | None = None,
                  heartbeat_s: float = 0.5, object_store_memory: int = 128 << 20,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, secure: bool = True) -> None:
         if sites < 1:
             raise ValueError("a federation needs at least one site")
         self._own_dir = base_dir is None
         self.base_dir = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix="intertie-fed-"))
-        ports = free_ports(sites)
-        addresses = [f"127.0.0.1:{p}" for p in ports]
+        ids = [str(LOCAL_SITES[i % len(LOCAL_SITES)]["site_id"]) + (f"-{i // len(LOCAL_SITES)}"
+                                                                    if i >= len(LOCAL_SITES) else "")
+               for i in range(sites)]
+        ports = free_ports(2 * sites if secure else sites)
+        addresses = [f"127.0.0.1:{p}" for p in ports[:sites]]
+        # Where sites reach each other: the peers' endpoints (mutual TLS), or the one endpoint.
+        links = [f"127.0.0.1:{p}" for p in ports[sites:]] if secure else addresses
+        self.tls_ca: Path | None = None
+        if secure:
+            self.tls_ca = _make_certs(self.base_dir / "certs", ids)
         self.gateways: list[EmbeddedGateway] = []
         try:
-            for i in range(sites):
+            for i, site_id in enumerate(ids):
                 profile = dict(LOCAL_SITES[i % len(LOCAL_SITES)])
-                site_id = str(profile["site_id"]) + (f"-{i // len(LOCAL_SITES)}" if i >= len(LOCAL_SITES) else "")
                 labels = dict(profile.get("labels", {}))  # type: ignore[call-overload]
                 args = ["--heartbeat", str(heartbeat_s), "--object-store-memory", str(object_store_memory),
                         "--region", str(labels.get("region", "local"))]
@@ -218,20 +252,35 @@ class LocalFederation:
                     import json
 
                     args += ["--resources", json.dumps(profile["resources"])]
-                for j, peer in enumerate(addresses):
+                for j, peer in enumerate(links):
                     if j != i:
                         args += ["--peer", peer]
+                if secure:
+                    certs = self.base_dir / "certs"
+                    args += ["--tls-cert", str(certs / f"{site_id}.pem"), "--tls-key", str(certs / f"{site_id}.key"),
+                             "--tls-ca", str(self.tls_ca), "--peer-listen", links[i]]
+                else:
+                    args += ["--auth", "none"]
                 gpus = profile.get("num_gpus")
                 self.gateways.append(EmbeddedGateway(
                     num_cpus=int(profile["num_cpus"]),  # type: ignore[call-overload]
                     num_gpus=int(gpus) if gpus is not None else None,  # type: ignore[call-overload]
                     state_dir=self.base_dir / site_id, site_id=site_id, listen=addresses[i],
-                    extra_args=args + list(extra_args or []), wait=False))
+                    extra_args=args + list(extra_args or []), wait=False, tls_ca=self.tls_ca))
             for gateway in self.gateways:  # they start in parallel; Ray takes a while each
                 gateway.wait_ready()
         except BaseException:
             self.stop()
             raise
+
+    # What intertie.connect(local) reaches: the first site, as its tenant "local".
+    @property
+    def address(self) -> str:
+        return self.gateways[0].address
+
+    @property
+    def token(self) -> str | None:
+        return self.gateways[0].token
 
     @property
     def addresses(self) -> list[str]:

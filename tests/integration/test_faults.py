@@ -50,7 +50,8 @@ class Sites:
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     base = tmp_path_factory.mktemp("faults")
     alpha_port, beta_port = free_ports(2)
-    common = ["--heartbeat", str(HEARTBEAT_S), "--object-store-memory", str(128 << 20)]
+    # A plaintext federation (auth none): its links run through TCP proxies that cut and stall them.
+    common = ["--heartbeat", str(HEARTBEAT_S), "--object-store-memory", str(128 << 20), "--auth", "none"]
     gateways: list[EmbeddedGateway] = []
     with FaultProxy(f"127.0.0.1:{beta_port}", name="alpha->beta") as link:
         try:

@@ -37,14 +37,19 @@ def nap_square(x: int, seconds: float = 0.01) -> int:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    # Plaintext until datasets of other sites are read through the home (a tenant's token is
+    # its home's; test_tls runs a secure federation's tasks).
     with LocalFederation(3, base_dir=tmp_path_factory.mktemp("fed"), heartbeat_s=HEARTBEAT_S,
-                         extra_args=["--replica-cache", str(REPLICA_CACHE_BYTES)]) as local:
+                         extra_args=["--replica-cache", str(REPLICA_CACHE_BYTES)], secure=False) as local:
         yield local
 
 
 @pytest.fixture(scope="module")
 def home(federation: LocalFederation) -> Iterator[intertie.Federation]:
-    with intertie.connect(federation.site("alpha").address) as fed:
+    alpha = federation.site("alpha")
+    ALPHA_ENV.update(INTERTIE_ADDRESS=alpha.address, INTERTIE_TOKEN=alpha.token or "",
+                     INTERTIE_TLS_CA=str(federation.tls_ca or ""))
+    with intertie.connect(federation.site("alpha")) as fed:
         wait_for(lambda: sum(s.state == "up" for s in fed.sites()) == 3, "peers never came up")
         yield fed
 
@@ -56,9 +61,19 @@ def wait_for(condition, message: str, timeout: float = 60.0) -> None:  # type: i
         time.sleep(0.1)
 
 
-def cli(*args: str, address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "intertie", "--address", address, *args],
-                          capture_output=True, text=True, timeout=60)
+# What a program needs to use the federation through alpha as its tenant (set by ``home``).
+ALPHA_ENV: dict[str, str] = {}
+
+
+def as_alpha(home: intertie.Federation) -> dict[str, str]:
+    """The environment of a program that uses the federation through ``home`` (alpha)."""
+    assert ALPHA_ENV["INTERTIE_ADDRESS"] == home.address
+    return {**os.environ, **ALPHA_ENV}
+
+
+def cli(*args: str, home: intertie.Federation) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "intertie", *args], capture_output=True, text=True, timeout=60,
+                          env=as_alpha(home))
 
 
 def test_catalogue_shows_the_whole_federation(home: intertie.Federation, federation: LocalFederation) -> None:
@@ -69,7 +84,7 @@ def test_catalogue_shows_the_whole_federation(home: intertie.Federation, federat
     assert sites["beta"].resources_total["CPU"] == 4 and sites["beta"].labels["carbon"] == "250"
     assert all(s.state == "up" and s.python_version and s.arch for s in sites.values())
     assert sites["beta"].last_seen > time.time() - 30
-    out = cli("sites", address=home.address)
+    out = cli("sites", home=home)
     assert out.returncode == 0, out.stderr
     for name in ("urn:intertie:site:eu-north:alpha", "urn:intertie:site:eu-west:beta", "T4", "price=0.09"):
         assert name in out.stdout
@@ -122,7 +137,7 @@ def test_every_placement_is_explained(home: intertie.Federation) -> None:
     assert gpu.placement is not None
     assert dict(gpu.placement.rejected) == {"alpha": "needs GPU=1 but the site has GPU=0 in total",
                                             "beta": "needs GPU=1 but the site has GPU=0 in total"}
-    out = cli("explain", gpu.task_id, address=home.address)
+    out = cli("explain", gpu.task_id, home=home)
     assert out.returncode == 0, out.stderr
     assert "placed on gamma" in out.stdout and "beta: needs GPU=1" in out.stdout
 
@@ -137,13 +152,13 @@ def test_quote_ranks_sites_and_commits(home: intertie.Federation) -> None:
     assert [c.site for c in gpu_quote] == ["gamma"]
     fut = f.submit(6, quote=quote)
     assert fut.result(timeout=60) == 36 and fut.site == quote[0].site
-    out = cli("quote", "--gpus", "1", address=home.address)
+    out = cli("quote", "--gpus", "1", home=home)
     assert out.returncode == 0 and "would place on gamma" in out.stdout and "alpha: needs GPU=1" in out.stdout
 
 
 def test_federated_example_runs(home: intertie.Federation) -> None:
     out = subprocess.run([sys.executable, str(REPO / "examples" / "federated_map.py")], capture_output=True,
-                         text=True, timeout=240, env={**os.environ, "INTERTIE_ADDRESS": home.address})
+                         text=True, timeout=240, env=as_alpha(home))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ran on {'alpha'" in out.stdout and "'gamma'" in out.stdout
     assert "at gamma" in out.stdout  # the GPU task
@@ -239,7 +254,7 @@ def test_replicas_are_a_bounded_cache_and_deleting_the_original_drops_them(home:
 
 def test_datasets_example_runs(home: intertie.Federation) -> None:
     out = subprocess.run([sys.executable, str(REPO / "examples" / "datasets.py")], capture_output=True,
-                         text=True, timeout=240, env={**os.environ, "INTERTIE_ADDRESS": home.address})
+                         text=True, timeout=240, env=as_alpha(home))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "computed at beta (submitted to alpha)" in out.stdout
     assert "pinned to gamma: mean fare 14.750" in out.stdout
@@ -302,10 +317,12 @@ def test_idle_site_steals_queued_work(tmp_path: Path) -> None:
     common = ["--heartbeat", str(HEARTBEAT_S), "--object-store-memory", str(128 << 20)]
     gateways = [
         EmbeddedGateway(num_cpus=1, site_id="home", state_dir=tmp_path / "home", listen=f"127.0.0.1:{home_port}",
-                        extra_args=[*common, "--config", str(config), "--peer", f"127.0.0.1:{peer_port}"],
+                        extra_args=[*common, "--config", str(config), "--peer", f"127.0.0.1:{peer_port}", "--auth",
+                                    "none"],
                         wait=False),
         EmbeddedGateway(num_cpus=2, site_id="idle", state_dir=tmp_path / "idle", listen=f"127.0.0.1:{peer_port}",
-                        extra_args=[*common, "--label", "price=100", "--peer", f"127.0.0.1:{home_port}"],
+                        extra_args=[*common, "--label", "price=100", "--peer", f"127.0.0.1:{home_port}", "--auth",
+                                    "none"],
                         wait=False),
     ]
     try:
@@ -339,11 +356,11 @@ def test_datasets_are_listed_over_the_whole_federation_and_a_name_is_replaced_on
     assert {r.site for r in home.datasets(site="beta")} == {"beta"}
     pq.write_table(pa.table({"v": [4, 5, 6]}), tmp_path / "listed-everywhere.parquet")
     path = str(tmp_path / "listed-everywhere.parquet")
-    refused = cli("datasets", "put", path, "--site", "beta", address=home.address)
+    refused = cli("datasets", "put", path, "--site", "beta", home=home)
     assert refused.returncode != 0 and "already has a dataset named 'listed-everywhere'" in refused.stderr
-    replaced = cli("datasets", "put", path, "--site", "beta", "--replace", address=home.address)
+    replaced = cli("datasets", "put", path, "--site", "beta", "--replace", home=home)
     assert replaced.returncode == 0, replaced.stderr
     now = home.dataset("listed-everywhere", site="beta")
     assert now.num_rows == 3 and now.id != at_beta.id
-    listing = cli("datasets", "ls", address=home.address)
+    listing = cli("datasets", "ls", home=home)
     assert listing.returncode == 0 and "beta" in listing.stdout and "gamma" in listing.stdout

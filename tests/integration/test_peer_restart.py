@@ -45,7 +45,7 @@ def federation(tmp_path: Path) -> Iterator[LocalFederation]:
 def test_a_restarted_peer_never_reruns_what_its_home_moved_away(federation: LocalFederation, tmp_path: Path) -> None:
     runs = tmp_path / "runs.txt"
     beta = federation.site("beta")
-    with intertie.connect(federation.site("alpha").address) as home:
+    with intertie.connect(federation.site("alpha")) as home:
         wait_for(lambda: [s.state for s in home.sites()] == ["up"] * 3, "the peers never came up")
         f = intertie.remote(max_retries=3)(record)
         futures = [f.submit(i, str(runs), 0.3) for i in range(TASKS)]
@@ -67,7 +67,7 @@ def test_a_restarted_peer_never_reruns_what_its_home_moved_away(federation: Loca
         beta.launch()
         beta.wait_ready()
         wait_for(lambda: {s.site_id: s.state for s in home.sites()}["beta"] == "up", "beta never came back up")
-        with intertie.connect(beta.address) as at_beta:
+        with intertie.connect(beta) as at_beta:
             # Its link from alpha reopens and lists what alpha still has there (nothing): beta
             # drops every task it held since its restart, from its journal too.
             def known_at_beta(task_id: str) -> str:

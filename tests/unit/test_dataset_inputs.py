@@ -14,6 +14,8 @@ from intertie_gateway.transfers import Transfers
 
 class LocalStore:
     address = "10.0.0.5:7071"
+    # How workers reach the endpoint as the site (address, certificate, secret).
+    worker_endpoint = '{"address": "10.0.0.5:7071", "roots": "", "secret": "s"}'
 
     def location(self, dataset_id: str) -> str | None:
         return f"/var/lib/intertie/datasets/{dataset_id}.arrow"
@@ -36,4 +38,4 @@ def test_workers_on_the_gateway_s_machine_map_the_file() -> None:
 
 def test_workers_of_a_ray_with_several_nodes_read_over_flight() -> None:
     capacity = Capacity({"CPU": 3.0}, node_max={"CPU": 2.0})
-    assert inputs_for(capacity) == {"d1": "flight://10.0.0.5:7071"}
+    assert inputs_for(capacity) == {"d1": "flight://" + LocalStore.worker_endpoint}

@@ -26,6 +26,7 @@ from intertie_gateway.lifecycle import Phase, State
 from intertie_gateway.model import Started
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import SessionHub
+from intertie_gateway.tenancy import Caller
 
 PAYLOAD = b"pickled function"
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()
@@ -170,6 +171,9 @@ def forwarded(task_id: str, home: str = "h") -> tasks_pb2.TaskSpec:
     return s
 
 
+HOME_H = Caller(peer="h")  # the home "h" asking of the tasks it forwarded here
+
+
 def test_forwarded_tasks_recovered_after_a_restart_wait_for_their_home_to_confirm_them(journal: Journal) -> None:
     """A peer restarted on its journal must not rerun what its home moved elsewhere meanwhile."""
     specs = [forwarded("kept"), forwarded("moved"), forwarded("was-running"), forwarded("other", home="g"),
@@ -180,20 +184,20 @@ def test_forwarded_tasks_recovered_after_a_restart_wait_for_their_home_to_confir
     async def body(s: Scheduler, runner: FakeRunner) -> None:
         s.recover()
         assert [ids for ids, _ in runner.started] == [["mine"]]  # the home's own runs; forwarded ones wait
-        assert s.queries.info("moved").state == State.QUEUED  # type: ignore[union-attr]
+        assert s.queries.info("moved", HOME_H).state == State.QUEUED  # type: ignore[union-attr]
         session = s.hub.open("peer:h:secret", progress=False, peer="h")
         unknown, cancelled = s.reconcile("h", session.session_id, ["kept", "was-running", "never-here"])
         assert (unknown, cancelled) == (["never-here"], 1)
         assert sorted(ids[0] for ids, _ in runner.started[1:]) == ["kept", "was-running"]
         await until(lambda: not s.book.changes)
         # Dropped: no row left (a restart does not find it), no event (the home moved it).
-        assert journal.get("moved") is None and s.queries.info("moved") is None and not session.events
+        assert journal.get("moved") is None and s.queries.info("moved", HOME_H) is None and not session.events
         assert journal.get("was-running").attempts == 2  # type: ignore[union-attr]  # its first run was cut
-        assert s.queries.info("other").state == State.QUEUED  # type: ignore[union-attr]  # another home's: still held
+        assert s.queries.info("other", Caller(peer="g")).state == State.QUEUED  # type: ignore[union-attr]  # another home's: still held
         # A task of that home that runs here but is no longer listed was moved away too: stopped.
         running = [r for ids, r in runner.started if ids == ["was-running"]]
         assert s.reconcile("h", session.session_id, ["kept"]) == ([], 1)
-        assert runner.cancelled == running and s.queries.info("was-running") is None
+        assert runner.cancelled == running and s.queries.info("was-running", HOME_H) is None
         # The home may send it here again later (placed here anew): a new task here, run again.
         acks = await s.intake.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[forwarded("moved")]), peer="h")
         assert acks[0].accepted and [ids for ids, _ in runner.started][-1] == ["moved"]
