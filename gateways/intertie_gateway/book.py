@@ -14,11 +14,12 @@ Pure: no I/O, no clock of its own, no wire types.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from intertie_gateway.estimates import Estimates
+from intertie_gateway.fairshare import FairQueue
 from intertie_gateway.lifecycle import ACTIVE, Phase, check
 from intertie_gateway.model import (
     Change,
@@ -70,6 +71,10 @@ class Task:
         return self.phase.state
 
     @property
+    def tenant(self) -> str:
+        return self.spec.tenant
+
+    @property
     def home_here(self) -> bool:
         """Accepted from a client (not forwarded by a peer): this gateway places it."""
         return not self.spec.home
@@ -108,7 +113,9 @@ class TaskBook:
         self.tasks: dict[str, Task] = {}
         # Where each waiting phase is served. A task leaves them lazily: whoever takes from
         # one skips tasks no longer in its phase.
-        self.queue: deque[Task] = deque()  # QUEUED: to run here, in order
+        self.queue: FairQueue[Task] = FairQueue()  # QUEUED: to run here, in order per tenant
+        # Per tenant: its unfinished tasks here (quotas read it).
+        self.unfinished: Counter[str] = Counter()
         self.unplaced: list[Task] = []  # UNPLACED: to be placed on the next pump
         self.waiting: list[Task] = []  # WAITING_SITE: placed again on a heartbeat or a peer coming up
         # Journal changes not yet committed, and finishes told once they are.
@@ -128,7 +135,7 @@ class TaskBook:
         """Takes tasks that left QUEUED (handed to an idle peer) out of the queue at once, so
         that the queue's length, which placement reads, does not count them."""
         gone = {id(t) for t in tasks}
-        self.queue = deque(t for t in self.queue if id(t) not in gone)
+        self.queue.keep(lambda t: id(t) not in gone)
 
     def admit(self, task: Task) -> None:
         """An accepted task (journaled): placed by this home, or queued here."""
@@ -167,6 +174,7 @@ class TaskBook:
         task.phase = to
         if frm is Phase.NEW:
             self.tasks[task.task_id] = task
+            self.unfinished[task.spec.tenant] += 1
         if why:
             task.history.append({"attempt": task.attempts, "site": task.site, "started_at": task.started_at,
                                  "ended_at": now, "outcome": why})
@@ -229,6 +237,9 @@ class TaskBook:
     def _finished(self, task: Task, to: Phase, now: float, result: bytes | None, error: Failure | None,
                   run_s: float) -> None:
         self.tasks.pop(task.task_id, None)
+        self.unfinished[task.spec.tenant] -= 1
+        if self.unfinished[task.spec.tenant] <= 0:
+            del self.unfinished[task.spec.tenant]
         ran_here = task.ref is not None
         task.ref = None
         if to is Phase.DROPPED:  # its home took it back: no event (it may send the same task here again)

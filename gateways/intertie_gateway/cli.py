@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="the federation CA: peers must show a certificate it signed (mutual TLS)")
     run.add_argument("--peer-listen", metavar="HOST:PORT",
                      help="where peers connect, with mutual TLS (needs --tls-ca; --peer gives peers' such addresses)")
+    run.add_argument("--policy", metavar="TOML",
+                     help="which tenants this site serves and their limits (re-read while running; see the README)")
     run.add_argument("--no-worker-pool", dest="worker_pool", action="store_false", default=None,
                      help="run every task as a plain Ray task (for clusters shared with other drivers)")
     run.add_argument("--data-url", metavar="URL", help="where datasets are stored (fsspec URL; default <state-dir>/datasets)")
@@ -132,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
         "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync, "auth": args.auth,
         "worker_pool": args.worker_pool, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
-        "peer_listen": args.peer_listen,
+        "peer_listen": args.peer_listen, "policy_file": args.policy,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,
         "log_level": args.log_level, "data_url": args.data_url, "flight_listen": args.flight_listen,
         "dataset_quota_bytes": args.dataset_quota, "replica_cache_bytes": args.replica_cache,
@@ -227,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_local(args)
     try:
         config = config_from_args(args)
+        if config.policy_file:
+            from intertie_gateway.policy import PolicyFile
+
+            PolicyFile(config.policy_file, clock=time.monotonic)  # a broken policy stops the start
     except ConfigError as exc:
         print(f"intertie-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -71,6 +71,9 @@ class GatewayConfig:
     # Where peers connect (HOST:PORT, mutual TLS), beside ``listen`` where tenants connect with
     # their tokens; the addresses in ``peers`` are the peers' peer_listen addresses.
     peer_listen: str = ""
+    # Which tenants this site serves and how much of it each may use (a TOML file, re-read
+    # while the gateway runs: see policy.py). Unset: every tenant, default limits.
+    policy_file: str = ""
     # Most tasks inside Ray at once, as a multiple of the site's CPUs. The gateway adapts
     # the multiple to observed run times (admission.py): millisecond tasks need a deep
     # pipeline to keep workers busy, minute-long ones get about one per CPU; the rest wait
@@ -194,7 +197,9 @@ class GatewayConfig:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key (--tls-cert, --tls-key) go together: the site's certificate "
                               "and its private key")
-        for key in ("tls_cert", "tls_key", "tls_ca"):
+        if not isinstance(self.policy_file, str):
+            raise ConfigError(f"policy_file: expected a file name, got {self.policy_file!r}")
+        for key in ("tls_cert", "tls_key", "tls_ca", "policy_file"):
             path = getattr(self, key)
             if path and not Path(path).expanduser().is_file():
                 raise ConfigError(f"{key}: no file {path!r}")

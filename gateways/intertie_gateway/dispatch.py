@@ -16,11 +16,17 @@ from typing import Any
 
 from intertie_gateway.admission import Capacity
 from intertie_gateway.book import Task, TaskBook
+from intertie_gateway.fairshare import dominant_share
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.model import PREEMPTED, RETRY, ErrorKind, Failure
 from intertie_gateway.ports import Executor, Loop
 
 logger = logging.getLogger(__name__)
+
+
+def _is_queued(task: Task) -> bool:
+    return task.phase is Phase.QUEUED
+
 
 # When the head of the queue does not fit, look this far behind it for one that does.
 QUEUE_SCAN_DEPTH = 32
@@ -38,11 +44,16 @@ class Slots:
         self.capacity = capacity
         self.running = 0
         self.reading: Counter[str] = Counter()
+        # Per tenant: its tasks running here, and the resources they hold (fair share).
+        self.running_by: Counter[str] = Counter()
+        self.used_by: dict[str, Counter[str]] = {}
 
     def take(self, task: Task) -> None:
         task.holding = True
         self.capacity.acquire(task.request)
         self.running += 1
+        self.running_by[task.tenant] += 1
+        self.used_by.setdefault(task.tenant, Counter()).update(task.request)
         for item in task.spec.inputs:
             self.reading[item.id] += 1
 
@@ -56,6 +67,12 @@ class Slots:
             task.holding = False
             self.capacity.release(task.request)
             self.running -= 1
+            self.running_by[task.tenant] -= 1
+            if self.running_by[task.tenant] <= 0:
+                del self.running_by[task.tenant]
+                self.used_by.pop(task.tenant, None)
+            else:
+                self.used_by[task.tenant].subtract(task.request)
         if task.timer is not None:
             task.timer.cancel()
             task.timer = None
@@ -65,11 +82,13 @@ class Dispatch:
     """``inputs_for``: where a task's dataset arguments are read, or None while they are
     fetched (the task is then FETCHING, and comes back to the queue). ``functions``: a
     function's pickled bytes from the journal. ``wake``: the driver's pump, after a Ray
-    call came back."""
+    call came back. ``limits(tenant)``: (most tasks of the tenant running here at once, 0
+    for no limit; its weight in the fair share), from the site's policy."""
 
     def __init__(self, book: TaskBook, slots: Slots, runner: Executor, *, site_id: str, max_payload_bytes: int,
                  inputs_for: Callable[[Task], dict[str, str] | None], functions: Callable[[str], bytes | None],
-                 wake: Callable[[], None], loop: Loop) -> None:
+                 wake: Callable[[], None], loop: Loop,
+                 limits: Callable[[str], tuple[int, float]] = lambda tenant: (0, 1.0)) -> None:
         self.book = book
         self.slots = slots
         self.capacity = slots.capacity
@@ -80,38 +99,53 @@ class Dispatch:
         self._functions = functions
         self._wake = wake
         self._loop = loop
+        self._limits = limits
 
     def queued(self) -> int:
         return sum(1 for t in self.book.queue if t.phase is Phase.QUEUED)
 
     def run_queue(self) -> None:
-        """Starts queued tasks while they fit; a head that does not fit (e.g. it waits for a
-        GPU) lets a smaller task behind it through."""
+        """Starts queued tasks while they fit, each from the tenant with the smallest
+        weighted share of the site that is under its running cap (``fairshare``); within a
+        tenant, in order, and a head that does not fit (e.g. it waits for a GPU) lets a
+        smaller task behind it through."""
         queue = self.book.queue
-        while queue:
-            task = queue[0]
-            if task.phase is not Phase.QUEUED:
-                queue.popleft()
-                continue
-            if self.capacity.fits(task.request):
-                queue.popleft()
-                if task.spec.inputs or task.spec.returns_dataset:
-                    self._launch(task)
-                    continue
-                group = self._fusable_behind(task)
-                if group:
-                    self._start_group([task, *group])
-                else:
-                    self._start(task)
-                continue
-            for i in range(1, min(len(queue), QUEUE_SCAN_DEPTH)):
-                other = queue[i]
-                if other.phase is Phase.QUEUED and self.capacity.fits(other.request):
-                    del queue[i]
-                    self._launch(other)
+        while True:
+            queue.prune(_is_queued)
+            for tenant in queue.order(self._share):
+                cap, _ = self._limits(tenant)
+                if (not cap or self.slots.running_by[tenant] < cap) and self._start_next(tenant):
                     break
             else:
                 return
+
+    def _share(self, tenant: str) -> float:
+        used = self.slots.used_by.get(tenant)
+        return dominant_share(used, self.capacity.total, self._limits(tenant)[1]) if used else 0.0
+
+    def _start_next(self, tenant: str) -> bool:
+        """Starts the next task of a tenant that fits (its head, with tasks fused behind it,
+        or one of the next few); whether one started."""
+        queue = self.book.queue
+        lane = queue.lanes[tenant]
+        task = lane[0]  # (pruned: queued)
+        if self.capacity.fits(task.request):
+            queue.popleft(tenant)
+            if task.spec.inputs or task.spec.returns_dataset:
+                self._launch(task)
+                return True
+            group = self._fusable_behind(task)
+            if group:
+                self._start_group([task, *group])
+            else:
+                self._start(task)
+            return True
+        for i in range(1, min(len(lane), QUEUE_SCAN_DEPTH)):
+            other = lane[i]
+            if other.phase is Phase.QUEUED and self.capacity.fits(other.request):
+                self._launch(queue.remove(tenant, i))
+                return True
+        return False
 
     def _launch(self, task: Task) -> None:
         """Starts a task alone, once its dataset arguments are here."""
@@ -128,19 +162,23 @@ class Dispatch:
         mean = self.capacity.mean_run_s
         slots = self.runner.pool_size
         queue = self.book.queue
-        if (not head.fuse or not slots or mean is None or mean > FUSE_MAX_RUN_S
-                or len(queue) < 2 * slots or not self.runner.pooled(head.request)):
+        lane = queue.lanes.get(head.tenant)
+        if (lane is None or not head.fuse or not slots or mean is None or mean > FUSE_MAX_RUN_S
+                or len(lane) < 2 * slots or not self.runner.pooled(head.request)):
             return []
         # Keep several calls queued per worker, so none idles while its results come back.
-        size = min(FUSE_MAX_TASKS, len(queue) // slots, self.capacity.max_count // (slots * 4)) - 1
+        size = min(FUSE_MAX_TASKS, len(lane) // slots, self.capacity.max_count // (slots * 4)) - 1
+        cap, _ = self._limits(head.tenant)
+        if cap:
+            size = min(size, cap - self.slots.running_by[head.tenant] - 1)
         group: list[Task] = []
-        while queue and len(group) < size:
-            other = queue[0]
+        while lane and len(group) < size:
+            other = lane[0]
             if (other.phase is not Phase.QUEUED or not other.fuse
                     or other.spec.function_digest != head.spec.function_digest or other.request != head.request
                     or other.spec.inputs or other.spec.returns_dataset or not self.capacity.fits(other.request)):
                 break
-            group.append(queue.popleft())
+            group.append(queue.popleft(head.tenant))
             self.capacity.acquire(other.request)  # counted now so fits() sees it; released per task
         for other in group:
             self.capacity.release(other.request)

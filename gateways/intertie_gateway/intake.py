@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -16,6 +18,8 @@ from intertie_gateway import convert
 from intertie_gateway.book import Task, TaskBook
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.journal import TERMINAL, Journal, TaskRow
+from intertie_gateway.model import TaskSpec
+from intertie_gateway.policy import Policy, SubmitRates
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.tenancy import TENANT, foreign
 from intertie_gateway.validate import MAX_NAME_CHARS, check_spec, clip
@@ -36,7 +40,8 @@ class Intake:
     def __init__(self, book: TaskBook, journal: Journal, hub: SessionHub, *, config: GatewayConfig, python: str,
                  feasibility: Callable[[], Callable[[Task, bool], str | None]],
                  restore: Callable[[TaskRow, str], Task], commit: Callable[[], None], pump: Callable[[], None],
-                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]) -> None:
+                 spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+                 policy: Callable[[], Policy] = Policy) -> None:
         self.book = book
         self.journal = journal
         self.hub = hub
@@ -49,6 +54,8 @@ class Intake:
         self._pump = pump
         self._spawn = spawn
         self._known_functions = journal.function_digests()
+        self._policy = policy
+        self._rates = SubmitRates(time.monotonic)
 
     async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "",
                      tenant: str = "") -> list[tasks_pb2.TaskAck]:
@@ -82,6 +89,8 @@ class Intake:
         seen: set[str] = set()
         nbytes = 0
         never_runs = self._feasibility()
+        policy = self._policy()
+        pending: Counter[str] = Counter()  # per tenant: accepted in this batch
         for spec in request.tasks:
             error = None
             if peer:
@@ -127,6 +136,11 @@ class Intake:
             if live is not None:  # a resubmission of a task in flight: idempotent
                 live.add_session(request.session_id)
                 continue
+            refused = self._refusal(policy, task.spec, pending[task.spec.tenant])
+            if refused is not None:
+                acks[-1] = tasks_pb2.TaskAck(task_id=spec.task_id, accepted=False, error=refused)
+                continue
+            pending[task.spec.tenant] += 1
             accepted.append(task)
             # The args go to the journal as they are, beside the rest of the spec: not encoded again.
             spec.ClearField("args")
@@ -148,6 +162,30 @@ class Intake:
             acks = [tasks_pb2.TaskAck(task_id=a.task_id, accepted=False, error=_id_taken(a.task_id))
                     if a.accepted and a.task_id in taken else a for a in acks]
         return acks
+
+    def _refusal(self, policy: Policy, spec: TaskSpec, pending: int) -> common_pb2.Error | None:
+        """Why the site's policy refuses a new task of its tenant, if it does: a tenant it
+        does not serve or a function not on the tenant's list (PERMISSION_DENIED), or over a
+        quota (QUOTA_EXCEEDED: the same task may be sent again later)."""
+        tenant = spec.tenant
+        why = policy.why_refused(tenant, self.site_id)
+        if why is not None:
+            return common_pb2.Error(kind=K.ERROR_KIND_PERMISSION_DENIED, message=f"task {spec.task_id}: {why}")
+        limits = policy.limits(tenant)
+        shown = tenant or "anonymous"
+        if not limits.allows(spec.function_digest):
+            return common_pb2.Error(kind=K.ERROR_KIND_PERMISSION_DENIED, message=(
+                f"task {spec.task_id}: function {spec.function_digest[:12]} is not among those tenant {shown!r} may "
+                f"run at site {self.site_id!r} (its policy's allowed_functions)"))
+        if limits.max_queued and self.book.unfinished[tenant] + pending >= limits.max_queued:
+            return common_pb2.Error(kind=K.ERROR_KIND_QUOTA_EXCEEDED, message=(
+                f"task {spec.task_id}: tenant {shown!r} has {limits.max_queued} unfinished tasks at site "
+                f"{self.site_id!r}, its quota; submit more as these finish"))
+        if not self._rates.take(tenant, limits.submit_rate):
+            return common_pb2.Error(kind=K.ERROR_KIND_QUOTA_EXCEEDED, message=(
+                f"task {spec.task_id}: tenant {shown!r} submits faster than its quota of {limits.submit_rate:g} "
+                f"tasks/s at site {self.site_id!r}; submit it again later"))
+        return None
 
     async def _accept_off_loop(self, session_id: str, new_functions: list[tuple[str, str, bytes]],
                                accepted: list[Task], rows: list[tuple[str, bytes, bytes]], now: float) -> set[str]:

@@ -32,6 +32,7 @@ from intertie_gateway.journal import RUNNING, Journal, TaskRow
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.model import ErrorKind, Failure, TaskSpec
 from intertie_gateway.placement import PlacementRecord
+from intertie_gateway.policy import PolicyFile
 from intertie_gateway.ports import Federation, PeerListener, PeerPort
 from intertie_gateway.queries import Queries
 from intertie_gateway.runner import RayRunner
@@ -70,6 +71,7 @@ class Scheduler:
         python = python_version()
         draining = self._is_draining
         self.estimates = Estimates()
+        self.policy = PolicyFile(config.policy_file, clock=time.monotonic)
         total, largest = self._resources()
         self.slots = Slots(Capacity(total, config.admission_overcommit, largest))
         self.book = TaskBook(self.site_id, federated=make_federation is not None, estimates=self.estimates,
@@ -80,16 +82,21 @@ class Scheduler:
                                    done=self._commit_and_pump, draining=draining)
         self.dispatch = Dispatch(self.book, self.slots, runner, site_id=self.site_id,
                                  max_payload_bytes=config.max_payload_bytes, inputs_for=self.transfers.inputs_for,
-                                 functions=journal.function_payload, wake=self.pump, loop=self._loop)
+                                 functions=journal.function_payload, wake=self.pump, loop=self._loop,
+                                 limits=self._running_limits)
         self.federate = Federate(self.book, self.dispatch, self.estimates, config=config, python=python,
                                  resident=store.ids if store is not None else list,
                                  functions=journal.function_payload, draining=draining, wake=self.pump,
                                  make_federation=make_federation)
         self.intake = Intake(self.book, journal, hub, config=config, python=python,
                              feasibility=self.federate.feasibility, restore=self._restore, commit=self.flush,
-                             pump=self.pump, spawn=self._spawn)
+                             pump=self.pump, spawn=self._spawn, policy=self.policy.current)
         self.queries = Queries(self.book, journal, hub, self.dispatch, self.federate, self.estimates, config=config,
                                python=python, address=address, store=store, draining=draining, commit=self.flush)
+
+    def _running_limits(self, tenant: str) -> tuple[int, float]:
+        limits = self.policy.current().limits(tenant)
+        return limits.max_running, limits.weight
 
     @property
     def federation(self) -> Federation[Task]:

@@ -175,7 +175,7 @@ def test_a_gateway_attached_to_a_two_node_cluster_uses_both_and_knows_the_larges
     gateway = gateway_factory(site_id="cluster")  # (stopped by the fixture)
     # Its own flags: the factory's --num-cpus and --object-store-memory are the embedded Ray's.
     gateway.args = ["--listen", "127.0.0.1:0", "--state-dir", str(gateway.state_dir), "--site-id", "cluster",
-                    "--ray", address, "--ray-token-file", str(token_file)]
+                    "--ray", address, "--ray-token-file", str(token_file), "--auth", "none"]
     gateway.start()
     assert "token auth, token from --ray-token-file" in gateway.log_tail() and "2 nodes" in gateway.log_tail()
 

@@ -16,7 +16,8 @@ from intertie_gateway.runner import PREEMPTED, RETRY
 
 
 class World:
-    def __init__(self, pool_size: int = 0, cpus: float = 2.0, max_payload_bytes: int = 1 << 20) -> None:
+    def __init__(self, pool_size: int = 0, cpus: float = 2.0, max_payload_bytes: int = 1 << 20,
+                 limits: dict[str, tuple[int, float]] | None = None) -> None:
         self.runner = FakeRunner(pool_size)
         self.runner.total_resources = lambda: {"CPU": cpus}  # type: ignore[method-assign]
         self.loop = InlineLoop()
@@ -26,7 +27,8 @@ class World:
         self.wakes = 0
         self.dispatch = Dispatch(self.book, self.slots, self.runner, site_id="here",  # type: ignore[arg-type]
                                  max_payload_bytes=max_payload_bytes, inputs_for=lambda task: {},
-                                 functions=lambda digest: b"fn", wake=self._wake, loop=self.loop)  # type: ignore[arg-type]
+                                 functions=lambda digest: b"fn", wake=self._wake, loop=self.loop,  # type: ignore[arg-type]
+                                 limits=lambda tenant: (limits or {}).get(tenant, (0, 1.0)))
 
     def _wake(self) -> None:
         self.wakes += 1
@@ -176,3 +178,40 @@ def test_an_idle_site_offers_slots_and_a_busy_one_offers_its_queue_tail() -> Non
     w.dispatch.run_queue()
     assert w.dispatch.idle_slots(draining=False) == 0
     assert [t.task_id for t in w.dispatch.movable()] == ["t4", "t5"]  # beyond the two this site starts next
+
+
+def _started(w: World) -> list[str]:
+    return [ids[0] for ids, _ in w.runner.started]
+
+
+def test_a_tenant_that_floods_the_queue_waits_behind_its_own_tasks_not_in_front_of_others() -> None:
+    w = World(cpus=2)
+    w.add(*(f"a{i}" for i in range(50)), resources=_cpus(1), tenant="acme")
+    w.dispatch.run_queue()
+    assert _started(w) == ["a0", "a1"]
+    w.add("b0", "b1", resources=_cpus(1), tenant="globex")
+    w.finish(0, ok(b""))
+    assert _started(w)[-1] == "b0"  # globex holds nothing: it goes next, not after acme's 48
+    w.finish(1, ok(b""))
+    assert _started(w)[-1] == "a2"  # acme now holds nothing, globex 1 CPU
+    w.finish(2, ok(b""))
+    assert _started(w)[-1] == "b1"  # globex holds nothing again: one each, turn by turn
+
+
+def test_weights_share_the_site_in_proportion() -> None:
+    w = World(cpus=4, limits={"acme": (0, 3.0), "globex": (0, 1.0)})
+    w.add(*(f"a{i}" for i in range(20)), resources=_cpus(1), tenant="acme")
+    w.add(*(f"g{i}" for i in range(20)), resources=_cpus(1), tenant="globex")
+    w.dispatch.run_queue()
+    assert sorted(t[0] for t in _started(w)) == ["a", "a", "a", "g"]  # 3:1
+
+
+def test_a_running_cap_keeps_a_tenants_extra_tasks_queued_and_lets_others_through() -> None:
+    w = World(cpus=4, limits={"acme": (1, 1.0)})
+    tasks = w.add("a0", "a1", "a2", resources=_cpus(1), tenant="acme")
+    w.add("g0", resources=_cpus(1), tenant="globex")
+    w.dispatch.run_queue()
+    assert sorted(_started(w)) == ["a0", "g0"]
+    assert [t.phase for t in tasks[1:]] == [Phase.QUEUED, Phase.QUEUED]  # queued, not refused
+    w.finish(_started(w).index("a0"), ok(b""))
+    assert _started(w)[-1] == "a1" and tasks[2].phase is Phase.QUEUED

@@ -97,7 +97,7 @@ def test_the_circle_finder_finds_one() -> None:
 # The core's decisions: no I/O, no event loop, no wire types; they import only each other
 # (and the gateway's configuration record).
 PURE = {"lifecycle", "model", "estimates", "book", "placement", "admission", "dispatch", "federate", "ports",
-        "tenancy"}
+        "tenancy", "fairshare"}
 FORBIDDEN = ("grpc", "ray", "sqlite3", "asyncio", "intertie.v1", "pyarrow", "socket", "threading")
 # Where wire messages are built or read: the servicers and what feeds them, the peer link and
 # membership, the session streams, the checks of wire input, and the one conversion module.

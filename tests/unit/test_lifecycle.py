@@ -78,7 +78,7 @@ def test_an_attempt_is_counted_when_it_starts_here_or_is_sent_and_refunded_when_
     assert (task.attempts, task.site) == (0, "")
     assert task.history[-1]["outcome"] == "refused by site b"
     book.move(task, Phase.QUEUED, placement=p2)
-    assert task.site == "here" and book.queue[-1] is task
+    assert task.site == "here" and list(book.queue)[-1] is task
     book.move(task, Phase.RUNNING)
     assert (task.attempts, task.started_at) == (1, 100.0)
     assert [type(c) for c in book.changes] == [Placed, Requeued, Placed, Started]
@@ -91,7 +91,7 @@ def test_leaving_running_releases_what_the_run_held_once() -> None:
     world.book.admit(task)
     world.book.move(task, Phase.RUNNING)
     world.book.move(task, Phase.QUEUED, refund=True, front=True)  # preempted: free
-    assert world.released == [task] and task.attempts == 0 and world.book.queue[0] is task
+    assert world.released == [task] and task.attempts == 0 and list(world.book.queue)[0] is task
     assert isinstance(world.book.changes[-1], Requeued)
 
 
@@ -120,7 +120,7 @@ def test_retries_spend_attempts_until_none_are_left() -> None:
     book.admit(task)
     book.move(task, Phase.RUNNING)
     book.retry(task, "worker died")
-    assert (task.phase, task.attempts, book.queue[0]) == (Phase.QUEUED, 1, task)
+    assert (task.phase, task.attempts, list(book.queue)[0]) == (Phase.QUEUED, 1, task)
     book.move(task, Phase.RUNNING)
     book.retry(task, "worker died again")
     assert task.phase is Phase.FAILED
