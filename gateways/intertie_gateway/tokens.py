@@ -106,6 +106,9 @@ class TokenStore:
         with self._lock:
             self._load_locked()
             record = self._records.get(token_id)
+            if record is None:  # made since the last read? (a stat; the file is read only if it changed)
+                self._load_locked()
+                record = self._records.get(token_id)
             if record is None:
                 raise TokenError(f"no token {token_id[:20]!r} in {self.path}")
             if not record.revoked:
@@ -129,6 +132,9 @@ class TokenStore:
                 self._checked_at = now
                 self._load_locked()
             record = self._records.get(token_id)
+            if record is None:  # made since the last read? (a stat; the file is read only if it changed)
+                self._load_locked()
+                record = self._records.get(token_id)
         # The same work whether the id is known or not, and a comparison in constant time.
         expected = record.hash if record is not None else "0" * 64
         if not hmac.compare_digest(_digest(secret), expected) or record is None:

@@ -67,3 +67,26 @@ def test_token_auth_between_peers_is_refused_until_mutual_tls(gateway_factory) -
     out = subprocess.run([sys.executable, "-m", "intertie_gateway", "run", *gateway.args], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "mutual TLS" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_malformed_tokens_get_one_line_and_guessing_is_cut_off_per_source(  # type: ignore[no-untyped-def]
+        gateway_factory, tmp_path: Path) -> None:
+    from intertie_gateway.auth import MAX_FAILURES
+
+    state = tmp_path / "site"
+    token = token_for("acme", state)
+    gateway = gateway_factory("--auth", "token", state_dir=state).start()
+    refusals = []
+    for bad in ("itk_" + "z" * 4000, "itk_0123456789ab_" + "A" * 42 + "!", "Bearer", token[:-1] + "x"):
+        with pytest.raises(intertie.AuthenticationError) as err:
+            intertie.connect(gateway.address, token=bad, connect_timeout=10)
+        refusals.append(str(err.value))
+    assert "token too long" in refusals[0] and "malformed token" in refusals[1]
+    assert all("\n" not in r and len(r) < 300 and "z" * 50 not in r for r in refusals)
+    assert token not in refusals[3] and token[:-1] not in refusals[3]
+    for _ in range(MAX_FAILURES - len(refusals)):  # a guesser's attempts from this address
+        with pytest.raises(intertie.AuthenticationError):
+            intertie.connect(gateway.address, token="itk_0123456789ab_" + "B" * 43, connect_timeout=10)
+    with pytest.raises(intertie.AuthenticationError, match="too many failed authentications"):
+        intertie.connect(gateway.address, token=token, connect_timeout=10)  # even a valid one, for a while
+    assert gateway.process is not None and gateway.process.poll() is None
