@@ -3,14 +3,21 @@
     make bench            # or: .venv/bin/python bench/overhead.py [--tasks 5000] [--map-items 50000]
 
 Prints sequential round-trip p50/p99, throughput for a burst of tasks, and chunked
-``executor().map`` throughput, each with its ratio to plain Ray. Plain Ray runs
-first and is shut down before the gateway starts, so the two never share the CPUs.
+``executor().map`` throughput, each with its ratio to plain Ray, for a site without
+security ("open": plaintext, --auth none) and a secure one (TLS and token auth), and the
+ratio of the two. Plain Ray runs first and is shut down before the sites start, one after
+the other, so they never share the CPUs.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 
 def noop() -> None:
@@ -52,12 +59,30 @@ def plain_ray(n: int, map_items: int, cpus: int) -> dict[str, float]:
     return {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "throughput": burst, "map": mapped}
 
 
-def through_gateway(n: int, map_items: int, cpus: int, chunksize: int) -> dict[str, float]:
+def start_site(mode: str, cpus: int, base: Path) -> Any:
+    """One embedded site: "open" (plaintext, --auth none) or "secure" (TLS with a certificate
+    of a fresh CA, and token auth: the site writes the client's token)."""
+    from intertie.embedded import EmbeddedGateway
+
+    args = ["--object-store-memory", str(256 << 20)]
+    ca = None
+    if mode == "open":
+        args += ["--auth", "none"]
+    else:
+        certs = base / "certs"
+        subprocess.run([sys.executable, "-m", "intertie_gateway", "certs", "create", "--dir", str(certs), "--site",
+                        "bench", "--host", "127.0.0.1"], check=True, capture_output=True, timeout=120)
+        args += ["--tls-cert", str(certs / "bench.pem"), "--tls-key", str(certs / "bench.key")]
+        ca = certs / "ca.pem"
+    return EmbeddedGateway(num_cpus=cpus, site_id="bench", state_dir=base / mode, extra_args=args, tls_ca=ca)
+
+
+def through_gateway(site: Any, n: int, map_items: int, chunksize: int) -> dict[str, float]:
     import concurrent.futures
 
     import intertie
 
-    with intertie.connect(num_cpus=cpus) as fed:
+    with intertie.connect(site) as fed:
         concurrent.futures.wait([fed.submit(noop) for _ in range(200)])
         lat = []
         for _ in range(n):
@@ -77,6 +102,15 @@ def through_gateway(n: int, map_items: int, cpus: int, chunksize: int) -> dict[s
     return {"p50": percentile(lat, 0.5), "p99": percentile(lat, 0.99), "throughput": burst, "map": mapped}
 
 
+def gateway_run(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix=f"intertie-bench-{mode}-") as base:
+        site = start_site(mode, args.cpus, Path(base))
+        try:
+            return through_gateway(site, args.tasks, args.map_items, args.chunksize)
+        finally:
+            site.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=5000)
@@ -86,23 +120,25 @@ def main() -> None:
     args = parser.parse_args()
 
     ray_r = plain_ray(args.tasks, args.map_items, args.cpus)
-    gw_r = through_gateway(args.tasks, args.map_items, args.cpus, args.chunksize)
+    open_r = gateway_run("open", args)
+    secure_r = gateway_run("secure", args)
 
     def ms(x: float) -> str:
-        return f"{x * 1000:8.3f} ms"
+        return f"{x * 1000:.3f} ms"
 
-    print(f"\nIntertie gateway vs plain Ray, {args.cpus} CPUs, {args.tasks} tasks")
-    print(f"{'metric':34} {'plain Ray':>14} {'gateway':>14} {'ratio':>8}  target")
-    print(f"{'sequential round trip p50':34} {ms(ray_r['p50']):>14} {ms(gw_r['p50']):>14} "
-          f"{gw_r['p50'] / ray_r['p50']:7.2f}x  <= 1.5x")
-    print(f"{'sequential round trip p99':34} {ms(ray_r['p99']):>14} {ms(gw_r['p99']):>14} "
-          f"{gw_r['p99'] / ray_r['p99']:7.2f}x")
-    print(f"{'burst throughput (tasks/s)':34} {ray_r['throughput']:14.0f} {gw_r['throughput']:14.0f} "
-          f"{gw_r['throughput'] / ray_r['throughput']:7.2f}x  >= 0.8x")
-    print(f"{f'map {args.map_items} items (items/s)':34} {ray_r['map']:14.0f} {gw_r['map']:14.0f} "
-          f"{gw_r['map'] / ray_r['map']:7.2f}x  > 1x (gateway chunksize={args.chunksize}, "
-          f"Ray one task per item)")
-
+    print(f"\nIntertie gateway vs plain Ray, {args.cpus} CPUs, {args.tasks} tasks; \"open\": plaintext, no auth; "
+          "\"secure\": TLS and token auth")
+    print(f"{'metric':30} {'plain Ray':>11} {'open':>11} {'secure':>11} {'open/Ray':>9} {'secure/Ray':>11} "
+          f"{'secure/open':>12}  targets")
+    rows = (("sequential round trip p50", "p50", ms, "<= 1.5x Ray; secure within 5% of open"),
+            ("sequential round trip p99", "p99", ms, ""),
+            ("burst throughput (tasks/s)", "throughput", lambda x: f"{x:.0f}", ">= 0.8x Ray"),
+            (f"map {args.map_items} items (items/s)", "map", lambda x: f"{x:.0f}",
+             f"> 1x (chunksize={args.chunksize}; Ray one task per item)"))
+    for name, key, shown, target in rows:
+        r, o, sec = ray_r[key], open_r[key], secure_r[key]
+        print(f"{name:30} {shown(r):>11} {shown(o):>11} {shown(sec):>11} {o / r:8.2f}x {sec / r:10.2f}x "
+              f"{sec / o:11.3f}x  {target}")
 
 if __name__ == "__main__":
     main()
