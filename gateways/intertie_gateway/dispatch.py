@@ -34,6 +34,12 @@ QUEUE_SCAN_DEPTH = 32
 # shorter than this on average, and at most this many per call.
 FUSE_MAX_RUN_S = 0.005
 FUSE_MAX_TASKS = 32
+# While tenants compete for the site, each keeps at most its part of this many tasks per CPU
+# in Ray, and none are fused: a shallow pipeline, so that another tenant's next task waits
+# behind few of them (Ray's own queues are first come, first served). A tenant competes for
+# this long after it last had tasks queued here.
+CONTENDED_DEPTH_PER_CPU = 2.0
+CONTENDED_WINDOW_S = 2.0
 
 
 class Slots:
@@ -100,6 +106,8 @@ class Dispatch:
         self._wake = wake
         self._loop = loop
         self._limits = limits
+        self._active: dict[str, float] = {}  # tenant -> when it last had tasks queued
+        self._depth = 0  # while tenants compete: the most tasks each may have in Ray (0: no limit)
 
     def queued(self) -> int:
         return sum(1 for t in self.book.queue if t.phase is Phase.QUEUED)
@@ -110,14 +118,29 @@ class Dispatch:
         tenant, in order, and a head that does not fit (e.g. it waits for a GPU) lets a
         smaller task behind it through."""
         queue = self.book.queue
+        queue.prune(_is_queued)
+        self._contention()
         while True:
-            queue.prune(_is_queued)
             for tenant in queue.order(self._share):
                 cap, _ = self._limits(tenant)
+                if self._depth:
+                    cap = min(cap, self._depth) if cap else self._depth
                 if (not cap or self.slots.running_by[tenant] < cap) and self._start_next(tenant):
                     break
             else:
                 return
+            queue.prune(_is_queued)
+
+    def _contention(self) -> None:
+        """Which tenants compete for the site now, and how deep each may fill Ray's queues."""
+        now = self.book.now()
+        for tenant in self.book.queue.lanes:
+            self._active[tenant] = now
+        if len(self._active) > 1:
+            self._active = {t: at for t, at in self._active.items() if now - at < CONTENDED_WINDOW_S}
+        competing = len(self._active)
+        cpus = self.capacity.total.get("CPU", 1.0)
+        self._depth = max(1, int(cpus * CONTENDED_DEPTH_PER_CPU / competing)) if competing > 1 else 0
 
     def _share(self, tenant: str) -> float:
         used = self.slots.used_by.get(tenant)
@@ -163,7 +186,7 @@ class Dispatch:
         slots = self.runner.pool_size
         queue = self.book.queue
         lane = queue.lanes.get(head.tenant)
-        if (lane is None or not head.fuse or not slots or mean is None or mean > FUSE_MAX_RUN_S
+        if (lane is None or self._depth or not head.fuse or not slots or mean is None or mean > FUSE_MAX_RUN_S
                 or len(lane) < 2 * slots or not self.runner.pooled(head.request)):
             return []
         # Keep several calls queued per worker, so none idles while its results come back.

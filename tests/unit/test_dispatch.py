@@ -215,3 +215,20 @@ def test_a_running_cap_keeps_a_tenants_extra_tasks_queued_and_lets_others_throug
     assert [t.phase for t in tasks[1:]] == [Phase.QUEUED, Phase.QUEUED]  # queued, not refused
     w.finish(_started(w).index("a0"), ok(b""))
     assert _started(w)[-1] == "a1" and tasks[2].phase is Phase.QUEUED
+
+
+def test_while_tenants_compete_each_keeps_a_shallow_pipeline_in_ray_and_nothing_is_fused() -> None:
+    w = World(pool_size=1, cpus=2)
+    w.slots.capacity.observe(0.001)  # short tasks
+    w.add(*(f"a{i}" for i in range(100)), tenant="acme")
+    w.dispatch.run_queue()
+    alone = sum((ids for ids, _ in w.runner.started), [])
+    assert len(alone) == 4  # alone, acme fills all the site admits (2 CPUs overcommitted)
+    w2 = World(pool_size=1, cpus=2)
+    w2.slots.capacity.observe(0.001)
+    w2.add(*(f"a{i}" for i in range(100)), tenant="acme")
+    w2.add("g0", tenant="globex")
+    w2.dispatch.run_queue()
+    calls = [ids for ids, _ in w2.runner.started]
+    assert all(len(ids) == 1 for ids in calls)  # not fused
+    assert sorted(ids[0] for ids in calls) == ["a0", "a1", "g0"]  # 2 CPUs x 2 / 2 tenants: 2 each at most
