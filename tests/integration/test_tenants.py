@@ -106,3 +106,17 @@ def test_a_tenant_cannot_see_follow_cancel_or_take_over_another_tenants_task(sit
         assert out.returncode == 0 and out.stdout == f"{running.task_id}  cancelled\n", out.stderr
         with pytest.raises(concurrent.futures.CancelledError):  # as for any task cancelled at its site
             running.result(timeout=30)
+
+
+def test_a_tenant_that_floods_the_site_does_not_hold_up_another(site: Site) -> None:
+    with intertie.connect(site.address, token=site.acme) as acme, \
+            intertie.connect(site.address, token=site.globex) as globex:
+        flood = [acme.submit(sleeps, 0.05) for _ in range(400)]  # 10 s of work on 2 CPUs
+        deadline = time.monotonic() + STARTS_S
+        while not any(f.running() for f in flood):
+            assert time.monotonic() < deadline, "the flood never started"
+            time.sleep(0.05)
+        assert globex.submit(double, 4).result(timeout=60) == 8
+        unfinished = sum(not f.done() for f in flood)
+        assert unfinished > 300, f"globex waited for acme's flood ({unfinished} of 400 left)"
+        acme.cancel_all()
