@@ -16,7 +16,7 @@ from typing import Any
 
 from intertie_gateway.admission import Capacity
 from intertie_gateway.book import Task, TaskBook
-from intertie_gateway.fairshare import dominant_share
+from intertie_gateway.fairshare import UNLIMITED, Entitlement, dominant_share
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.model import PREEMPTED, RETRY, ErrorKind, Failure
 from intertie_gateway.ports import Executor, Loop
@@ -88,13 +88,12 @@ class Dispatch:
     """``inputs_for``: where a task's dataset arguments are read, or None while they are
     fetched (the task is then FETCHING, and comes back to the queue). ``functions``: a
     function's pickled bytes from the journal. ``wake``: the driver's pump, after a Ray
-    call came back. ``limits(tenant)``: (most tasks of the tenant running here at once, 0
-    for no limit; its weight in the fair share), from the site's policy."""
+    call came back. ``limits(tenant)``: what the tenant may hold of the site (its policy)."""
 
     def __init__(self, book: TaskBook, slots: Slots, runner: Executor, *, site_id: str, max_payload_bytes: int,
                  inputs_for: Callable[[Task], dict[str, str] | None], functions: Callable[[str], bytes | None],
                  wake: Callable[[], None], loop: Loop,
-                 limits: Callable[[str], tuple[int, float]] = lambda tenant: (0, 1.0)) -> None:
+                 limits: Callable[[str], Entitlement] = lambda tenant: UNLIMITED) -> None:
         self.book = book
         self.slots = slots
         self.capacity = slots.capacity
@@ -122,10 +121,7 @@ class Dispatch:
         self._contention()
         while True:
             for tenant in queue.order(self._share):
-                cap, _ = self._limits(tenant)
-                if self._depth:
-                    cap = min(cap, self._depth) if cap else self._depth
-                if (not cap or self.slots.running_by[tenant] < cap) and self._start_next(tenant):
+                if self._start_next(tenant, self._limits(tenant)):
                     break
             else:
                 return
@@ -144,15 +140,25 @@ class Dispatch:
 
     def _share(self, tenant: str) -> float:
         used = self.slots.used_by.get(tenant)
-        return dominant_share(used, self.capacity.total, self._limits(tenant)[1]) if used else 0.0
+        return dominant_share(used, self.capacity.total, self._limits(tenant).weight) if used else 0.0
 
-    def _start_next(self, tenant: str) -> bool:
+    def _may_start(self, task: Task, limits: Entitlement) -> bool:
+        """Whether the site has room for the task, and its tenant (its entitlement, and its
+        part of Ray's queues while tenants compete)."""
+        running = self.slots.running_by[task.tenant]
+        if self._depth and running >= self._depth:
+            return False
+        return self.capacity.fits(task.request) and limits.admits(running, self.slots.used_by.get(task.tenant),
+                                                                 task.request)
+
+    def _start_next(self, tenant: str, limits: Entitlement) -> bool:
         """Starts the next task of a tenant that fits (its head, with tasks fused behind it,
-        or one of the next few); whether one started."""
+        or one of the next few); whether one started. Over its entitlement, a tenant's tasks
+        wait queued."""
         queue = self.book.queue
         lane = queue.lanes[tenant]
         task = lane[0]  # (pruned: queued)
-        if self.capacity.fits(task.request):
+        if self._may_start(task, limits):
             queue.popleft(tenant)
             if task.spec.inputs or task.spec.returns_dataset:
                 self._launch(task)
@@ -165,7 +171,7 @@ class Dispatch:
             return True
         for i in range(1, min(len(lane), QUEUE_SCAN_DEPTH)):
             other = lane[i]
-            if other.phase is Phase.QUEUED and self.capacity.fits(other.request):
+            if other.phase is Phase.QUEUED and self._may_start(other, limits):
                 self._launch(queue.remove(tenant, i))
                 return True
         return False
@@ -191,9 +197,9 @@ class Dispatch:
             return []
         # Keep several calls queued per worker, so none idles while its results come back.
         size = min(FUSE_MAX_TASKS, len(lane) // slots, self.capacity.max_count // (slots * 4)) - 1
-        cap, _ = self._limits(head.tenant)
-        if cap:
-            size = min(size, cap - self.slots.running_by[head.tenant] - 1)
+        limits = self._limits(head.tenant)
+        if limits.max_running or limits.max_resources:  # fused tasks count against the tenant's limits one by one
+            return []
         group: list[Task] = []
         while lane and len(group) < size:
             other = lane[0]

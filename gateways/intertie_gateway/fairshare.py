@@ -11,7 +11,31 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
+
+
+@dataclass(frozen=True)
+class Entitlement:
+    """What a tenant may hold of the site, from its policy: most tasks running at once (0: no
+    limit), most of each resource its running tasks hold (Ray's names: "CPU", "GPU"), and its
+    weight in the fair share."""
+
+    max_running: int = 0
+    max_resources: Mapping[str, float] = field(default_factory=dict)
+    weight: float = 1.0
+
+    def admits(self, running: int, used: Mapping[str, float] | None, request: Mapping[str, float]) -> bool:
+        """Whether one more task with ``request`` stays within it."""
+        if self.max_running and running >= self.max_running:
+            return False
+        for resource, most in self.max_resources.items():
+            if (used.get(resource, 0.0) if used else 0.0) + request.get(resource, 0.0) > most + 1e-9:
+                return False
+        return True
+
+
+UNLIMITED = Entitlement()
 
 
 class Queued(Protocol):

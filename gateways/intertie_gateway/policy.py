@@ -10,6 +10,7 @@ those of some::
     accept = ["*"]
     [default]
     max_running = 0        # tasks of one tenant running here at once (0: no limit)
+    max_cpus = 0           # CPUs (and max_gpus: GPUs) its running tasks hold at most (0: no limit)
     max_queued = 100000    # unfinished tasks of one tenant here
     submit_rate = 0        # tasks per second accepted from one tenant (0: no limit)
     weight = 1.0           # its share of the site when tenants compete (fair share)
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from intertie_gateway.config import ConfigError
+from intertie_gateway.fairshare import Entitlement
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 RELOAD_EVERY_S = 1.0
 DEFAULT_MAX_QUEUED = 100_000
 MAX_POLICY_BYTES = 1 << 20
-_LIMIT_KEYS = {"max_running", "max_queued", "submit_rate", "weight", "allowed_functions"}
+_LIMIT_KEYS = {"max_running", "max_cpus", "max_gpus", "max_queued", "submit_rate", "weight", "allowed_functions"}
 
 
 class PolicyError(ConfigError):
@@ -49,6 +51,8 @@ class PolicyError(ConfigError):
 @dataclass(frozen=True)
 class Limits:
     max_running: int = 0
+    max_cpus: float = 0.0
+    max_gpus: float = 0.0
     max_queued: int = DEFAULT_MAX_QUEUED
     submit_rate: float = 0.0
     weight: float = 1.0
@@ -56,6 +60,12 @@ class Limits:
 
     def allows(self, digest: str) -> bool:
         return not self.allowed_functions or digest in self.allowed_functions
+
+    @property
+    def entitlement(self) -> Entitlement:
+        """What dispatch enforces of these limits."""
+        resources = {name: most for name, most in (("CPU", self.max_cpus), ("GPU", self.max_gpus)) if most}
+        return Entitlement(self.max_running, resources, self.weight)
 
 
 @dataclass(frozen=True)
@@ -117,7 +127,7 @@ def _limits(values: Any, base: Limits, where: str) -> Limits:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise PolicyError(f"[{where}] {key}: expected a whole number >= 0, got {value!r}")
             changes[key] = value
-    for key in ("submit_rate", "weight"):
+    for key in ("submit_rate", "weight", "max_cpus", "max_gpus"):
         if key in values:
             value = values[key]
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \

@@ -26,6 +26,7 @@ from intertie_gateway.book import Task, TaskBook
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dispatch import Dispatch, Slots
 from intertie_gateway.estimates import Estimates
+from intertie_gateway.fairshare import Entitlement
 from intertie_gateway.federate import Federate
 from intertie_gateway.intake import Intake
 from intertie_gateway.journal import RUNNING, Journal, TaskRow
@@ -94,9 +95,8 @@ class Scheduler:
         self.queries = Queries(self.book, journal, hub, self.dispatch, self.federate, self.estimates, config=config,
                                python=python, address=address, store=store, draining=draining, commit=self.flush)
 
-    def _running_limits(self, tenant: str) -> tuple[int, float]:
-        limits = self.policy.current().limits(tenant)
-        return limits.max_running, limits.weight
+    def _running_limits(self, tenant: str) -> Entitlement:
+        return self.policy.current().limits(tenant).entitlement
 
     @property
     def federation(self) -> Federation[Task]:

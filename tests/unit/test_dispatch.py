@@ -10,6 +10,7 @@ from core_fakes import DIGEST, FakeRunner, InlineLoop, book_world, ok, spec
 from intertie_gateway.admission import Capacity
 from intertie_gateway.book import Task
 from intertie_gateway.dispatch import Dispatch, Slots
+from intertie_gateway.fairshare import Entitlement
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.model import ErrorKind, Finished
 from intertie_gateway.runner import PREEMPTED, RETRY
@@ -17,7 +18,7 @@ from intertie_gateway.runner import PREEMPTED, RETRY
 
 class World:
     def __init__(self, pool_size: int = 0, cpus: float = 2.0, max_payload_bytes: int = 1 << 20,
-                 limits: dict[str, tuple[int, float]] | None = None) -> None:
+                 limits: dict[str, Entitlement] | None = None) -> None:
         self.runner = FakeRunner(pool_size)
         self.runner.total_resources = lambda: {"CPU": cpus}  # type: ignore[method-assign]
         self.loop = InlineLoop()
@@ -28,7 +29,7 @@ class World:
         self.dispatch = Dispatch(self.book, self.slots, self.runner, site_id="here",  # type: ignore[arg-type]
                                  max_payload_bytes=max_payload_bytes, inputs_for=lambda task: {},
                                  functions=lambda digest: b"fn", wake=self._wake, loop=self.loop,  # type: ignore[arg-type]
-                                 limits=lambda tenant: (limits or {}).get(tenant, (0, 1.0)))
+                                 limits=lambda tenant: (limits or {}).get(tenant, Entitlement()))
 
     def _wake(self) -> None:
         self.wakes += 1
@@ -199,7 +200,7 @@ def test_a_tenant_that_floods_the_queue_waits_behind_its_own_tasks_not_in_front_
 
 
 def test_weights_share_the_site_in_proportion() -> None:
-    w = World(cpus=4, limits={"acme": (0, 3.0), "globex": (0, 1.0)})
+    w = World(cpus=4, limits={"acme": Entitlement(weight=3.0), "globex": Entitlement(weight=1.0)})
     w.add(*(f"a{i}" for i in range(20)), resources=_cpus(1), tenant="acme")
     w.add(*(f"g{i}" for i in range(20)), resources=_cpus(1), tenant="globex")
     w.dispatch.run_queue()
@@ -207,7 +208,7 @@ def test_weights_share_the_site_in_proportion() -> None:
 
 
 def test_a_running_cap_keeps_a_tenants_extra_tasks_queued_and_lets_others_through() -> None:
-    w = World(cpus=4, limits={"acme": (1, 1.0)})
+    w = World(cpus=4, limits={"acme": Entitlement(max_running=1)})
     tasks = w.add("a0", "a1", "a2", resources=_cpus(1), tenant="acme")
     w.add("g0", resources=_cpus(1), tenant="globex")
     w.dispatch.run_queue()
@@ -232,3 +233,11 @@ def test_while_tenants_compete_each_keeps_a_shallow_pipeline_in_ray_and_nothing_
     calls = [ids for ids, _ in w2.runner.started]
     assert all(len(ids) == 1 for ids in calls)  # not fused
     assert sorted(ids[0] for ids in calls) == ["a0", "a1", "g0"]  # 2 CPUs x 2 / 2 tenants: 2 each at most
+
+
+def test_a_cpu_cap_keeps_a_tenants_tasks_queued_beyond_the_cpus_it_may_hold() -> None:
+    w = World(cpus=8, limits={"acme": Entitlement(max_resources={"CPU": 3.0})})
+    tasks = w.add("a0", "a1", "a2", resources=_cpus(2), tenant="acme")
+    w.add("s0", resources=_cpus(1), tenant="acme")
+    w.dispatch.run_queue()
+    assert _started(w) == ["a0", "s0"] and tasks[1].phase is Phase.QUEUED  # 2 + 1 CPUs; another 2 would be 5

@@ -30,6 +30,9 @@ def test_accept_patterns_and_limits_per_tenant() -> None:
     alpha = policy.limits("globex@alpha")
     assert alpha.max_running == 8 and alpha.allows("ab" * 32) and not alpha.allows("cd" * 32)
     assert policy.limits("someone").max_running == 8 and policy.limits("someone").allows("cd" * 32)
+    capped = Policy.parse({"default": {"max_cpus": 4, "max_gpus": 1, "max_running": 3, "weight": 2}}).limits("x")
+    assert capped.entitlement.max_resources == {"CPU": 4.0, "GPU": 1.0}
+    assert (capped.entitlement.max_running, capped.entitlement.weight) == (3, 2.0)
 
 
 @pytest.mark.parametrize("data,match", [
