@@ -344,11 +344,19 @@ class SiteService(site_pb2_grpc.SiteServiceServicer):
 
     async def GetStatus(self, request: site_pb2.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> site_pb2.SiteStatus:
-        return self._scheduler.queries.status()
+        return self._for_caller(self._scheduler.queries.status())
 
     async def ListSites(self, request: site_pb2.ListSitesRequest,
                         context: grpc.aio.ServicerContext) -> site_pb2.SiteList:
-        return site_pb2.SiteList(sites=self._scheduler.queries.catalogue())
+        return site_pb2.SiteList(sites=[self._for_caller(s) for s in self._scheduler.queries.catalogue()])
+
+    def _for_caller(self, status: site_pb2.SiteStatus) -> site_pb2.SiteStatus:
+        """A status as the caller may see it: the ids of the datasets a site holds are for
+        peers (placement by locality); to tenants of a site with token auth they would tell
+        which ids other tenants' datasets have."""
+        if self._scheduler.config.auth == "token" and not caller().peer:
+            status.ClearField("datasets")
+        return status
 
 
 class PeerService(peer_pb2_grpc.PeerServiceServicer):

@@ -120,3 +120,21 @@ def test_a_tenant_that_floods_the_site_does_not_hold_up_another(site: Site) -> N
         unfinished = sum(not f.done() for f in flood)
         assert unfinished > 300, f"globex waited for acme's flood ({unfinished} of 400 left)"
         acme.cancel_all()
+
+
+def test_a_tenant_sees_only_its_own_datasets_and_no_site_status_lists_anyone_elses(site: Site) -> None:
+    import pyarrow as pa
+
+    from intertie.v1 import site_pb2, site_pb2_grpc
+
+    with intertie.connect(site.address, token=site.acme) as acme, \
+            intertie.connect(site.address, token=site.globex) as globex:
+        ref = acme.put_dataset(pa.table({"v": [1, 2, 3]}), name="acme-private")
+        assert [r.name for r in acme.datasets()] == ["acme-private"]
+        assert "acme-private" not in [r.name for r in globex.datasets()]
+        with pytest.raises(intertie.DatasetNotFoundError):
+            globex.get_dataset(ref.id)
+        channel = grpc.intercept_channel(grpc.insecure_channel(site.address), BearerToken(site.globex))
+        with channel:
+            status = site_pb2_grpc.SiteServiceStub(channel).GetStatus(site_pb2.GetStatusRequest(), timeout=30)
+        assert list(status.datasets) == []  # the ids a site holds are for its peers, not its tenants
