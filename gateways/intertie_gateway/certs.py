@@ -2,9 +2,11 @@
 made with the ``cryptography`` library (no openssl shell-outs), for tests, the demo and
 small federations. A federation in production would use its own CA; the files are the same.
 
-A site's certificate names the site in its subject (CN = site id, the identity mutual TLS
-between peers will check) and the addresses it serves in its subjectAltName, and can serve
-and authenticate as a client (a peer opening a link). Keys are ECDSA P-256, written 0600.
+A site's certificate names the site twice: in its subject (CN = site id, what gRPC shows of a
+peer) and as the first name of its subjectAltName, the URI ``intertie-site:<site id>`` (Arrow
+Flight shows of a client certificate only its first subjectAltName). The addresses it serves
+follow in the subjectAltName (host verification matches those; a URI never matches a host). It
+can serve and authenticate as a client (a peer opening a link). Keys are ECDSA P-256, written 0600.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from intertie_gateway.files import write_private
 
 CA_DAYS = 3650
 SITE_DAYS = 825  # the longest validity common TLS clients accept for a server certificate
+# The scheme of the URI that names a site in its certificate.
+SITE_URI = "intertie-site:"
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ def create_site(ca: Issued, directory: Path, site_id: str, hosts: list[str]) -> 
     ca_key = serialization.load_pem_private_key(ca.key.read_bytes(), password=None)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca.key}: expected an ECDSA key")
-    names: list[x509.GeneralName] = []
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(SITE_URI + site_id)]
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -103,3 +107,9 @@ def site_of(cert_pem: bytes) -> str:
     if not names:
         raise ValueError("the certificate names no site (no CN)")
     return str(names[0].value)
+
+
+def site_of_uri(name: str) -> str:
+    """The site an ``intertie-site:`` URI names ("": another kind of name, e.g. a host: a
+    certificate made before sites were named by URI, or not by ``create_site``)."""
+    return name[len(SITE_URI):] if name.startswith(SITE_URI) else ""

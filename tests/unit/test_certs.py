@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from intertie_gateway import certs
@@ -47,6 +48,10 @@ def test_a_site_of_the_federation_is_let_in_and_named_by_its_certificate(mtls_se
     beta = certs.create_site(ca, fed, "beta", ["127.0.0.1"])
     assert check(port, ca.cert, beta).status == health_pb2.HealthCheckResponse.SERVING
     assert certs.site_of(beta.cert.read_bytes()) == "beta"
+    # What Arrow Flight shows of a client certificate: the first name of its subjectAltName.
+    names = x509.load_pem_x509_certificate(beta.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert certs.site_of_uri(list(names)[0].value) == "beta" and certs.site_of_uri("127.0.0.1") == ""
     assert stat.S_IMODE(beta.key.stat().st_mode) == 0o600 and stat.S_IMODE(ca.key.stat().st_mode) == 0o600
 
 
