@@ -7,14 +7,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.model import INTERNAL, PREEMPTED, RETRY
 from intertie_gateway.ray_attach import init_within, prepare_attach
-from intertie_gateway.worker import KV_NAMESPACE, KV_PREFIX, Outcome, PoolWorker, execute
+from intertie_gateway.worker import KV_NAMESPACE, KV_PREFIX, Outcome, PoolWorker, Stored, execute
 
 logger = logging.getLogger(__name__)
 
@@ -182,31 +182,36 @@ class RayRunner:
             slot.actor.configure.remote((self._results_at, self._results_threshold))
 
     def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
-                    request: Mapping[str, float]) -> Running:
+                    request: Mapping[str, float], *, tenants: Sequence[str] = ()) -> Running:
         """Several tasks of one function, (name, args, batch, task id) each, in one call to a
-        pooled worker; the ref resolves to their outcomes, in order."""
+        pooled worker; the ref resolves to their outcomes, in order. ``tenants``: each task's
+        (whose its stored results are; none given: "")."""
         holder = self._functions[digest]
         extra = () if holder is None else (holder,)
         index, slot = self._least_loaded()
-        running = Running(slot.actor.execute_many.remote(digest, items, *extra), slot, index)
+        owned = [(*item, tenant) for item, tenant in zip(items, [*tenants] or [""] * len(items), strict=True)]
+        running = Running(slot.actor.execute_many.remote(digest, owned, *extra), slot, index)
         slot.inflight.append(running)
         return running
 
     def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
-               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False) -> Running:
+               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False,
+               tenant: str = "") -> Running:
         """Starts a task in Ray; the caller watches ``running.ref``. ``inputs`` maps the
         dataset ids in its arguments to where the worker reads them. A function declared
-        ``returns_dataset`` stores its Table at the site under the task's id."""
+        ``returns_dataset`` stores its Table at the site under the task's id. Tables stored at
+        the site belong to ``tenant``, the task's."""
         pooled = self.pooled(request)
-        stored = None
+        stored: Stored | None = None
         if returns_dataset or (self._results_threshold and not pooled):  # pooled workers know the site
-            stored = (self._results_at, self._results_threshold, returns_dataset, task_id)
+            stored = (self._results_at, self._results_threshold, returns_dataset, task_id, tenant)
         extra: tuple[Any, ...] = (self._functions[digest], inputs or None, stored)
         while extra and extra[-1] is None:  # nothing to send for plain tasks
             extra = extra[:-1]
         if pooled:
             index, slot = self._least_loaded()
-            running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra), slot, index)
+            owner = {"tenant": tenant} if tenant else {}
+            running = Running(slot.actor.execute.remote(digest, args, name, batch, *extra, **owner), slot, index)
             slot.inflight.append(running)
         else:
             running = Running(self._variant(request).remote(digest, args, name, batch, *extra))

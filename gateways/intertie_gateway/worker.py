@@ -89,14 +89,18 @@ def _function(digest: str, holder: list[Any] | None, name: str) -> Any:
     return fn
 
 
+# Where and how a task's Table results are stored at the site: (its dataset endpoint, a size
+# threshold, whether the function is declared returns="dataset", the task id, the task's tenant).
+Stored = tuple[str, int, bool, str, str]
+
+
 def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
-            inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
+            inputs: dict[str, str] | None = None, stored: Stored | None = None) -> Outcome:
     """Runs one task. ``inputs``: dataset id -> a local path to memory-map, or
-    ``flight://`` and the site's dataset endpoint (see :func:`_flight`). ``stored``: (that
-    endpoint, a size threshold, whether the function is declared ``returns="dataset"``, the
-    task id[, the task's tenant]) - a Table result over the threshold, or any result of such
-    a function, is stored at the site, owned by the task's tenant, and the task returns its
-    DatasetRef."""
+    ``flight://`` and the site's dataset endpoint (see :func:`_flight`). ``stored``: see
+    :data:`Stored` - a Table result over the threshold, or any result of a function declared
+    ``returns="dataset"``, is stored at the site, owned by the task's tenant (so that only it
+    sees it, as "tenant@home" at a peer), and the task returns its DatasetRef."""
     started = time.perf_counter()
     outcome = _execute(digest, args, name, batch, holder, inputs, stored)
     return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
@@ -138,14 +142,14 @@ class ResultNotATable(TypeError):
     pass
 
 
-def _keep_at_site(value: Any, name: str, batch: bool, stored: tuple[Any, ...]) -> Any:
+def _keep_at_site(value: Any, name: str, batch: bool, stored: Stored) -> Any:
     """The result with its (large, or declared) tables stored at the site as datasets."""
-    address, threshold, declared, task_id, *tenant = stored
+    address, threshold, declared, task_id, tenant = stored
 
     def keep(item: Any, index: int | None) -> Any:
         if _is_table(item) and (declared or (threshold and item.nbytes >= threshold)):
             return _store(item, address, name, task_id and (task_id if index is None else f"{task_id}-{index}"),
-                          tenant[0] if tenant else "")
+                          tenant)
         if declared:
             raise ResultNotATable(f"{name} is declared returns='dataset' but returned {type(item).__name__}, "
                                   f"not a pyarrow.Table")
@@ -206,7 +210,7 @@ def _tables(call: Any, inputs: dict[str, str]) -> Any:
 
 
 def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None,
-             inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
+             inputs: dict[str, str] | None = None, stored: Stored | None = None) -> Outcome:
     try:
         fn = _function(digest, holder, name)
     except Exception as exc:
@@ -259,17 +263,19 @@ class PoolWorker:
         """(the site's dataset endpoint, threshold): told once rather than with every task."""
         self._site = site
 
-    def _stored(self, stored: tuple[str, int, bool, str] | None, task_id: str) -> tuple[str, int, bool, str] | None:
+    def _stored(self, stored: Stored | None, task_id: str, tenant: str) -> Stored | None:
         if stored is not None or self._site is None:
             return stored
-        return (self._site[0], self._site[1], False, task_id)
+        return (self._site[0], self._site[1], False, task_id, tenant)
 
     def execute(self, digest: str, args: bytes, name: str, batch: bool, holder: list[Any] | None = None,
-                inputs: dict[str, str] | None = None, stored: tuple[str, int, bool, str] | None = None) -> Outcome:
-        return execute(digest, args, name, batch, holder, inputs, self._stored(stored, ""))
+                inputs: dict[str, str] | None = None, stored: Stored | None = None, tenant: str = "") -> Outcome:
+        """``tenant``: the task's, owner of the results stored at the site (when ``stored`` is None)."""
+        return execute(digest, args, name, batch, holder, inputs, self._stored(stored, "", tenant))
 
-    def execute_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
+    def execute_many(self, digest: str, items: list[tuple[str, bytes, bool, str, str]],
                      holder: list[Any] | None = None) -> list[Outcome]:
-        """Several queued tasks of one function, one after another (fused by the gateway)."""
-        return [execute(digest, args, name, batch, holder, None, self._stored(None, task_id))
-                for name, args, batch, task_id in items]
+        """Several queued tasks of one function, one after another (fused by the gateway):
+        (name, args, batch, task id, tenant) each."""
+        return [execute(digest, args, name, batch, holder, None, self._stored(None, task_id, tenant))
+                for name, args, batch, task_id, tenant in items]
