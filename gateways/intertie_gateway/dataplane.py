@@ -22,7 +22,8 @@ every client of the site verifies it with the federation CA, or the certificate 
 With the federation CA, the child serves peers on a second endpoint with mutual TLS
 (:class:`~intertie_gateway.flight_service.PeerFlightService`; a Flight server, like a gRPC
 one, either requires a client certificate of every caller or never asks for one), and
-pulls from peers and tells them of deleted originals with the site's certificate.
+pulls from peers, tells them of deleted originals and makes its tenants' requests at them
+(:class:`~intertie_gateway.flight_service.Relay`) with the site's certificate.
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ import json
 import logging
 import os
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -44,8 +48,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
-from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, caller_of
+from intertie_gateway.files import write_private
+from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, Relay, caller_of
 from intertie_gateway.tokens import TokenStore
 from intertie_gateway.transport import Transport
 
@@ -65,14 +71,26 @@ RESTART_MIN_INTERVAL_S = 1.0
 LOCATION_TIMEOUT_S = 2.0
 # A pull that has no source yet (peers not up after a restart) asks again this often.
 SOURCES_RETRY_S = 0.5
+# A peer's endpoint that has not shown its certificate in this time is asked again at the
+# next request that needs it.
+IDENTIFY_TIMEOUT_S = 5.0
 
 
 class DataPlaneService(FlightService):
-    """The child's Flight service: the public surface plus the gateway's own actions."""
+    """The child's Flight service: the public surface plus the gateway's own actions.
+    ``identify``: which site serves a peer's endpoint (None: a federation without a CA, where
+    tenants call each site themselves; else its tenants' requests that name a peer are
+    relayed there)."""
 
-    def __init__(self, location: str, store: DatasetStore, **kwargs: Any) -> None:
+    def __init__(self, location: str, store: DatasetStore, *, connect: Callable[[str], flight.FlightClient],
+                 identify: Callable[[str], str] | None, **kwargs: Any) -> None:
         self._peer_addresses: list[str] = []
-        super().__init__(location, store, peers=lambda: list(self._peer_addresses), **kwargs)
+
+        def peers() -> list[str]:
+            return list(self._peer_addresses)
+
+        relay = Relay(store.site_id, peers, connect, identify) if identify is not None else None
+        super().__init__(location, store, peers=peers, connect=connect, relay=relay, **kwargs)
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
         if not action.type.startswith("dp-"):
@@ -335,6 +353,34 @@ def connect(address: str, roots: bytes, **tls: Any) -> flight.FlightClient:
     return flight.FlightClient(f"grpc+tls://{address}", tls_root_certs=roots, **tls)
 
 
+def identify_with(transport: Transport) -> Callable[[str], str]:
+    """Which site serves a peer's endpoint: the site its certificate names (its
+    ``intertie-site:`` URI), checked with the federation CA in a TLS handshake in which this
+    site shows its own certificate (that endpoint asks every caller for one). The gateway
+    knows the peers' addresses; this is how the data plane knows whose each one is."""
+    context = ssl.create_default_context(cadata=transport.ca.decode())
+    context.check_hostname = False  # the site is what is checked here; Flight's clients check the host
+    context.set_alpn_protocols(["h2"])
+    with tempfile.TemporaryDirectory() as folder:  # ssl loads a certificate and its key from files only
+        cert, key = Path(folder) / "site.pem", Path(folder) / "site.key"
+        cert.write_bytes(transport.cert)
+        write_private(key, transport.key)
+        context.load_cert_chain(cert, key)
+
+    def identify(address: str) -> str:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        with socket.create_connection((host, int(port)), timeout=IDENTIFY_TIMEOUT_S) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            names: Any = (tls.getpeercert() or {}).get("subjectAltName", ())  # ((kind, value), ...)
+        for kind, value in names:
+            if kind == "URI" and site_of_uri(str(value)):
+                return site_of_uri(str(value))
+        raise OSError(f"the certificate served at {address} names no site")
+
+    return identify
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="intertie_gateway.dataplane")
     parser.add_argument("--url", required=True)
@@ -371,11 +417,13 @@ def main(argv: list[str] | None = None) -> int:
                          connect=peer)
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None
     server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
-                              max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer, **tls)
+                              max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer,
+                              identify=identify_with(transport) if transport.mutual else None, **tls)
     servers: list[FlightService] = [server]
     if args.peer_listen:
         servers.append(PeerFlightService(f"grpc+tls://{args.peer_listen}", store, max_rate=args.max_rate,
-                                         verify_client=True, root_certificates=transport.ca, **tls))
+                                         peers=server.peers, connect=peer, verify_client=True,
+                                         root_certificates=transport.ca, **tls))
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")
     tmp.write_text(f"{server.port} {servers[-1].port if args.peer_listen else 0}")

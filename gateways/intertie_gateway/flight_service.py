@@ -22,24 +22,36 @@ leaves the site), a tenant (by the bearer token of the site's gRPC endpoint, wit
 "token"), or anyone (auth "none": tenant "", who sees every dataset, as before tenants).
 A tenant sees, reads, replaces and deletes only its own datasets; only the site sets a
 dataset's id or owner (a task's result belongs to the task's tenant).
+
+A tenant's token is good only at its home, so a tenant reaches the datasets of other sites
+through its home: a request may name a ``site`` (the put descriptor, a JSON ticket,
+``list_flights`` criteria ``{"site": ...}``, an action body ``{"key": ..., "site": ...}``),
+and the home's :class:`Relay` makes it at that peer's endpoint (mutual TLS), vouching for the
+tenant. The peer (:class:`PeerFlightService`) knows the calling site by its certificate and
+lets it act only for that site's own tenants, which it names "tenant@home".
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from intertie_gateway.arrow_checks import first_line
+from intertie_gateway.arrow_checks import arrow_call, batches_of, check_batch, checked_schema, first_line
+from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
+from intertie_gateway.pulls import owner_here
+from intertie_gateway.tenancy import TENANT
 from intertie_gateway.throttle import log_throttled
 from intertie_gateway.tokens import MAX_TOKEN_CHARS, TokenError, TokenStore
 from intertie_gateway.validate import clip
@@ -49,6 +61,13 @@ logger = logging.getLogger(__name__)
 # A peer that does not answer a replica deletion in this time keeps its copy until it
 # is evicted from its cache.
 REPLICA_DELETE_TIMEOUT_S = 5.0
+# A listing or an action relayed to a peer for a tenant fails when the peer has not answered
+# in this time (a transfer is not bounded here: the tenant's client has its own deadline).
+RELAY_TIMEOUT_S = 30.0
+# A peer that has just come up is told to the data plane at the gateway's next sync
+# (dataplane.SYNC_S): a relayed request waits this long for it, asking this often.
+FIND_PEER_S = 2.0
+FIND_PEER_RETRY_S = 0.1
 
 
 # The header that carries the site's own secret (its gateway and its workers).
@@ -56,14 +75,19 @@ SECRET_HEADER = "intertie-secret"
 GATE = "gate"
 
 
+# The header in which a site names the tenant it acts for at a peer ("tenant@home").
+TENANT_HEADER = "intertie-tenant"
+
+
 @dataclass(frozen=True)
 class Caller:
     """Who is calling. ``tenant``: whose datasets it sees (None: every dataset: the site
     itself, and everyone when the site runs without authentication); ``internal``: the site
-    itself."""
+    itself; ``peer``: the site a peer's certificate names (at the peers' endpoint)."""
 
     tenant: str | None
     internal: bool = False
+    peer: str = ""
 
 
 class Admitted(flight.ServerMiddleware):  # type: ignore[misc]
@@ -97,6 +121,15 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
             log_throttled(logger, f"flight-auth-{str(exc).split(' ')[0]}", "refused a Flight call (%s): %s",
                           info.method, exc)
             raise _refused(f"not authenticated: {exc}") from None
+
+
+class PeerGate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
+    """The peers' endpoint: the handshake proved a certificate of the federation CA; the
+    tenant a peer vouches for is noted here and checked against the site its certificate
+    names by the handler (a middleware does not see the certificate)."""
+
+    def start_call(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
+        return Admitted(Caller(_header(headers, TENANT_HEADER)))
 
 
 def _header(headers: dict[str, list[Any]], name: str) -> str | None:
@@ -134,15 +167,34 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
     def __init__(self, location: str, store: DatasetStore, *, max_rate: float = 0.0,
                  peers: Callable[[], Sequence[str]] = lambda: (), secret: str = "", tokens: TokenStore | None = None,
                  connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}"),
+                 relay: Relay | None = None, gate: flight.ServerMiddlewareFactory | None = None,
                  **server: Any) -> None:
         """``secret``: what the site's own calls show (""): none can); ``tokens``: the tenants'
-        (None: auth none); ``connect``: a client for a peer's address; ``server``: TLS options
-        of ``FlightServerBase``."""
-        super().__init__(location, middleware={GATE: Gate(secret, tokens)}, **server)
+        (None: auth none); ``connect``: a client for a peer's address; ``relay``: how requests
+        of tenants that name a peer are made there (None: a federation without a CA, whose
+        tenants call each site's endpoint themselves); ``gate``: who calls (default
+        :class:`Gate`); ``server``: TLS options of ``FlightServerBase``."""
+        super().__init__(location, middleware={GATE: gate or Gate(secret, tokens)}, **server)
         self.store = store
         self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
         self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
         self._connect = connect
+        self._relay = relay
+
+    def _caller(self, context: Any) -> Caller:
+        return caller_of(context)
+
+    def _elsewhere(self, site: Any, who: Caller) -> tuple[Relay, str, str] | None:
+        """(the relay, the peer a request names, the tenant it acts for); None: this site."""
+        if site is None or site == "" or site == self.store.site_id:
+            return None
+        if not isinstance(site, str):
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad request: its site must be a string")
+        if self._relay is None or not who.tenant or who.internal or who.peer:
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                               f"site {self.store.site_id!r} does not act at site {clip(site)!r} for this caller "
+                               "(only for its own tenants, in a federation with a CA): ask that site itself")
+        return self._relay, site, who.tenant
 
     def _drop_replicas(self, meta: DatasetMeta) -> int:
         """Asks every up peer to delete its replica of a deleted primary; how many did."""
@@ -186,10 +238,14 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                                              f"this {what} ({type(exc).__name__})") from None
 
     def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
-        who = caller_of(context)
+        who = self._caller(context)
 
         def put() -> DatasetMeta:
             request = _json_request(descriptor.command or b"{}", "put descriptor")
+            away = self._elsewhere(request.pop("site", None), who)
+            if away is not None:
+                relay, site, tenant = away
+                return relay.put(site, tenant, request, reader)
             name, dataset_id = request.get("name") or "", request.get("id") or None
             replace, owner = request.get("replace", False), request.get("owner", "")
             if not isinstance(name, str) or not (dataset_id is None or isinstance(dataset_id, str)) \
@@ -207,21 +263,26 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         for old in replaced:  # the peers' replicas of what the name named before go too
             self._drop_replicas(old)
         writer.write(pa.py_buffer(meta.to_json()))
-        logger.info("stored dataset %s (%s): %d rows, %d bytes", meta.id, meta.name, meta.num_rows, meta.num_bytes)
+        logger.info("stored dataset %s (%s) at %s: %d rows, %d bytes", meta.id, meta.name, meta.site, meta.num_rows,
+                    meta.num_bytes)
 
     def do_get(self, context: Any, ticket: flight.Ticket) -> flight.RecordBatchStream:
-        who = caller_of(context)
+        who = self._caller(context)
 
-        def get() -> flight.GeneratorStream:
-            key, start = ticket.ticket, 0
+        def get() -> flight.RecordBatchStream:
+            key, start, away = ticket.ticket, 0, None
             if key.startswith(b"{"):
                 request = _json_request(key, "ticket")
                 key, start = request.get("id"), request.get("from_batch", 0)
                 if not isinstance(key, str) or not isinstance(start, int) or isinstance(start, bool) or start < 0:
                     raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad ticket: expected {\"id\": a string, "
-                                       "\"from_batch\": a whole number >= 0}")
+                                       "\"from_batch\": a whole number >= 0, \"site\": a site id}")
+                away = self._elsewhere(request.get("site"), who)
             else:
                 key = _text(key, "ticket")
+            if away is not None:
+                relay, site, tenant = away
+                return flight.RecordBatchStream(relay.get(site, tenant, key, start))
             _, file_reader = self.store.open(key, who.tenant)
             batches: Iterator[pa.RecordBatch] = (
                 file_reader.get_batch(i) for i in range(min(start, file_reader.num_record_batches),
@@ -234,11 +295,12 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         return self._served("get", get)
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
-        who = caller_of(context)
+        who = self._caller(context)
 
         def listing() -> list[flight.FlightInfo]:
+            away = self._elsewhere(_json_request(criteria, "criteria").get("site"), who) if criteria else None
             out = []
-            for meta in self.store.listing(who.tenant):
+            for meta in away[0].listing(*away[1:]) if away is not None else self.store.listing(who.tenant):
                 schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(meta.schema)))
                 out.append(flight.FlightInfo(schema, flight.FlightDescriptor.for_command(meta.to_json()),
                                              [flight.FlightEndpoint(meta.id, [])], meta.num_rows, meta.num_bytes))
@@ -247,10 +309,20 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         return iter(self._served("listing", listing))
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
-        who = caller_of(context)
+        who = self._caller(context)
 
         def act() -> DatasetMeta:
             key = _text(action.body.to_pybytes(), "action body")
+            if key.startswith("{"):
+                request = _json_request(action.body.to_pybytes(), "action body")
+                named, away = request.get("key"), self._elsewhere(request.get("site"), who)
+                if not isinstance(named, str) or (away is not None and action.type not in ("get", "delete")):
+                    raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", "bad action body: expected {\"key\": an id or "
+                                       "name, \"site\": a site id} (get and delete act at another site)")
+                key = named
+                if away is not None:
+                    relay, site, tenant = away
+                    return relay.action(action.type, site, tenant, key)
             if action.type == "get":
                 return self.store.resolve(key, who.tenant)
             if action.type == "delete":
@@ -281,10 +353,10 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
     get_flight_info = do_exchange = _unsupported
 
     def get_schema(self, context: Any, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
-        """The schema of a dataset (descriptor command: its id or name). pyarrow attaches the
-        server's traceback to any error raised here (unlike every other method), so a
+        """The schema of a dataset here (descriptor command: its id or name). pyarrow attaches
+        the server's traceback to any error raised here (unlike every other method), so a
         request that cannot be answered gets an empty schema whose metadata says why."""
-        who = caller_of(context)
+        who = self._caller(context)
 
         def schema() -> pa.Schema:
             key = _text(descriptor.command or b"", "descriptor") if descriptor.command is not None else ""
@@ -299,21 +371,189 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
 
 class PeerFlightService(FlightService):
     """The peers' endpoint (mutual TLS: the handshake admits only certificates of the
-    federation CA). Peers read datasets (for the tasks they run) and drop their replicas of a
-    deleted original; they neither store nor delete anything else here."""
+    federation CA). A peer is known by the site its certificate names (its ``intertie-site:``
+    URI, the first subjectAltName, all that Flight shows of it). As itself, it reads datasets
+    by id (for the tasks it runs) and drops its replicas of a deleted original. For a tenant
+    it vouches for (``TENANT_HEADER``), which must be one of its own ("tenant@<its site id>"),
+    it lists, reads, stores and deletes that tenant's datasets, and only those."""
 
-    PEER_ACTIONS = ("get", "delete-replica")
+    SITE_ACTIONS = ("get", "delete-replica")
+    TENANT_ACTIONS = ("get", "delete")
+
+    def __init__(self, location: str, store: DatasetStore, **kwargs: Any) -> None:
+        super().__init__(location, store, gate=PeerGate(), **kwargs)
+
+    def _caller(self, context: Any) -> Caller:
+        site = site_of_uri(context.peer_identity().decode("utf-8", "replace"))
+        vouched = caller_of(context).tenant
+        if vouched is None:  # as itself: a certificate made before sites were named by URI still pulls
+            return Caller(None, peer=site or "(a site of the federation)")
+        tenant, _, home = vouched.rpartition("@")
+        if not site or home != site or not TENANT.match(tenant):
+            log_throttled(logger, f"flight-vouch-{site}", "refused site %s acting for tenant %r", site, clip(vouched))
+            raise _refused(f"not authenticated: a site may act only for its own tenants (tenant@<its site id>, "
+                           f"named by an intertie-site: URI first in its certificate); this one is {site!r}")
+        return Caller(vouched, peer=site)
 
     def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
-        raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: peers do not store datasets here")
+        if self._caller(context).tenant is None:
+            raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: peers store datasets here only for a tenant")
+        super().do_put(context, descriptor, reader, writer)
+
+    def list_flights(self, context: Any, criteria: bytes) -> Any:
+        if self._caller(context).tenant is None:
+            raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: peers list datasets here only for a tenant")
+        return super().list_flights(context, criteria)
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
-        if action.type not in self.PEER_ACTIONS:
+        if action.type not in (self.SITE_ACTIONS if self._caller(context).tenant is None else self.TENANT_ACTIONS):
             raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: unknown action {clip(action.type)!r}")
         return super().do_action(context, action)
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
-        return [(kind, text) for kind, text in super().list_actions(context) if kind in self.PEER_ACTIONS]
+        allowed = set(self.SITE_ACTIONS) | set(self.TENANT_ACTIONS)
+        return [(kind, text) for kind, text in super().list_actions(context) if kind in allowed]
+
+
+class Relay:
+    """A home's data plane acting at its peers for its own tenants (their tokens are good only
+    here): each call goes to the peer's endpoint with mutual TLS and names the tenant as the
+    peer does ("tenant@home"). What comes back is network data and is checked like a pull's;
+    a replica's owner is named as this site names it (``pulls.owner_here``).
+
+    ``addresses()``: the up peers' endpoints; ``identify(address)``: the site the certificate
+    served there names (checked with the federation CA), asked once per address."""
+
+    def __init__(self, site_id: str, addresses: Callable[[], Sequence[str]],
+                 connect: Callable[[str], flight.FlightClient], identify: Callable[[str], str]) -> None:
+        self.site_id = site_id
+        self._addresses = addresses
+        self._connect = connect
+        self._identify = identify
+        self._sites: dict[str, str] = {}  # address -> the site serving there
+        self._lock = threading.Lock()
+
+    def _address(self, site: str) -> str:
+        deadline = time.monotonic() + FIND_PEER_S
+        while True:
+            addresses = list(self._addresses())
+            with self._lock:
+                known = {a: s for a, s in self._sites.items() if a in addresses}
+            for address in addresses:
+                if address not in known:
+                    try:
+                        known[address] = self._identify(address)
+                    except OSError as exc:  # not up after all: asked again at the next call
+                        logger.info("which site serves datasets at %s? %s", address, exc)
+            with self._lock:
+                self._sites = known
+            for address, serving in known.items():
+                if serving == site:
+                    return address
+            if time.monotonic() > deadline:
+                break
+            time.sleep(FIND_PEER_RETRY_S)
+        raise flight.FlightUnavailableError(f"ERROR_KIND_SITE_FAILURE: site {clip(site)!r} is not reachable from "
+                                            f"site {self.site_id!r} (not an up peer)")
+
+    def _call(self, site: str, tenant: str, timeout: float | None = RELAY_TIMEOUT_S
+              ) -> tuple[flight.FlightClient, flight.FlightCallOptions]:
+        client = self._connect(self._address(site))
+        vouched = f"{tenant}@{self.site_id}"
+        return client, flight.FlightCallOptions(timeout=timeout, headers=[(TENANT_HEADER.encode(), vouched.encode())])
+
+    def _meta(self, body: bytes, site: str) -> DatasetMeta:
+        """A peer's answer about a dataset, checked, with its owner as this site names it."""
+        try:
+            raw = json.loads(body)
+            meta = DatasetMeta(**{f.name: raw[f.name] for f in fields(DatasetMeta) if f.name in raw})
+        except (ValueError, TypeError, RecursionError):
+            raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {site!r} answered with metadata that is not valid") \
+                from None
+        typed = all(isinstance(getattr(meta, f.name), str) for f in fields(DatasetMeta)
+                    if f.name in ("id", "name", "site", "schema", "origin", "owner"))
+        if not typed or meta.site != site or not isinstance(meta.num_rows, int) or not isinstance(meta.num_bytes, int):
+            raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {site!r} answered with metadata that is not valid")
+        meta.owner = owner_here(meta.owner, site, self.site_id)
+        return meta
+
+    def listing(self, site: str, tenant: str) -> list[DatasetMeta]:
+        client, options = self._call(site, tenant)
+        try:
+            return [self._meta(info.descriptor.command, site) for info in client.list_flights(options=options)]
+        except flight.FlightError as exc:
+            raise _relayed(exc, site) from None
+        finally:
+            client.close()
+
+    def action(self, kind: str, site: str, tenant: str, key: str) -> DatasetMeta:
+        client, options = self._call(site, tenant)
+        try:
+            answer = next(iter(client.do_action(flight.Action(kind, key.encode()), options)), None)
+            return self._meta(answer.body.to_pybytes() if answer is not None else b"", site)
+        except flight.FlightError as exc:
+            raise _relayed(exc, site) from None
+        finally:
+            client.close()
+
+    def get(self, site: str, tenant: str, key: str, start: int) -> pa.RecordBatchReader:
+        """The dataset's batches as the peer streams them, each validated before it is passed on."""
+        client, options = self._call(site, tenant, timeout=None)  # a long read: the tenant's client times it
+        try:
+            reader = client.do_get(flight.Ticket(json.dumps({"id": key, "from_batch": start}).encode()), options)
+            schema = checked_schema(arrow_call(functools.partial(getattr, reader, "schema"), f"{site}'s stream"))
+        except flight.FlightError as exc:
+            client.close()
+            raise _relayed(exc, site) from None
+        except BaseException:
+            client.close()
+            raise
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            try:
+                for index, batch in enumerate(batches_of(reader)):
+                    check_batch(batch, schema, f"dataset {clip(key)} from {site}, batch {start + index}")
+                    yield batch
+            finally:
+                client.close()
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
+
+    def put(self, site: str, tenant: str, request: dict[str, Any], reader: Any) -> DatasetMeta:
+        """The tenant's upload, passed on batch by batch (the peer validates it in full)."""
+        name, replace = request.get("name") or "", request.get("replace", False)
+        if not isinstance(name, str) or not isinstance(replace, bool) or set(request) - {"name", "replace"}:
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT",
+                               "bad put descriptor: name must be a string, replace true or false")
+        schema = checked_schema(arrow_call(lambda: reader.schema, "the stream's schema"))
+        client, options = self._call(site, tenant, timeout=None)
+        descriptor = flight.FlightDescriptor.for_command(json.dumps({"name": name, "replace": replace}).encode())
+        try:
+            writer, answers = client.do_put(descriptor, schema, options)
+            with writer:
+                for batch in batches_of(reader):
+                    writer.write_batch(batch)
+                writer.done_writing()
+                answer = answers.read()
+            return self._meta(answer.to_pybytes() if answer is not None else b"", site)
+        except flight.FlightError as exc:
+            raise _relayed(exc, site) from None
+        finally:
+            client.close()
+
+
+def _relayed(exc: flight.FlightError, site: str) -> Exception:
+    """A peer's refusal as this site answers it: the same kind and words (so another
+    tenant's dataset is still answered like an unknown one); a peer that cannot be reached
+    as unavailable."""
+    text = first_line(exc)
+    for kind in ("ERROR_KIND_NOT_FOUND", "ERROR_KIND_DATASET_NOT_FOUND", "ERROR_KIND_INVALID_ARGUMENT",
+                 "ERROR_KIND_PAYLOAD_TOO_LARGE"):
+        if text.startswith(kind + ": "):
+            return DatasetError(kind, text[len(kind) + 2:])
+    if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError)):
+        return flight.FlightUnavailableError(f"ERROR_KIND_SITE_FAILURE: site {site!r} did not answer: {clip(text)}")
+    return DatasetError("ERROR_KIND_SITE_FAILURE", f"site {site!r} failed the request: {clip(text)}")
 
 
 # The largest ticket, descriptor or action body read (ids and names are 128 characters).

@@ -3,6 +3,11 @@
 ``fed.put_dataset(table)`` streams record batches to a site's Flight endpoint and returns
 a :class:`DatasetRef`; ``fed.get_dataset(ref)`` streams them back. Nothing here pickles:
 the wire is Arrow IPC.
+
+A tenant's token is good only at its home, so with a token every call goes to the home's
+endpoint and names the site it is about; the home makes it there (over the peers' mutual
+TLS) on the tenant's behalf. Without one (a federation without authentication) each site's
+endpoint is called directly.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def _translate(exc: Exception, what: str) -> errors.IntertieError:
             message = text.split(kind + ": ", 1)[-1].split(". Detail:", 1)[0].strip()
             return cls(message)
     if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError, ConnectionError)):
-        return errors.SiteUnavailableError(f"{what}: {text}")
+        return errors.SiteUnavailableError(f"{what}: {text.removeprefix('ERROR_KIND_SITE_FAILURE: ')}")
     return errors.IntertieError(f"{what}: {text}")
 
 
@@ -143,7 +148,8 @@ def name_for(data: Any) -> str | None:
 
 class DatasetClient:
     """Flight clients per site address, opened lazily, with the connection's credentials:
-    TLS verified with its CA, and its token in every call."""
+    TLS verified with its CA, and its token in every call (then only the home's is called;
+    see the module doc)."""
 
     def __init__(self, resolve: Callable[[str | None], tuple[str, str]],
                  credentials: Credentials | None = None) -> None:
@@ -167,21 +173,27 @@ class DatasetClient:
                                                if ca is not None else flight.FlightClient(f"grpc://{address}"))
         return client
 
-    def _client(self, site: str | None) -> tuple[str, flight.FlightClient]:
+    def _client(self, site: str | None) -> tuple[str, flight.FlightClient, str]:
+        """(the site the call is about, a client of the endpoint to call, the site to name in
+        the request: "" when that endpoint is the site's own)."""
         site_id, address = self._resolve(site)
+        away = ""
+        if self._credentials.token and site is not None:
+            home, address = self._resolve(None)
+            away = "" if site_id == home else site_id
         if not address:
             raise errors.SiteUnavailableError(f"site {site_id!r} serves no datasets")
-        return site_id, self._open(address)
+        return site_id, self._open(address), away
 
     def put(self, data: Any, name: str | None, site: str | None,
             progress: Callable[[int, int], None] | None = None, *, replace: bool = False) -> DatasetRef:
         import pyarrow.flight as flight
 
         reader = as_reader(data)
-        site_id, client = self._client(site)
+        site_id, client, away = self._client(site)
         name = name or name_for(data)
         descriptor = flight.FlightDescriptor.for_command(
-            json.dumps({"name": name or "", "replace": replace}).encode())
+            json.dumps({"name": name or "", "replace": replace, **({"site": away} if away else {})}).encode())
         try:
             writer, metadata = client.do_put(descriptor, reader.schema, self._options)
             rows = sent = 0
@@ -206,9 +218,10 @@ class DatasetClient:
         import pyarrow.flight as flight
 
         key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
-        site_id, client = self._client(where)
+        site_id, client, away = self._client(where)
+        ticket = json.dumps({"id": key, "site": away}).encode() if away else key.encode()
         try:
-            reader = client.do_get(flight.Ticket(key.encode()), self._options)
+            reader = client.do_get(flight.Ticket(ticket), self._options)
             batches = []
             rows = got = 0
             for chunk in reader:
@@ -224,10 +237,10 @@ class DatasetClient:
     def list(self, site: str | None = None) -> list[DatasetRef]:
         import pyarrow.flight as flight
 
-        site_id, client = self._client(site)
+        site_id, client, away = self._client(site)
         try:
             return [DatasetRef.from_json(info.descriptor.command)
-                    for info in client.list_flights(options=self._options)]
+                    for info in client.list_flights(_criteria(away), options=self._options)]
         except flight.FlightError as exc:
             raise _translate(exc, f"listing datasets at site {site_id}") from None
 
@@ -237,11 +250,14 @@ class DatasetClient:
         is skipped with a warning: the listing shows what can be reached."""
         import pyarrow.flight as flight
 
+        home, home_address = self._resolve(None) if self._credentials.token else ("", "")
         out: builtins.list[DatasetRef] = []
         for site_id, address in sites:
+            away = site_id if home and site_id != home else ""
             try:
                 out.extend(DatasetRef.from_json(info.descriptor.command)
-                           for info in self._open(address).list_flights(options=self._options))
+                           for info in self._open(home_address or address).list_flights(
+                               _criteria(away), options=self._options))
             except flight.FlightError as exc:
                 error = _translate(exc, f"listing datasets at site {site_id}")
                 if not isinstance(error, errors.SiteUnavailableError):
@@ -253,9 +269,10 @@ class DatasetClient:
         import pyarrow.flight as flight
 
         key, where = (ref.id, ref.site) if isinstance(ref, DatasetRef) else (ref, site)
-        site_id, client = self._client(where)
+        site_id, client, away = self._client(where)
+        body = json.dumps({"key": key, "site": away}).encode() if away else key.encode()
         try:
-            results: Iterator[Any] = client.do_action(flight.Action(kind, key.encode()), self._options)
+            results: Iterator[Any] = client.do_action(flight.Action(kind, body), self._options)
             return DatasetRef.from_json(next(iter(results)).body.to_pybytes())
         except flight.FlightError as exc:
             raise _translate(exc, f"{kind} of dataset {key!r} at site {site_id}") from None
@@ -264,6 +281,11 @@ class DatasetClient:
         for client in self._clients.values():
             client.close()
         self._clients.clear()
+
+
+def _criteria(away: str) -> bytes:
+    """``list_flights`` criteria: the site whose datasets the home lists for the tenant."""
+    return json.dumps({"site": away}).encode() if away else b""
 
 
 def map_refs(args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -535,15 +535,35 @@ def test_the_peers_endpoint_takes_only_certificates_of_the_federation_ca_and_pee
                 list(refused.list_flights(options=flight.FlightCallOptions(timeout=10)))
             refused.close()
         peer = client(beta)
-        assert [json.loads(i.descriptor.command)["id"] for i in peer.list_flights()] == [original.id]
+        # As itself, a peer reads by id (its tasks' inputs), and neither lists, stores nor deletes.
         assert peer.do_get(flight.Ticket(original.id.encode())).read_all().equals(table(50))
+        with pytest.raises(flight.FlightError, match="only for a tenant"):
+            list(peer.list_flights())
         with pytest.raises(flight.FlightError, match="unknown action 'delete'"):
             list(peer.do_action(flight.Action("delete", original.id.encode())))
         writer, _ = peer.do_put(flight.FlightDescriptor.for_command(b'{"name": "x"}'), table(1).schema)
-        with pytest.raises(flight.FlightError, match="peers do not store datasets here"):
+        with pytest.raises(flight.FlightError, match="only for a tenant"):
             with writer:
                 writer.write_table(table(1))
                 writer.done_writing()
+        # For one of its own tenants it lists, stores and deletes that tenant's datasets only.
+        def vouching(tenant: str) -> flight.FlightCallOptions:
+            return flight.FlightCallOptions(timeout=10, headers=[(b"intertie-tenant", tenant.encode())])
+
+        assert list(peer.list_flights(options=vouching("acme@beta"))) == []  # acme of alpha is another tenant
+        writer, answer = peer.do_put(flight.FlightDescriptor.for_command(b'{"name": "x"}'), table(1).schema,
+                                     vouching("acme@beta"))
+        with writer:
+            writer.write_table(table(1))
+            writer.done_writing()
+            stored = json.loads(answer.read().to_pybytes())
+        assert stored["owner"] == "acme@beta" and store.resolve(stored["id"], "acme@beta").num_rows == 1
+        with pytest.raises(flight.FlightError, match="not found|has no dataset"):
+            list(peer.do_action(flight.Action("delete", original.id.encode()), vouching("acme@beta")))
+        assert json.loads(next(iter(peer.do_action(flight.Action("delete", stored["id"].encode()),
+                                                   vouching("acme@beta")))).body.to_pybytes())["id"] == stored["id"]
+        with pytest.raises(flight.FlightUnauthenticatedError, match="may act only for its own tenants"):
+            list(peer.list_flights(options=vouching("acme@alpha")))  # beta does not act for alpha's tenants
         peer.close()
         # A pull with the site's certificate gets a replica, owned by the holder's tenant as named here.
         here = DatasetStore(str(tmp_path / "beta"), "beta", connect=lambda a: connect(
