@@ -84,7 +84,7 @@ if __name__ == "__main__":
             main(fed)
     else:
         print("starting a local federation of 3 sites (each with its own Ray)...")
-        with LocalFederation(3, secure=False) as local:  # TLS: once datasets of peers are read via the home
+        with LocalFederation(3) as local:
             time.sleep(1.5)
             with intertie.connect(local) as fed:
                 main(fed)

@@ -37,10 +37,8 @@ def nap_square(x: int, seconds: float = 0.01) -> int:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    # Plaintext until datasets of other sites are read through the home (a tenant's token is
-    # its home's; test_tls runs a secure federation's tasks).
     with LocalFederation(3, base_dir=tmp_path_factory.mktemp("fed"), heartbeat_s=HEARTBEAT_S,
-                         extra_args=["--replica-cache", str(REPLICA_CACHE_BYTES)], secure=False) as local:
+                         extra_args=["--replica-cache", str(REPLICA_CACHE_BYTES)]) as local:
         yield local
 
 
