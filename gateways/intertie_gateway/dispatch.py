@@ -244,7 +244,7 @@ class Dispatch:
         try:
             running = self.runner.submit_many(tasks[0].spec.function_digest,
                                               [(t.spec.name, t.spec.args, t.spec.batch, t.task_id) for t in tasks],
-                                              tasks[0].request)
+                                              tasks[0].request, tenants=[t.spec.tenant for t in tasks])
         except Exception as exc:
             logger.exception("a group of %d tasks: Ray did not take it", len(tasks))
             for task in tasks:
@@ -265,7 +265,7 @@ class Dispatch:
         try:
             task.ref = running = self.runner.submit(spec.function_digest, spec.name, spec.args, spec.batch,
                                                     task.request, inputs, task_id=task.task_id,
-                                                    returns_dataset=spec.returns_dataset)
+                                                    returns_dataset=spec.returns_dataset, tenant=spec.tenant)
             running.ref.future().add_done_callback(
                 lambda fut: loop.call_soon_threadsafe(self._on_done, task, attempt, running, fut))
         except Exception as exc:  # e.g. Ray rejected the options

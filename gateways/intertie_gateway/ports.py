@@ -181,12 +181,13 @@ class Executor(Protocol):
     def put_function(self, digest: str, payload: bytes) -> None: ...
 
     def submit(self, digest: str, name: str, args: bytes, batch: bool, request: Mapping[str, float],
-               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False) -> Any:
+               inputs: dict[str, str] | None = None, *, task_id: str = "", returns_dataset: bool = False,
+               tenant: str = "") -> Any:
         """Starts one call; returns it (``runner.Running``: its ``ref`` resolves when it ends)."""
         ...
 
     def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]],
-                    request: Mapping[str, float]) -> Any:
+                    request: Mapping[str, float], *, tenants: Sequence[str] = ()) -> Any:
         """Starts one call running several tasks of one function (name, args, batch, task id)."""
         ...
 

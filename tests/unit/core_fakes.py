@@ -95,7 +95,8 @@ class FakeRunner:
         self.started.append(([str(kwargs.get("task_id", ""))], running))
         return running
 
-    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]], request: object) -> Running:
+    def submit_many(self, digest: str, items: list[tuple[str, bytes, bool, str]], request: object,
+                    **kwargs: object) -> Running:
         running = Running(FakeRef())
         self.started.append(([item[3] for item in items], running))
         return running
