@@ -109,7 +109,8 @@ class DataPlaneService(FlightService):
                 self.store.touch([str(i) for i in request.get("touched", [])])
                 return {"ids": self.store.ids()}
             if action.type == "dp-location":
-                return {"path": self.store.location(str(request["id"]))}
+                owner = request.get("owner")
+                return {"path": self.store.location(str(request["id"]), None if owner is None else str(owner))}
             if action.type == "dp-pull":
                 sources = [(str(s), str(a)) for s, a in request["sources"]]
                 meta = self.store.pull(str(request["id"]), lambda: sources, timeout_s=float(request["timeout_s"]))
@@ -260,18 +261,22 @@ class DataPlane:
         with self._lock:
             return list(self._ids)
 
-    def location(self, dataset_id: str) -> str | None:
-        """Where a worker reads a dataset (see DatasetStore.location). Called on the event
-        loop: a local folder is looked at directly (ids were validated as plain names), other
-        stores are asked briefly."""
+    def location(self, dataset_id: str, owner: str | None = None) -> str | None:
+        """Where a worker reads a dataset (see DatasetStore.location), if it is ``owner``'s
+        (None: whoever's). Called on the event loop: a local folder is looked at directly
+        (ids were validated as plain names), other stores are asked briefly."""
         if self._root is not None:
-            if not (self._root / f"{dataset_id}.json").exists():
+            try:
+                meta = json.loads((self._root / f"{dataset_id}.json").read_text())
+            except (OSError, ValueError):
+                return None
+            if owner is not None and meta.get("owner", "") != owner:
                 return None
             with self._lock:
                 self._touched.add(dataset_id)  # for the eviction order, told at the next sync
             return str(self._root / f"{dataset_id}.arrow")
         try:
-            path = self._call("dp-location", {"id": dataset_id}, timeout=LOCATION_TIMEOUT_S)["path"]
+            path = self._call("dp-location", {"id": dataset_id, "owner": owner}, timeout=LOCATION_TIMEOUT_S)["path"]
         except DatasetError as exc:
             logger.warning("where is dataset %s? %s", dataset_id, exc)
             return None

@@ -172,11 +172,13 @@ class DatasetStore:
         the write path), else the filesystem's."""
         return pa.OSFile(path, "wb") if self.local else self.fs.open(path, "wb")
 
-    def location(self, dataset_id: str) -> str | None:
+    def location(self, dataset_id: str, owner: str | None = None) -> str | None:
         """The local path a worker memory-maps ("" when the store is not a local folder:
-        the worker then reads over Flight); None when the dataset is not here."""
+        the worker then reads over Flight); None when the dataset is not here, or is not
+        ``owner``'s (None: whoever's)."""
         with self._lock:
-            if dataset_id not in self._meta:
+            meta = self._meta.get(dataset_id)
+            if meta is None or (owner is not None and meta.owner != owner):
                 return None
             self._used_at[dataset_id] = time.time()
         return self._path(dataset_id, "arrow") if self.local else ""

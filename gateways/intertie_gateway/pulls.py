@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from intertie_gateway.arrow_checks import VALID_NAME, DatasetError
+from intertie_gateway.tenancy import foreign
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def owner_here(owner: str, holder: str, here: str) -> str:
     another site's as ``tenant@site`` (as a forwarded task's tenant is named), so a tenant of
     the holder becomes ``tenant@holder``, and this site's own tenant, named by the holder as
     ``tenant@here``, becomes ``tenant`` again."""
-    if not owner:
-        return ""
+    if not owner:  # the holder's anonymous tenant (a site without token auth)
+        return foreign("", holder)
     if "@" not in owner:
         return f"{owner}@{holder}"
     return owner.removesuffix(f"@{here}")

@@ -80,7 +80,7 @@ class Scheduler:
                              progress=functools.partial(hub.tell, progress=True), clock=time.time)
         self.transfers = Transfers(self.book, self.slots, store, lambda: self.federate.federation.up_statuses(),
                                    site_id=self.site_id, pull_timeout_s=config.pull_timeout_s, spawn=self._spawn,
-                                   done=self._commit_and_pump, draining=draining)
+                                   done=self._commit_and_pump, draining=draining, isolated=config.auth == "token")
         self.dispatch = Dispatch(self.book, self.slots, runner, site_id=self.site_id,
                                  max_payload_bytes=config.max_payload_bytes, inputs_for=self.transfers.inputs_for,
                                  functions=journal.function_payload, wake=self.pump, loop=self._loop,

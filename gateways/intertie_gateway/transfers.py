@@ -37,7 +37,7 @@ class Transfers:
     def __init__(self, book: TaskBook, slots: Slots, store: DataPlane | None,
                  up_statuses: Callable[[], list[Any]], *,
                  site_id: str, pull_timeout_s: float, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
-                 done: Callable[[], None], draining: Callable[[], bool]) -> None:
+                 done: Callable[[], None], draining: Callable[[], bool], isolated: bool = False) -> None:
         self.book = book
         self.slots = slots
         self.store = store
@@ -47,6 +47,7 @@ class Transfers:
         self._spawn = spawn
         self._done = done
         self._draining = draining
+        self._isolated = isolated  # token auth: a task reads only its own tenant's datasets
         self._pulls: dict[str, asyncio.Future[Any]] = {}  # dataset id -> its transfer here, under way
         # Transfers block a thread each while they last; their own pool keeps them from
         # starving the journal's (the loop's default executor).
@@ -62,8 +63,9 @@ class Transfers:
         # worker reads over this site's Flight endpoint (it must then listen on an address the
         # nodes reach: --flight-listen).
         remote_workers = self.slots.capacity.spans_nodes
+        owner = self._owner(task)
         for item in task.spec.inputs:
-            where = self.store.location(item.id) if self.store is not None else None
+            where = self.store.location(item.id, owner) if self.store is not None else None
             if where is None or self.store is None:
                 missing.append(item)
             else:
@@ -86,6 +88,10 @@ class Transfers:
         """The dataset endpoints of the up peers: told when an original is deleted."""
         return [s.peer_flight_address or s.flight_address for s in self._up_statuses() if s.flight_address]
 
+    def _owner(self, task: Task) -> str | None:
+        """Whose datasets a task may read (None: anyone's, without token auth)."""
+        return task.spec.tenant if self._isolated else None
+
     async def _fetch(self, task: Task, missing: list[DatasetInput]) -> None:
         try:
             for item in missing:
@@ -98,6 +104,9 @@ class Transfers:
                 if pull is None:  # one transfer per dataset, however many tasks wait for it
                     pull = self._pulls[item.id] = self._spawn(self._pull(item))
                 await asyncio.shield(pull)
+                if self.store.location(item.id, self._owner(task)) is None:  # here now, but another tenant's
+                    raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND", f"dataset {item.id} is not at site "
+                                       f"{self.site_id!r}, and no site holds it")
         except Exception as exc:
             if self._draining():  # stopping: the task stays QUEUED in the journal and fetches again
                 return

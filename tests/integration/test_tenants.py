@@ -35,6 +35,10 @@ def double(x: int) -> int:
     return 2 * x
 
 
+def rows(table: object) -> int:
+    return table.num_rows  # type: ignore[attr-defined,no-any-return]
+
+
 def token_for(tenant: str, state_dir: Path) -> str:
     made = subprocess.run([sys.executable, "-m", "intertie_gateway", "token", "create", "--tenant", tenant,
                            "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60, check=True)
@@ -134,6 +138,9 @@ def test_a_tenant_sees_only_its_own_datasets_and_no_site_status_lists_anyone_els
         assert "acme-private" not in [r.name for r in globex.datasets()]
         with pytest.raises(intertie.DatasetNotFoundError):
             globex.get_dataset(ref.id)
+        assert acme.submit(rows, ref).result(timeout=60) == 3
+        with pytest.raises(intertie.DatasetNotFoundError, match=f"dataset {ref.id} is not at site 'tenants'"):
+            globex.submit(rows, ref).result(timeout=60)  # a task reads only its tenant's datasets
         channel = grpc.intercept_channel(grpc.insecure_channel(site.address), BearerToken(site.globex))
         with channel:
             status = site_pb2_grpc.SiteServiceStub(channel).GetStatus(site_pb2.GetStatusRequest(), timeout=30)

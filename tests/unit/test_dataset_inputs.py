@@ -17,7 +17,7 @@ class LocalStore:
     # How workers reach the endpoint as the site (address, certificate, secret).
     worker_endpoint = '{"address": "10.0.0.5:7071", "roots": "", "secret": "s"}'
 
-    def location(self, dataset_id: str) -> str | None:
+    def location(self, dataset_id: str, owner: str | None = None) -> str | None:
         return f"/var/lib/intertie/datasets/{dataset_id}.arrow"
 
 

@@ -417,7 +417,7 @@ def test_a_replica_s_owner_is_named_as_this_site_names_tenants() -> None:
     assert owner_here("acme", "beta", "alpha") == "acme@beta"  # a tenant of the holder
     assert owner_here("acme@alpha", "beta", "alpha") == "acme"  # this site's own tenant, back home
     assert owner_here("acme@gamma", "beta", "alpha") == "acme@gamma"
-    assert owner_here("", "beta", "alpha") == ""
+    assert owner_here("", "beta", "alpha") == "anonymous@beta"  # as its forwarded tasks' tenant is named
 
 
 @pytest.fixture
