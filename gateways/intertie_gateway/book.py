@@ -79,13 +79,14 @@ class Task:
         """Accepted from a client (not forwarded by a peer): this gateway places it."""
         return not self.spec.home
 
-    def demand(self, run_s: float | None = None, input_bytes: int | None = None) -> Demand:
+    def demand(self, run_s: float | None = None, input_bytes: int | None = None, *, home: str = "") -> Demand:
+        """What the task needs of a site; ``home``: the placing site (the tenant's home)."""
         c = self.spec.constraints
         return Demand(self.request, python_version=self.spec.python_version, arch=c.arch, site=c.site,
                       labels=dict(c.labels), input_bytes=len(self.spec.args) if input_bytes is None else input_bytes,
                       exclude=frozenset(self.exclude), run_s=run_s,
                       inputs={i.id: i.num_bytes for i in self.spec.inputs},
-                      holders={i.id: i.site for i in self.spec.inputs})
+                      holders={i.id: i.site for i in self.spec.inputs}, tenant=self.spec.tenant, home=home)
 
     def add_session(self, session_id: str) -> None:
         if session_id:

@@ -78,7 +78,7 @@ class Federate:
             return Placer([local(), *self.federation.views()], self.weights, ignore_state=True)
 
         def never_runs(task: Task, federated: bool) -> str | None:
-            demand = task.demand()
+            demand = task.demand(home=self.site_id)
             if not federated:
                 why = rejection(local(), demand, ignore_state=True)
                 return None if why is None else f"no site can run it: site {self.site_id!r} {why}"
@@ -117,7 +117,7 @@ class Federate:
         for task in tasks:
             if task.phase is not Phase.UNPLACED:
                 continue  # cancelled meanwhile
-            demand = task.demand(self.estimates.run_s(task.spec.function_digest))
+            demand = task.demand(self.estimates.run_s(task.spec.function_digest), home=self.site_id)
             decision = placer.place(demand)
             if decision.site_id is None:
                 if ever_placer is None:
@@ -149,7 +149,8 @@ class Federate:
 
     def quote(self, spec: TaskSpec, args_bytes: int) -> PlacementRecord:
         """Every site that can run ``spec``, best first."""
-        demand = Task(spec, 0.0).demand(self.estimates.run_s(spec.function_digest), args_bytes or None)
+        demand = Task(spec, 0.0).demand(self.estimates.run_s(spec.function_digest), args_bytes or None,
+                                        home=self.site_id)
         decision = Placer([self.local_view(), *self.federation.views()], self.weights).rank(demand)
         return PlacementRecord.of(decision, "every site that can run it, best first", time.time())
 
@@ -161,7 +162,7 @@ class Federate:
             return 0
         chosen: list[Task] = []
         for task in reversed(self.dispatch.movable()):
-            if rejection(view, task.demand()) is None:
+            if rejection(view, task.demand(home=self.site_id)) is None:
                 chosen.append(task)
                 if len(chosen) >= max_tasks:
                     break

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from intertie.spec import SiteScore as Score  # the same record users see in quotes and explain
+from intertie_gateway.tenancy import accepted, foreign
 
 # Used for a site's task run time until it reports one.
 DEFAULT_RUN_S = 0.05
@@ -70,6 +71,8 @@ class SiteView:
     pending: int = 0
     # Bytes of the task's inputs already at this site (datasets); filled per demand.
     resident: Mapping[str, int] = field(default_factory=dict)
+    # The tenants the site serves (its policy), as it names them.
+    accepts: tuple[str, ...] = ("*",)
 
     def price(self) -> float:
         return _number(self.labels.get(PRICE_LABEL))
@@ -92,12 +95,14 @@ class Demand:
     holders: Mapping[str, str] = field(default_factory=dict)  # dataset id -> the site its ref names
     exclude: frozenset[str] = frozenset()  # sites already tried and refused
     run_s: float | None = None  # expected run time (from earlier runs of the function), if known
+    tenant: str = ""  # whose task, as its home names the tenant
+    home: str = ""  # the placing site (a peer names the tenant tenant@home)
 
     def shape(self) -> tuple[object, ...]:
         """Demands of one shape have the same candidates (and the same scores)."""
         return (tuple(sorted(self.resources.items())), self.python_version, self.arch, self.site,
                 tuple(sorted(self.labels.items())), self.input_bytes, tuple(sorted(self.inputs.items())),
-                tuple(sorted(self.holders.items())), self.exclude, self.run_s)
+                tuple(sorted(self.holders.items())), self.exclude, self.run_s, self.tenant, self.home)
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,10 @@ def rejection(site: SiteView, demand: Demand, *, ignore_state: bool = False) -> 
         return f"site is {site.state}"
     if site.site_id in demand.exclude:
         return "site refused the task before"
+    if not site.local and site.accepts != ("*",):
+        name = foreign(demand.tenant, demand.home)
+        if not accepted(name, site.accepts):
+            return f"does not accept tenant {name!r} (its policy)"
     if demand.python_version and site.python_version and site.python_version != demand.python_version:
         return f"runs Python {site.python_version}, the task needs {demand.python_version}"
     if demand.arch and site.arch != demand.arch:

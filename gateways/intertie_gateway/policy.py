@@ -23,7 +23,6 @@ Parsing and deciding are pure; :class:`PolicyFile` does the reading.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import math
 import tomllib
@@ -34,6 +33,7 @@ from typing import Any
 
 from intertie_gateway.config import ConfigError
 from intertie_gateway.fairshare import Entitlement
+from intertie_gateway.tenancy import accepted, matches
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Policy:
     tenants: Mapping[str, Limits] = field(default_factory=dict)  # name or pattern -> limits
 
     def accepts(self, tenant: str) -> bool:
-        return any(_matches(tenant, pattern) for pattern in self.accept)
+        return accepted(tenant, self.accept)
 
     def limits(self, tenant: str) -> Limits:
         """The limits of a tenant: its own entry, else the first pattern that matches it,
@@ -84,7 +84,7 @@ class Policy:
         if own is not None:
             return own
         for pattern, limits in self.tenants.items():
-            if _matches(tenant, pattern):
+            if matches(tenant, pattern):
                 return limits
         return self.default
 
@@ -108,10 +108,6 @@ class Policy:
             raise PolicyError("[tenant.NAME]: expected tables of limits per tenant")
         tenants = {name: _limits(values, default, f"tenant.{name}") for name, values in tenants_table.items()}
         return cls(tuple(accept), default, tenants)
-
-
-def _matches(tenant: str, pattern: str) -> bool:
-    return tenant == pattern or ("*" in pattern and fnmatch.fnmatchcase(tenant, pattern))
 
 
 def _limits(values: Any, base: Limits, where: str) -> Limits:

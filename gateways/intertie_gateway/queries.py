@@ -16,6 +16,7 @@ from intertie_gateway.dispatch import Dispatch
 from intertie_gateway.estimates import Estimates
 from intertie_gateway.federate import ARCH, Federate
 from intertie_gateway.journal import TERMINAL, Journal
+from intertie_gateway.policy import Policy
 from intertie_gateway.sessions import SessionHub
 from intertie_gateway.tenancy import ANONYMOUS, Caller, may_see
 
@@ -29,7 +30,8 @@ class Queries:
 
     def __init__(self, book: TaskBook, journal: Journal, hub: SessionHub, dispatch: Dispatch, federate: Federate,
                  estimates: Estimates, *, config: GatewayConfig, python: str, address: str, store: DataPlane | None,
-                 draining: Callable[[], bool], commit: Callable[[], None]) -> None:
+                 draining: Callable[[], bool], commit: Callable[[], None],
+                 policy: Callable[[], Policy] = Policy) -> None:
         self.book = book
         self.journal = journal
         self.hub = hub
@@ -42,6 +44,7 @@ class Queries:
         self.store = store
         self._draining = draining
         self._commit = commit
+        self._policy = policy
 
     @property
     def flight_address(self) -> str:
@@ -139,6 +142,7 @@ class Queries:
             accelerators=sorted(k.split(":", 1)[1] for k in capacity.total if k.startswith("accelerator_type:")),
             last_seen=time.time(), flight_address=self.flight_address,
             peer_flight_address=self.store.peer_address if self.store is not None else "",
+            accepts=list(self._policy().accept),
             datasets=self.store.ids() if self.store is not None else [])
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:

@@ -93,7 +93,8 @@ class Scheduler:
                              feasibility=self.federate.feasibility, restore=self._restore, commit=self.flush,
                              pump=self.pump, spawn=self._spawn, policy=self.policy.current)
         self.queries = Queries(self.book, journal, hub, self.dispatch, self.federate, self.estimates, config=config,
-                               python=python, address=address, store=store, draining=draining, commit=self.flush)
+                               python=python, address=address, store=store, draining=draining, commit=self.flush,
+                               policy=self.policy.current)
 
     def _running_limits(self, tenant: str) -> Entitlement:
         return self.policy.current().limits(tenant).entitlement

@@ -331,6 +331,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             spec.task_id = "quote"
         if not spec.function_digest:
             spec.function_digest = "0" * 64
+        spec.tenant = caller().tenant  # sites that would refuse the caller's tenant are ranked out
         error = check_spec(spec, max_payload_bytes=1 << 62, python_version="", site_id=self._scheduler.site_id)
         if error is not None or request.args_bytes < 0:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
@@ -351,11 +352,12 @@ class SiteService(site_pb2_grpc.SiteServiceServicer):
         return site_pb2.SiteList(sites=[self._for_caller(s) for s in self._scheduler.queries.catalogue()])
 
     def _for_caller(self, status: site_pb2.SiteStatus) -> site_pb2.SiteStatus:
-        """A status as the caller may see it: the ids of the datasets a site holds are for
-        peers (placement by locality); to tenants of a site with token auth they would tell
-        which ids other tenants' datasets have."""
+        """A status as the caller may see it: the ids of the datasets a site holds and the
+        tenants it serves are for peers (placement); to tenants of a site with token auth they
+        would tell other tenants' dataset ids and names."""
         if self._scheduler.config.auth == "token" and not caller().peer:
             status.ClearField("datasets")
+            status.ClearField("accepts")  # names other tenants
         return status
 
 

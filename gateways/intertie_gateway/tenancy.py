@@ -8,7 +8,9 @@ tenant, the certificate for the peer. With ``auth = "none"`` there is one anonym
 
 from __future__ import annotations
 
+import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # A tenant's name, as tokens carry it.
@@ -32,6 +34,15 @@ ANONYMOUS = Caller()
 def foreign(tenant: str, home: str) -> str:
     """How this site names the tenant of a task forwarded by ``home``."""
     return f"{tenant or ANONYMOUS_NAME}@{home}"
+
+
+def matches(tenant: str, pattern: str) -> bool:
+    """A tenant's name against a policy's pattern ("acme", "acme@alpha", "*@alpha", "*")."""
+    return tenant == pattern or ("*" in pattern and fnmatch.fnmatchcase(tenant, pattern))
+
+
+def accepted(tenant: str, patterns: Iterable[str]) -> bool:
+    return any(matches(tenant, pattern) for pattern in patterns)
 
 
 def may_see(tenant: str, home: str, who: Caller, *, isolated: bool) -> bool:

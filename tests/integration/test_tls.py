@@ -39,6 +39,7 @@ class Sites:
     token: str  # tenant "acme" at alpha
     alpha: EmbeddedGateway
     peer_addresses: dict[str, str]
+    initech: str  # another tenant at alpha, whom beta does not serve
 
     def creds(self, site: str) -> tuple[bytes, bytes]:
         return (self.certs / f"{site}.key").read_bytes(), (self.certs / f"{site}.pem").read_bytes()
@@ -51,6 +52,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     gateway_cli("certs", "create", "--dir", str(certs), "--site", "alpha", "--site", "beta", "--host", "127.0.0.1")
     gateway_cli("certs", "create", "--dir", str(outsider), "--site", "alpha", "--host", "127.0.0.1")
     token = gateway_cli("token", "create", "--tenant", "acme", "--state-dir", str(base / "alpha"))
+    initech = gateway_cli("token", "create", "--tenant", "initech", "--state-dir", str(base / "alpha"))
+    policy = base / "beta-policy.toml"  # beta serves alpha's acme, not alpha's other tenants
+    policy.write_text('accept = ["acme@alpha"]\n')
     ports = free_ports(4)
     listen = {"alpha": f"127.0.0.1:{ports[0]}", "beta": f"127.0.0.1:{ports[1]}"}
     peer = {"alpha": f"127.0.0.1:{ports[2]}", "beta": f"127.0.0.1:{ports[3]}"}
@@ -62,7 +66,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
                 extra_args=["--auth", "token", "--tls-cert", str(certs / f"{site}.pem"),
                             "--tls-key", str(certs / f"{site}.key"), "--tls-ca", str(certs / "ca.pem"),
                             "--peer-listen", peer[site], "--peer", peer[other], "--heartbeat", "0.5",
-                            "--object-store-memory", str(100 << 20)]))
+                            "--object-store-memory", str(100 << 20),
+                            *(["--policy", str(policy)] if site == "beta" else [])]))
         for gateway in gateways:
             gateway.wait_ready(START_S)
         with intertie.connect(gateways[0].address, token=token, tls_ca=certs / "ca.pem") as fed:
@@ -70,7 +75,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
             while {s.site_id: s.state for s in fed.sites()}.get("beta") != "up":  # alpha has heard from beta
                 assert time.monotonic() < deadline, f"alpha never saw beta up: {fed.sites()}"
                 time.sleep(0.1)
-        yield Sites(certs, outsider, token, gateways[0], peer)
+        yield Sites(certs, outsider, token, gateways[0], peer, initech)
     finally:
         stop_all(gateways)
 
@@ -149,3 +154,13 @@ def test_neither_a_tenant_nor_a_peer_can_claim_to_be_another_site(sites: Sites) 
         with pytest.raises(grpc.RpcError) as steal:
             peer_pb2_grpc.PeerServiceStub(beta).Steal(peer_pb2.StealRequest(site_id="gamma", max_tasks=5), timeout=10)
         assert steal.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_a_home_does_not_place_a_tenant_at_a_peer_that_does_not_serve_it_and_says_why(sites: Sites) -> None:
+    with intertie.connect(sites.alpha.address, token=sites.initech, tls_ca=sites.certs / "ca.pem") as fed:
+        with pytest.raises(intertie.PlacementError, match="does not accept tenant 'initech@alpha'"):
+            intertie.remote(double).options(site="beta").submit_to(fed, (1,), {}).result(timeout=60)
+        anywhere = fed.submit(double, 2)
+        assert anywhere.result(timeout=60) == 4 and anywhere.site == "alpha"
+        rejected = dict(fed.task(anywhere.task_id).placement.rejected)
+        assert "does not accept tenant 'initech@alpha'" in rejected["beta"]

@@ -42,10 +42,20 @@ def site(name: str, cpus: float = 4, **kw: object) -> SiteView:
     (site("a"), Demand({"CPU": 1.0, "accelerator_type:A100": 0.001}), "has no accelerator A100"),
     (site("a", max_payload_bytes=10), Demand(CPU1, input_bytes=11), "exceed the site's limit of 10"),
     (site("a"), Demand(CPU1, exclude=frozenset({"a"})), "refused the task before"),
+    (site("a", accepts=("acme@home", "*@elsewhere")), Demand(CPU1, tenant="globex", home="home"),
+     "does not accept tenant 'globex@home' (its policy)"),
 ])
 def test_filters_give_a_reason(view: SiteView, demand: Demand, reason: str) -> None:
     why = rejection(view, demand)
     assert why is not None and reason in why
+
+
+def test_a_site_serves_the_tenants_its_policy_names_as_it_names_them() -> None:
+    demand = Demand(CPU1, tenant="acme", home="home")
+    assert rejection(site("a", accepts=("acme@home",)), demand) is None
+    assert rejection(site("a", accepts=("*@home",)), demand) is None
+    assert rejection(site("a", accepts=("acme",)), demand) is not None  # a's own acme is another tenant
+    assert rejection(site("here", accepts=("nobody",), local=True), demand) is None  # the home checked at intake
 
 
 def test_a_site_that_fits_is_not_rejected() -> None:
