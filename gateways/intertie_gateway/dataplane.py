@@ -52,6 +52,7 @@ from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.files import write_private
 from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, Relay, caller_of
+from intertie_gateway.policy import PolicyFile
 from intertie_gateway.tokens import TokenStore
 from intertie_gateway.transport import Transport
 
@@ -132,9 +133,11 @@ class DataPlane:
 
     def __init__(self, state_dir: Path, url: str, site_id: str, *, host: str, port: int = 0,
                  quota_bytes: int = 0, replica_cache_bytes: int = 0, max_rate: float = 0.0,
-                 peers: Callable[[], Sequence[str]] = lambda: (), transport: Transport, tokens: Path | None) -> None:
+                 peers: Callable[[], Sequence[str]] = lambda: (), transport: Transport, tokens: Path | None,
+                 policy_file: str = "") -> None:
         """``transport``: the site's certificate (TLS) and the federation CA; ``tokens``: the
-        tenants' token file (None: auth none)."""
+        tenants' token file (None: auth none); ``policy_file``: the site's policy (tenants'
+        dataset quotas), which the child reads itself, as the gateway does."""
         self.url = url
         self.site_id = site_id
         self._state_dir = state_dir
@@ -142,7 +145,8 @@ class DataPlane:
         self._port = port
         self._peer_port = 0  # the peers' endpoint (mutual TLS), kept across restarts like the other
         self._args = ["--quota", str(quota_bytes), "--replica-cache", str(replica_cache_bytes),
-                      "--max-rate", str(max_rate), *(["--tokens", str(tokens)] if tokens is not None else [])]
+                      "--max-rate", str(max_rate), *(["--tokens", str(tokens)] if tokens is not None else []),
+                      *(["--policy", policy_file] if policy_file else [])]
         self._peers = peers
         self._transport = transport
         self._secret = secrets.token_hex(32)
@@ -398,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replica-cache", type=int, default=0)
     parser.add_argument("--max-rate", type=float, default=0.0)
     parser.add_argument("--tokens", default=None)
+    parser.add_argument("--policy", default="")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s [data plane]: %(message)s",
@@ -418,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
             return flight.FlightClient(f"grpc://{address}")
         return connect(address, transport.ca, cert_chain=transport.cert, private_key=transport.key)
 
+    policy = PolicyFile(args.policy, clock=time.monotonic)
     store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache,
-                         connect=peer)
+                         connect=peer, owner_quota=lambda owner: policy.current().limits(owner).max_dataset_bytes)
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None
     server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
                               max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer,

@@ -78,7 +78,8 @@ class DatasetMeta:
 class DatasetStore:
     """Arrow IPC datasets under an fsspec URL (a local folder, ``memory://``, object stores)."""
 
-    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0, replica_cache_bytes: int = 0,
+    def __init__(self, url: str, site_id: str, *, quota_bytes: int = 0,
+                 owner_quota: Callable[[str], int] = lambda owner: 0, replica_cache_bytes: int = 0,
                  connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}")) -> None:
         """``connect``: a Flight client of a peer's address (mutual TLS in a federation with a CA)."""
         self.fs, self.root = fsspec.core.url_to_fs(url)
@@ -86,6 +87,7 @@ class DatasetStore:
         self.url = url
         self.site_id = site_id
         self.quota_bytes = quota_bytes
+        self._owner_quota = owner_quota  # bytes of primaries an owner may store here (0: no limit)
         self.replica_cache_bytes = replica_cache_bytes  # 0: no bound
         self._lock = threading.Lock()
         self._used_at: dict[str, float] = {}  # last read, for eviction of replicas (not persisted)
@@ -116,6 +118,10 @@ class DatasetStore:
     def used_bytes(self, *, replicas: bool = False) -> int:
         """Bytes of primaries (what the quota bounds), or of replicas."""
         return sum(m.num_bytes for m in list(self._meta.values()) if m.replica == replicas)
+
+    def owned_bytes(self, owner: str) -> int:
+        """Bytes of the primaries ``owner`` stores here (what its quota bounds)."""
+        return sum(m.num_bytes for m in list(self._meta.values()) if not m.replica and m.owner == owner)
 
     def listing(self, tenant: str | None = None) -> list[DatasetMeta]:
         """The datasets ``tenant`` owns (None: all of them)."""
@@ -336,7 +342,10 @@ class DatasetStore:
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = 0
         previous = self._meta.get(dataset_id)
-        in_use = self.used_bytes() - (previous.num_bytes if previous is not None and not previous.replica else 0)
+        replacing = previous.num_bytes if previous is not None and not previous.replica else 0
+        in_use = self.used_bytes() - replacing
+        owner_quota = self._owner_quota(owner)
+        owner_in_use = self.owned_bytes(owner) - (replacing if previous is not None and previous.owner == owner else 0)
         try:
             schema = checked_schema(arrow_call(lambda: reader.schema, "the stream's schema"))
             with self._sink(part) as fh, pa.ipc.new_file(fh, schema) as writer:
@@ -348,6 +357,11 @@ class DatasetStore:
                         raise DatasetError("ERROR_KIND_PAYLOAD_TOO_LARGE",
                                            f"site {self.site_id!r}: the dataset would exceed the site's quota of "
                                            f"{self.quota_bytes} bytes ({in_use} in use)")
+                    if owner_quota and owner_in_use + fh.tell() > owner_quota:
+                        raise DatasetError("ERROR_KIND_QUOTA_EXCEEDED",
+                                           f"site {self.site_id!r}: the dataset would exceed the quota of tenant "
+                                           f"{owner or 'anonymous'!r}, {owner_quota} bytes of datasets "
+                                           f"({owner_in_use} in use); delete some, or ask the site's operator")
             nbytes = self.fs.size(part)
             with self._lock:  # another upload of the name may have been committed meanwhile
                 if name and not replace and self._holders_of(name, dataset_id, owner):

@@ -548,7 +548,7 @@ def _relayed(exc: flight.FlightError, site: str) -> Exception:
     as unavailable."""
     text = first_line(exc)
     for kind in ("ERROR_KIND_NOT_FOUND", "ERROR_KIND_DATASET_NOT_FOUND", "ERROR_KIND_INVALID_ARGUMENT",
-                 "ERROR_KIND_PAYLOAD_TOO_LARGE"):
+                 "ERROR_KIND_PAYLOAD_TOO_LARGE", "ERROR_KIND_QUOTA_EXCEEDED"):
         if text.startswith(kind + ": "):
             return DatasetError(kind, text[len(kind) + 2:])
     if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError)):

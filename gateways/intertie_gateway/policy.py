@@ -12,6 +12,7 @@ those of some::
     max_running = 0        # tasks of one tenant running here at once (0: no limit)
     max_cpus = 0           # CPUs (and max_gpus: GPUs) its running tasks hold at most (0: no limit)
     max_queued = 100000    # unfinished tasks of one tenant here
+    max_dataset_bytes = 0  # bytes of datasets one tenant stores here (0: no limit but the site's)
     submit_rate = 0        # tasks per second accepted from one tenant (0: no limit)
     weight = 1.0           # its share of the site when tenants compete (fair share)
     allowed_functions = [] # sha256 digests of the functions it may run ([]: any)
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 RELOAD_EVERY_S = 1.0
 DEFAULT_MAX_QUEUED = 100_000
 MAX_POLICY_BYTES = 1 << 20
-_LIMIT_KEYS = {"max_running", "max_cpus", "max_gpus", "max_queued", "submit_rate", "weight", "allowed_functions"}
+_LIMIT_KEYS = {"max_running", "max_cpus", "max_gpus", "max_queued", "max_dataset_bytes", "submit_rate", "weight",
+               "allowed_functions"}
 
 
 class PolicyError(ConfigError):
@@ -54,6 +56,7 @@ class Limits:
     max_cpus: float = 0.0
     max_gpus: float = 0.0
     max_queued: int = DEFAULT_MAX_QUEUED
+    max_dataset_bytes: int = 0
     submit_rate: float = 0.0
     weight: float = 1.0
     allowed_functions: frozenset[str] = frozenset()
@@ -117,7 +120,7 @@ def _limits(values: Any, base: Limits, where: str) -> Limits:
     if unknown:
         raise PolicyError(f"[{where}]: unknown key(s) {sorted(unknown)}; expected {sorted(_LIMIT_KEYS)}")
     changes: dict[str, Any] = {}
-    for key in ("max_running", "max_queued"):
+    for key in ("max_running", "max_queued", "max_dataset_bytes"):
         if key in values:
             value = values[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -80,7 +80,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     store = DataPlane(state, config.data_url or str(state / "datasets"), config.site_id, host=flight_host,
                       port=int(flight_port), quota_bytes=config.dataset_quota_bytes,
                       replica_cache_bytes=config.replica_cache_bytes, max_rate=config.flight_max_rate,
-                      peers=peer_endpoints, transport=transport, tokens=tokens.path if tokens is not None else None)
+                      peers=peer_endpoints, transport=transport, tokens=tokens.path if tokens is not None else None,
+                      policy_file=config.policy_file)
     runner.keep_results_at(store.worker_endpoint, config.result_dataset_bytes)
     # The membership of the peers is built by the core around its own listener (each calls
     # the other through the ports protocols: neither imports the other).

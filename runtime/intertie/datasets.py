@@ -84,7 +84,8 @@ def _translate(exc: Exception, what: str) -> errors.IntertieError:
     for kind, cls in (("ERROR_KIND_UNAUTHENTICATED", errors.AuthenticationError),
                       ("ERROR_KIND_NOT_FOUND", errors.DatasetNotFoundError),
                       ("ERROR_KIND_INVALID_ARGUMENT", errors.InvalidRequestError),
-                      ("ERROR_KIND_PAYLOAD_TOO_LARGE", errors.PayloadTooLargeError)):
+                      ("ERROR_KIND_PAYLOAD_TOO_LARGE", errors.PayloadTooLargeError),
+                      ("ERROR_KIND_QUOTA_EXCEEDED", errors.QuotaExceededError)):
         if kind in text:
             message = text.split(kind + ": ", 1)[-1].split(". Detail:", 1)[0].strip()
             return cls(message)

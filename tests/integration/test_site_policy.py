@@ -46,6 +46,7 @@ accept = ["acme", "globex"]
 [tenant.acme]
 max_running = 1
 max_queued = 3
+max_dataset_bytes = 200000
 [tenant.globex]
 allowed_functions = ["{digest}"]
 """
@@ -89,6 +90,16 @@ def test_a_running_cap_queues_extra_tasks_and_a_queue_quota_refuses_the_one_over
             assert globex.submit(double, 21).result(timeout=60) == 42  # others are not held up
         assert acme.submit(double, 2).exception(timeout=30) is not None  # the session goes on: refused again
         acme.cancel_all()
+
+
+def test_a_tenants_dataset_quota_refuses_what_would_exceed_it(site: Site) -> None:
+    import pyarrow as pa
+
+    with intertie.connect(site.address, token=site.tokens["acme"]) as acme:
+        small = acme.put_dataset(pa.table({"v": list(range(1000))}), name="small")
+        with pytest.raises(intertie.QuotaExceededError, match="quota of tenant 'acme', 200000 bytes"):
+            acme.put_dataset(pa.table({"v": list(range(100_000))}), name="big")
+        assert [r.name for r in acme.datasets()] == ["small"] and small.num_rows == 1000
 
 
 def test_tenants_and_functions_the_policy_does_not_allow_are_refused_and_a_change_applies_without_restart(

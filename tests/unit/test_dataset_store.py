@@ -573,3 +573,16 @@ def test_the_peers_endpoint_takes_only_certificates_of_the_federation_ca_and_pee
         assert store.ids() == [original.id]
     finally:
         server.shutdown()
+
+
+def test_a_tenants_dataset_quota_bounds_what_it_stores_and_no_one_elses(tmp_path: Path) -> None:
+    quotas = {"acme": 200_000}
+    store = DatasetStore(str(tmp_path / "site"), "site", owner_quota=lambda owner: quotas.get(owner, 0))
+    first = store.write("a", batches(table(5_000)), owner="acme")
+    assert 0 < first.num_bytes < 200_000
+    with pytest.raises(DatasetError, match="exceed the quota of tenant 'acme', 200000 bytes") as over:
+        store.write("b", batches(table(50_000)), owner="acme")
+    assert over.value.kind == "ERROR_KIND_QUOTA_EXCEEDED"
+    assert [m.name for m in store.listing("acme")] == ["a"]  # nothing half-written is left
+    assert store.write("b", batches(table(50_000)), owner="globex").num_rows == 50_000  # others: no limit
+    assert store.write("a", batches(table(5_000)), owner="acme", replace=True).num_rows == 5_000  # a replacement fits
