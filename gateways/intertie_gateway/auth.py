@@ -93,6 +93,11 @@ class FailureLimit:
             del self._windows[next(iter(self._windows))]
 
 
+def revoked(tokens: TokenStore | None, who: Caller) -> bool:
+    """Whether the token ``who`` was let in with has been revoked since."""
+    return tokens is not None and bool(who.token_id) and not tokens.active(who.token_id)
+
+
 def source_of(peer: str) -> str:
     """The address part of a gRPC peer string ("ipv4:1.2.3.4:5678" -> "ipv4:1.2.3.4")."""
     return peer.rpartition(":")[0] or peer
@@ -130,7 +135,8 @@ class Gatekeeper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             if token is None:
                 raise TokenError("no token: pass connect(..., token=...), INTERTIE_TOKEN or --token")
-            return Caller(tenant=self.tokens.check(token))
+            tenant = self.tokens.check(token)
+            return Caller(tenant=tenant, token_id=token.split("_")[1])
         except TokenError as exc:
             why = str(exc)
         self.limit.failed(source)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from intertie._rpc import server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
-from intertie_gateway.auth import Gatekeeper
+from intertie_gateway.auth import Gatekeeper, revoked
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
@@ -92,7 +92,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
                           make_federation=make_federation)
     cores.append(scheduler)
 
-    register(server, TaskService(scheduler, hub), tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
+    register(server, TaskService(scheduler, hub, revoked=functools.partial(revoked, tokens)),
+             tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     register(server, PeerService(scheduler), peer_pb2.DESCRIPTOR.services_by_name["PeerService"])
     # The stock health and reflection services, behind the same lenient parsing as ours.

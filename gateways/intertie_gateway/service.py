@@ -17,6 +17,7 @@ from intertie_gateway.auth import caller
 from intertie_gateway.convert import placement_to_proto, spec_from_proto
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
+from intertie_gateway.tenancy import Caller
 from intertie_gateway.throttle import log_throttled
 from intertie_gateway.validate import check_spec, clip
 
@@ -28,6 +29,8 @@ EVENT_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_IDS_PER_CALL = 100_000
 # Session ids are UUIDs (clients) or "peer:SITE:SECRET" (links); longer ones are refused.
 MAX_SESSION_ID_CHARS = 256
+# An open session stream of a tenant looks this often whether its token was revoked.
+REVOCATION_CHECK_S = 1.0
 
 
 class Malformed:
@@ -155,9 +158,14 @@ def _batches(events: list[tasks_pb2.TaskEvent]) -> Iterator[list[tasks_pb2.TaskE
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, scheduler: Scheduler, hub: SessionHub) -> None:
+    """``revoked(caller)``: whether the token a caller was let in with has been revoked since
+    (a session stream outlives the check at its start: it ends within seconds of that)."""
+
+    def __init__(self, scheduler: Scheduler, hub: SessionHub,
+                 revoked: Callable[[Caller], bool] = lambda who: False) -> None:
         self._scheduler = scheduler
         self._hub = hub
+        self._revoked = revoked
 
     async def Submit(self, request: tasks_pb2.SubmitRequest,
                      context: grpc.aio.ServicerContext) -> tasks_pb2.SubmitResponse:
@@ -206,6 +214,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                              f"site {self._scheduler.site_id!r} did not open a peer link: {why}")
         session = self._hub.open(self._session_key(first.open.session_id), first.open.progress, peer)
         reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
+        guard = asyncio.get_running_loop().create_task(self._end_if_revoked(session))
         try:
             yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())  # the session is open
             while not session.closed:
@@ -223,12 +232,28 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                         code, kind = grpc.StatusCode.UNAVAILABLE, ""
                     elif session.failure_kind == "ERROR_KIND_INVALID_ARGUMENT":
                         code, kind = grpc.StatusCode.INVALID_ARGUMENT, session.failure_kind
+                    elif session.failure_kind == "ERROR_KIND_UNAUTHENTICATED":
+                        code, kind = grpc.StatusCode.UNAUTHENTICATED, session.failure_kind
                     else:  # the gateway's own: the client reconnects and resends (idempotent)
                         code, kind = grpc.StatusCode.INTERNAL, "ERROR_KIND_INTERNAL"
                     await _abort(context, code, kind, session.failure)
         finally:
             reader.cancel()
+            guard.cancel()
             self._hub.close(session)
+
+    async def _end_if_revoked(self, session: Session) -> None:
+        """Ends a tenant's session stream within REVOCATION_CHECK_S of its token's revocation."""
+        who = caller()
+        if not who.token_id:
+            return
+        while not session.closed:
+            await asyncio.sleep(REVOCATION_CHECK_S)
+            if self._revoked(who):
+                session.failure = f"not authenticated: token {who.token_id} was revoked"
+                session.failure_kind = "ERROR_KIND_UNAUTHENTICATED"
+                session.wakeup.set()
+                return
 
     def _session_key(self, session_id: str) -> str:
         """The session as the gateway files it: a tenant's session ids are its own, so another

@@ -22,10 +22,12 @@ ANONYMOUS_NAME = "anonymous"
 @dataclass(frozen=True, slots=True)
 class Caller:
     """``tenant``: the tenant calling ("" anonymous, with auth none); ``peer``: the site id a
-    peer proved with its certificate, or whose link was verified (then ``tenant`` is "")."""
+    peer proved with its certificate, or whose link was verified (then ``tenant`` is "");
+    ``token_id``: the id of the token the tenant showed."""
 
     tenant: str = ""
     peer: str = ""
+    token_id: str = ""  # the token a tenant showed (its session ends when it is revoked)
 
 
 ANONYMOUS = Caller()

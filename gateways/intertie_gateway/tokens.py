@@ -93,6 +93,16 @@ class TokenStore:
         write_private(path, token.encode() + b"\n")
         return token
 
+    def active(self, token_id: str) -> bool:
+        """Whether the token of this id is still taken (re-reads the file at most once a second)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_at >= RELOAD_EVERY_S:
+                self._checked_at = now
+                self._load_locked()
+            record = self._records.get(token_id)
+        return record is not None and not record.revoked
+
     def records(self) -> list[TokenRecord]:
         with self._lock:
             self._load_locked()

@@ -74,6 +74,9 @@ class Session:
         # Set while the gateway is known down (unreachable for unavailable_timeout and not
         # back since): the error new submissions are refused with.
         self.down: errors.SiteUnavailableError | None = None
+        # Set when the gateway refused this client's credentials (a revoked token, a tenant
+        # its policy does not serve): no reconnect mends that; everything fails with it.
+        self.refused: errors.IntertieError | None = None
         self._last_failure = ""  # why the stream last broke, for messages
 
         self._lock = threading.Lock()
@@ -110,6 +113,8 @@ class Session:
         Raises SiteUnavailableError at once while the gateway is known down."""
         pending = _Pending(future, spec, function)
         with self._lock:
+            if self.refused is not None:
+                raise type(self.refused)(str(self.refused))
             if self.down is not None:
                 raise errors.SiteUnavailableError(f"{self.down} (new tasks are refused until it is back)")
             future._submitted = True
@@ -306,6 +311,9 @@ class Session:
                 except grpc.RpcError as exc:
                     if self.closed:
                         return
+                    if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        self._refuse(_rpc.translate(exc, self.address))
+                        return
                     if not _rpc.is_retryable(exc):
                         self._fail_inflight(_rpc.translate(exc, self.address))
                     self._last_failure = _rpc.unreachable_cause(exc, self.address, tls=self._credentials.tls_ca is not None)
@@ -337,6 +345,16 @@ class Session:
                 backoff = min(backoff * 2, 1.0)
         finally:
             await channel.close()
+
+    def _refuse(self, error: errors.IntertieError) -> None:
+        """The gateway refused the session for its credentials: what waits fails with that,
+        new submissions too, and ``wait_ready`` returns (the client raises it)."""
+        logger.warning("gateway %s refused the session: %s", self.address, error)
+        with self._lock:
+            self.refused = error
+        self._fail_inflight(error)
+        self.fail_all(error)
+        self._ready.set()
 
     def _fail_inflight(self, error: errors.IntertieError) -> None:
         batches, self._inflight = list(self._inflight.values()), {}

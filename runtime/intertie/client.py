@@ -123,8 +123,11 @@ class Federation:
         self._py = python_version()
         self._session = Session(address, self.session_id, unavailable_timeout=unavailable_timeout,
                                 credentials=self.credentials)
-        if not self._session.wait_ready(connect_timeout):
+        if not self._session.wait_ready(connect_timeout) or self._session.refused is not None:
+            refused = self._session.refused
             self.close()
+            if refused is not None:  # e.g. its token revoked between the first call and the stream
+                raise refused
             raise errors.SiteUnavailableError(f"gateway {address} did not open the session stream")
         _submitter.opened(self)
         # Registered after an embedded gateway's own stop (atexit runs last-in first-out):

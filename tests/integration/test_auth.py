@@ -39,8 +39,8 @@ def test_only_a_valid_token_gets_in_and_a_revoked_one_is_refused_within_seconds(
         with pytest.raises(intertie.AuthenticationError, match="not authenticated") as err:
             intertie.connect(gateway.address, token=bad or "")
         assert time.monotonic() - started < 5 and (bad is None or bad not in str(err.value))
-    with intertie.connect(gateway.address, token=token) as fed:
-        assert fed.submit(double, 21).result(timeout=60) == 42
+    held = intertie.connect(gateway.address, token=token)  # a session open when the token is revoked
+    assert held.submit(double, 21).result(timeout=60) == 42
     with grpc.insecure_channel(gateway.address) as channel:  # health stays open to load balancers
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -59,6 +59,17 @@ def test_only_a_valid_token_gets_in_and_a_revoked_one_is_refused_within_seconds(
             break
         assert time.monotonic() < deadline, "the revoked token was still taken"
         time.sleep(0.2)
+    try:  # the open session is ended too: what it submits fails with the reason
+        while True:
+            try:
+                held.submit(double, 1).result(timeout=30)
+            except intertie.AuthenticationError as exc:
+                assert "revoked" in str(exc)
+                break
+            assert time.monotonic() < deadline, "the open session outlived its revoked token"
+            time.sleep(0.2)
+    finally:
+        held.close()
 
 
 def test_token_auth_between_peers_is_refused_until_mutual_tls(gateway_factory) -> None:  # type: ignore[no-untyped-def]
