@@ -52,7 +52,7 @@ from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.files import write_private
 from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, Relay, caller_of
-from intertie_gateway.policy import PolicyFile
+from intertie_gateway.policy import PolicyError, PolicyFile
 from intertie_gateway.tokens import TokenStore
 from intertie_gateway.transport import Transport
 
@@ -423,7 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             return flight.FlightClient(f"grpc://{address}")
         return connect(address, transport.ca, cert_chain=transport.cert, private_key=transport.key)
 
-    policy = PolicyFile(args.policy, clock=time.monotonic)
+    try:  # (the gateway refused to start on a broken policy; one broken since is not in force there either)
+        policy = PolicyFile(args.policy, clock=time.monotonic)
+    except PolicyError as exc:
+        logger.error("policy: %s; the data plane applies no tenant's dataset quota until it is mended", exc)
+        policy = PolicyFile("", clock=time.monotonic)
     store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache,
                          connect=peer, owner_quota=lambda owner: policy.current().limits(owner).max_dataset_bytes)
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None

@@ -342,6 +342,9 @@ class DatasetStore:
         part = self._path(dataset_id, f"{uuid.uuid4().hex[:8]}.arrow.part")
         rows = 0
         previous = self._meta.get(dataset_id)
+        if previous is not None and previous.owner != owner:  # (an id is another tenant's: say nothing of it)
+            raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {dataset_id} is taken; store under "
+                                                              "another id")
         replacing = previous.num_bytes if previous is not None and not previous.replica else 0
         in_use = self.used_bytes() - replacing
         owner_quota = self._owner_quota(owner)

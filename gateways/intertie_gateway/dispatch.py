@@ -155,6 +155,12 @@ class Dispatch:
         """Starts the next task of a tenant that fits (its head, with tasks fused behind it,
         or one of the next few); whether one started. Over its entitlement, a tenant's tasks
         wait queued."""
+        running = self.slots.running_by[tenant]
+        if (self._depth and running >= self._depth) or (limits.max_running and running >= limits.max_running):
+            return False  # (at its cap: no task of it starts, whatever its size)
+        running = self.slots.running_by[tenant]
+        if (self._depth and running >= self._depth) or (limits.max_running and running >= limits.max_running):
+            return False  # (at its cap: no task of it starts, whatever its size)
         queue = self.book.queue
         lane = queue.lanes[tenant]
         task = lane[0]  # (pruned: queued)

@@ -24,6 +24,7 @@ Parsing and deciding are pure; :class:`PolicyFile` does the reading.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tomllib
@@ -35,11 +36,14 @@ from typing import Any
 from intertie_gateway.config import ConfigError
 from intertie_gateway.fairshare import Entitlement
 from intertie_gateway.tenancy import accepted, matches
+from intertie_gateway.throttle import log_throttled
 
 logger = logging.getLogger(__name__)
 
 # A policy file is re-read at most this often (and only when it changed).
 RELOAD_EVERY_S = 1.0
+# Tenants whose limits a policy remembers at most.
+MAX_MEMO = 10_000
 DEFAULT_MAX_QUEUED = 100_000
 MAX_POLICY_BYTES = 1 << 20
 _LIMIT_KEYS = {"max_running", "max_cpus", "max_gpus", "max_queued", "max_dataset_bytes", "submit_rate", "weight",
@@ -64,7 +68,7 @@ class Limits:
     def allows(self, digest: str) -> bool:
         return not self.allowed_functions or digest in self.allowed_functions
 
-    @property
+    @functools.cached_property
     def entitlement(self) -> Entitlement:
         """What dispatch enforces of these limits."""
         resources = {name: most for name, most in (("CPU", self.max_cpus), ("GPU", self.max_gpus)) if most}
@@ -76,6 +80,9 @@ class Policy:
     accept: tuple[str, ...] = ("*",)
     default: Limits = Limits()
     tenants: Mapping[str, Limits] = field(default_factory=dict)  # name or pattern -> limits
+    # Each tenant's limits once looked up (the hot path asks per task; a policy never changes:
+    # a reload makes a new one).
+    _memo: dict[str, Limits] = field(default_factory=dict, compare=False, repr=False)
 
     def accepts(self, tenant: str) -> bool:
         return accepted(tenant, self.accept)
@@ -83,6 +90,15 @@ class Policy:
     def limits(self, tenant: str) -> Limits:
         """The limits of a tenant: its own entry, else the first pattern that matches it,
         else the defaults."""
+        known = self._memo.get(tenant)
+        if known is not None:
+            return known
+        if len(self._memo) >= MAX_MEMO:
+            self._memo.clear()
+        limits = self._memo[tenant] = self._lookup(tenant)
+        return limits
+
+    def _lookup(self, tenant: str) -> Limits:
         own = self.tenants.get(tenant)
         if own is not None:
             return own
@@ -167,7 +183,8 @@ class PolicyFile:
                     self.policy = self._read()
                     logger.info("policy reloaded from %s", self.path)
             except (OSError, PolicyError) as exc:
-                logger.error("policy file %s: %s; the previous policy stays in force", self.path, exc)
+                log_throttled(logger, "policy-file", "policy file %s: %s; the previous policy stays in force",
+                              self.path, exc, level=logging.ERROR)
         return self.policy
 
     def _read(self) -> Policy:
@@ -177,8 +194,8 @@ class PolicyFile:
             if stat.st_size > MAX_POLICY_BYTES:
                 raise PolicyError(f"{self.path} is {stat.st_size} bytes, over {MAX_POLICY_BYTES}")
             data = tomllib.loads(self.path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{self.path}: {exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise PolicyError(f"{self.path}: {str(exc)[:300]}") from None
         except OSError as exc:
             raise PolicyError(f"{self.path}: {exc.strerror}") from None
         policy = Policy.parse(data)

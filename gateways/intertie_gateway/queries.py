@@ -18,7 +18,7 @@ from intertie_gateway.federate import ARCH, Federate
 from intertie_gateway.journal import TERMINAL, Journal
 from intertie_gateway.policy import Policy
 from intertie_gateway.sessions import SessionHub
-from intertie_gateway.tenancy import ANONYMOUS, Caller, may_see
+from intertie_gateway.tenancy import ANONYMOUS, SERVES_NO_ONE, Caller, may_see
 
 if TYPE_CHECKING:
     from intertie_gateway.dataplane import DataPlane
@@ -142,7 +142,7 @@ class Queries:
             accelerators=sorted(k.split(":", 1)[1] for k in capacity.total if k.startswith("accelerator_type:")),
             last_seen=time.time(), flight_address=self.flight_address,
             peer_flight_address=self.store.peer_address if self.store is not None else "",
-            accepts=list(self._policy().accept),
+            accepts=list(self._policy().accept) or [SERVES_NO_ONE],
             datasets=self.store.ids() if self.store is not None else [])
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:

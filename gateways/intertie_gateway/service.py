@@ -172,6 +172,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if self._scheduler.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down")
         who = caller()
+        if who.peer:  # peers forward on their link, where home and tenant are set from it
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
+                         "a peer forwards tasks on its link (Connect), not with Submit")
         request.session_id = self._session_key(request.session_id)
         acks = await self._scheduler.intake.submit(request, tenant=who.tenant)
         return tasks_pb2.SubmitResponse(acks=acks)
@@ -182,13 +185,17 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"Watch needs a session_id of 1-{MAX_SESSION_ID_CHARS} characters")
         session = self._hub.open(self._session_key(request.session_id), request.progress)
+        guard = asyncio.get_running_loop().create_task(self._end_if_revoked(session))
         try:
             yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
             while not session.closed:
                 await session.wakeup.wait()
                 for batch in _batches(session.take()):
                     yield tasks_pb2.TaskEvents(events=batch)
+                if session.failure_kind == "ERROR_KIND_UNAUTHENTICATED":
+                    await _abort(context, grpc.StatusCode.UNAUTHENTICATED, session.failure_kind, session.failure or "")
         finally:
+            guard.cancel()
             self._hub.close(session)
 
     async def Connect(self, requests: AsyncIterator[Any],
@@ -260,8 +267,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         tenant who learns one can neither take its stream over nor read its events."""
         who = caller()
         if who.peer:
-            return f"{who.peer}/{session_id}"
-        return f"{who.tenant}/{session_id}" if who.tenant else session_id
+            return f"p:{who.peer}/{session_id}"
+        return f"t:{who.tenant}/{session_id}" if who.tenant else session_id
 
     def _link_site(self, claimed: str) -> tuple[str, str]:
         """(the peer site whose link this stream is, or "" for a tenant's session; why the
@@ -271,6 +278,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if who.peer:
             if claimed and claimed != who.peer:
                 return "", f"the link claims site {clip(claimed)!r} but its certificate names {who.peer!r}"
+            if self._scheduler.federation.peer_for(who.peer) is None:
+                return "", (f"site {who.peer!r} is not one of the peers of site {self._scheduler.site_id!r} (or not "
+                            "heard from yet)")
             return who.peer, ""
         if claimed and self._scheduler.config.peers_by_certificate:
             return "", (f"site {self._scheduler.site_id!r} takes peer links only on its peers' endpoint, with a "
@@ -403,6 +413,9 @@ class PeerService(peer_pb2_grpc.PeerServiceServicer):
         if claimed and claimed != who.peer:
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
                          f"the request claims site {clip(claimed)!r} but the certificate names {who.peer!r}")
+        if self._scheduler.federation.peer_for(who.peer) is None:  # a member of the federation, not a peer
+            await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
+                         f"site {who.peer!r} is not one of the peers of site {self._scheduler.site_id!r}")
 
     async def Steal(self, request: peer_pb2.StealRequest,
                     context: grpc.aio.ServicerContext) -> peer_pb2.StealResponse:

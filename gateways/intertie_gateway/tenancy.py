@@ -17,6 +17,9 @@ from dataclasses import dataclass
 TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # How a forwarded task's tenant is written here when its home had no authentication.
 ANONYMOUS_NAME = "anonymous"
+# A pattern no tenant's name matches (names start with a letter or digit): what a site whose
+# policy accepts no one tells its peers, whose empty list would mean "everyone" (older sites).
+SERVES_NO_ONE = "-"
 
 
 @dataclass(frozen=True, slots=True)

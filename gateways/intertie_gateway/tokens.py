@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import threading
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from intertie_gateway.files import write_private
 from intertie_gateway.tenancy import TENANT
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "itk_"
 # Longest token accepted for checking; anything longer is refused unread (a real one is ~60).
@@ -167,9 +170,15 @@ class TokenStore:
         seen = (stat.st_mtime_ns, stat.st_size)
         if seen == self._seen:
             return
-        raw = json.loads(self.path.read_text())
-        self._records = {r["id"]: TokenRecord(**r) for r in raw.get("tokens", [])}
-        self._seen = seen
+        self._seen = seen  # (a broken version is reported once)
+        try:
+            raw = json.loads(self.path.read_text())
+            records = {r["id"]: TokenRecord(**r) for r in raw.get("tokens", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.error("token file %s is not readable (%s: %s); the tokens read before stay in force",
+                         self.path, type(exc).__name__, exc)
+            return
+        self._records = records
 
     def _save_locked(self) -> None:
         body = json.dumps({"tokens": [asdict(r) for r in self._records.values()]}, indent=1)

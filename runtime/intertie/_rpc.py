@@ -307,7 +307,8 @@ class Credentials:
     @classmethod
     def resolve(cls, token: str | None = None, tls_ca: str | os.PathLike[str] | bytes | None = None) -> Credentials:
         """From the arguments, else ``INTERTIE_TOKEN`` and ``INTERTIE_TLS_CA`` (a file name).
-        ``tls_ca``: a PEM file's name, or PEM bytes."""
+        ``tls_ca``: a PEM file's name, or PEM bytes; "" (or b""): plaintext, whatever the
+        environment says."""
         token = token if token is not None else (os.environ.get("INTERTIE_TOKEN") or None)
         if token is not None and not isinstance(token, str):
             raise errors.InvalidRequestError(f"token: expected a string, got {type(token).__name__}")
@@ -317,6 +318,8 @@ class Credentials:
                                              "(one word, no spaces)")
         source = tls_ca if tls_ca is not None else (os.environ.get("INTERTIE_TLS_CA") or None)
         pem: bytes | None = None
+        if source in ("", b""):
+            source = None
         if isinstance(source, bytes):
             pem = source
         elif source is not None:

@@ -52,8 +52,8 @@ def connect(address: str | Any | None = None, *, num_cpus: int | None = None, nu
     if address is not None and not isinstance(address, str) and hasattr(address, "address"):
         # A local site or federation this program started (intertie.embedded): its address,
         # token and CA, unless given.
-        kwargs.setdefault("token", address.token)
-        kwargs.setdefault("tls_ca", address.tls_ca)
+        kwargs.setdefault("token", address.token or "")  # ("": none, whatever the environment says)
+        kwargs.setdefault("tls_ca", address.tls_ca or "")
         address = address.address
     if address is not None:
         return Federation(address, **kwargs)
@@ -62,6 +62,7 @@ def connect(address: str | Any | None = None, *, num_cpus: int | None = None, nu
     gateway = embedded.acquire(num_cpus=num_cpus, num_gpus=num_gpus, state_dir=state_dir)
     try:
         kwargs.setdefault("token", gateway.token)  # the embedded site's own tenant, "local"
+        kwargs.setdefault("tls_ca", "")  # it serves plaintext on loopback
         return Federation(gateway.address, on_close=gateway.release, **kwargs)
     except BaseException:
         gateway.release()
@@ -256,7 +257,8 @@ class Federation:
                 resp = self._tasks.Cancel(tasks_pb2.CancelRequest(all_mine=True), timeout=30)
             except grpc.RpcError as exc:
                 raise _rpc.translate(exc, self.address) from None
-            cancelled += [i for i in resp.cancelled if i not in set(cancelled)]
+            mine = set(cancelled)
+            cancelled += [i for i in resp.cancelled if i not in mine]
             for task_id in resp.cancelled:
                 future = self._session.future_of(task_id)
                 if future is not None:

@@ -218,8 +218,8 @@ class LocalFederation:
 
     ``secure`` (the default), as a federation between owners runs: a CA and a certificate
     per site (``intertie-gateway certs create``), TLS towards tenants, mutual TLS between the
-    sites on their peers' endpoints, and token auth; :meth:`connect` hands out the site's
-    token and CA. ``secure=False``: plaintext and no auth, as on a trusted network.
+    sites on their peers' endpoints, and token auth; ``intertie.connect(local)`` (its first
+    site) or ``intertie.connect(local.site("beta"))`` use a site's token and CA. ``secure=False``: plaintext and no auth, as on a trusted network.
     """
 
     def __init__(self, sites: int = 3, *, base_dir: str | os.PathLike[str] | None = None,

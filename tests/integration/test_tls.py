@@ -49,7 +49,8 @@ class Sites:
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     base = tmp_path_factory.mktemp("tls")
     certs, outsider = base / "certs", base / "outsider"
-    gateway_cli("certs", "create", "--dir", str(certs), "--site", "alpha", "--site", "beta", "--host", "127.0.0.1")
+    gateway_cli("certs", "create", "--dir", str(certs), "--site", "alpha", "--site", "beta", "--site", "gamma",
+                "--host", "127.0.0.1")  # gamma: a member of the federation, but no peer of alpha's
     gateway_cli("certs", "create", "--dir", str(outsider), "--site", "alpha", "--host", "127.0.0.1")
     token = gateway_cli("token", "create", "--tenant", "acme", "--state-dir", str(base / "alpha"))
     initech = gateway_cli("token", "create", "--tenant", "initech", "--state-dir", str(base / "alpha"))
@@ -153,6 +154,13 @@ def test_neither_a_tenant_nor_a_peer_can_claim_to_be_another_site(sites: Sites) 
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "certificate names 'beta'" in refused.details()
         with pytest.raises(grpc.RpcError) as steal:
             peer_pb2_grpc.PeerServiceStub(beta).Steal(peer_pb2.StealRequest(site_id="gamma", max_tasks=5), timeout=10)
+        assert steal.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with grpc.secure_channel(sites.peer_addresses["alpha"], grpc.ssl_channel_credentials(ca, *sites.creds("gamma"))) \
+            as gamma:
+        refused = _first_reply(gamma, "gamma")
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "not one of the peers" in refused.details()
+        with pytest.raises(grpc.RpcError) as steal:
+            peer_pb2_grpc.PeerServiceStub(gamma).Steal(peer_pb2.StealRequest(site_id="gamma", max_tasks=5), timeout=10)
         assert steal.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

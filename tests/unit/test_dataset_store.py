@@ -586,3 +586,11 @@ def test_a_tenants_dataset_quota_bounds_what_it_stores_and_no_one_elses(tmp_path
     assert [m.name for m in store.listing("acme")] == ["a"]  # nothing half-written is left
     assert store.write("b", batches(table(50_000)), owner="globex").num_rows == 50_000  # others: no limit
     assert store.write("a", batches(table(5_000)), owner="acme", replace=True).num_rows == 5_000  # a replacement fits
+
+
+def test_a_dataset_id_of_another_owner_is_refused_not_replaced(tmp_path: Path) -> None:
+    store = DatasetStore(str(tmp_path / "site"), "site")
+    theirs = store.write("r", batches(table(10)), "task-1", owner="acme")
+    with pytest.raises(DatasetError, match="dataset id task-1 is taken"):
+        store.write("r", batches(table(3)), "task-1", owner="globex")
+    assert store.resolve("task-1", "acme").num_rows == theirs.num_rows == 10

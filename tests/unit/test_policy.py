@@ -81,3 +81,10 @@ def test_dominant_share_is_the_largest_fraction_held_over_the_weight() -> None:
     assert dominant_share({"CPU": 2.0, "GPU": 1.0}, total, 1.0) == 0.5
     assert dominant_share({"CPU": 2.0}, total, 2.0) == 0.125
     assert dominant_share({"TPU": 1.0}, total, 1.0) == 0.0
+
+
+def test_a_policy_file_that_is_not_text_is_a_policy_error(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b"accept = [\"\xff\xfe\"]\n")
+    with pytest.raises(PolicyError):
+        PolicyFile(str(path), Clock())

@@ -92,3 +92,13 @@ def test_the_operator_makes_lists_and_revokes_tokens(tmp_path: Path) -> None:
     bad = gateway_cli("token", "create", "--tenant", "Not OK", "--state-dir", str(tmp_path))
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert json.loads((tmp_path / "tokens.json").read_text())["tokens"][0]["tenant"] == "acme"
+
+
+def test_a_corrupt_token_file_keeps_the_tokens_read_before(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "tokens.json")
+    _, token = store.create("acme")
+    reader = TokenStore(tmp_path / "tokens.json")
+    assert reader.check(token) == "acme"
+    (tmp_path / "tokens.json").write_text('{"tokens": [{"id": ')  # half a file, by hand
+    reader._checked_at = -1e9  # as if a second had passed
+    assert reader.check(token) == "acme"
