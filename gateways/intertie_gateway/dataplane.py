@@ -96,7 +96,8 @@ class DataPlaneService(FlightService):
     def do_action(self, context: Any, action: flight.Action) -> Any:
         if not action.type.startswith("dp-"):
             return super().do_action(context, action)
-        internal_caller = caller_of(context).internal
+        who = caller_of(context)
+        internal_caller = who.internal and not who.worker  # (the gateway; not its Ray workers)
 
         def internal() -> Any:
             try:
@@ -150,6 +151,8 @@ class DataPlane:
         self._peers = peers
         self._transport = transport
         self._secret = secrets.token_hex(32)
+        # What the site's Ray workers show: they run tenants' code, so it opens less (see Caller).
+        self._worker_secret = secrets.token_hex(32)
         self._options = [(SECRET_HEADER.encode(), self._secret.encode())]
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
@@ -179,11 +182,11 @@ class DataPlane:
 
     @property
     def worker_endpoint(self) -> str:
-        """What the site's Ray workers need to reach this endpoint as the site itself: its
-        address, the certificate to verify it with, and the secret (handed to workers by the
-        gateway through Ray, never to a client)."""
+        """What the site's Ray workers need to reach this endpoint: its address, the
+        certificate to verify it with, and the workers' secret (handed to workers by the
+        gateway through Ray, never to a client; it reads and stores by id, and opens no more)."""
         return json.dumps({"address": self.address, "roots": _roots(self._transport).decode(),
-                           "secret": self._secret})
+                           "secret": self._worker_secret})
     def _start(self) -> None:
         ready = self._state_dir / "dataplane.port"
         ready.unlink(missing_ok=True)
@@ -196,7 +199,8 @@ class DataPlane:
         self._process = subprocess.Popen(cmd, stdin=subprocess.PIPE)
         assert self._process.stdin is not None
         with self._process.stdin as pipe:
-            pipe.write(json.dumps({"secret": self._secret, "cert": self._transport.cert.decode(),
+            pipe.write(json.dumps({"secret": self._secret, "worker_secret": self._worker_secret,
+                                   "cert": self._transport.cert.decode(),
                                    "key": self._transport.key.decode(), "ca": self._transport.ca.decode()}).encode())
         self._started_at = time.monotonic()
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None
     server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
                               max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer,
+                              worker_secret=str(given.get("worker_secret", "")),
                               identify=identify_with(transport) if transport.mutual else None, **tls)
     servers: list[FlightService] = [server]
     if args.peer_listen:

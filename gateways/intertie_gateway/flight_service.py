@@ -88,6 +88,9 @@ class Caller:
     tenant: str | None
     internal: bool = False
     peer: str = ""
+    # The site's Ray workers (they run tenants' code): they read inputs and store results by id,
+    # but do not list, delete or call the gateway's own actions.
+    worker: bool = False
 
 
 class Admitted(flight.ServerMiddleware):  # type: ignore[misc]
@@ -100,13 +103,16 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
     ``tokens`` None: auth none. A refusal is a Flight UNAUTHENTICATED error in one line that
     never repeats what was sent."""
 
-    def __init__(self, secret: str, tokens: TokenStore | None) -> None:
+    def __init__(self, secret: str, tokens: TokenStore | None, worker_secret: str = "") -> None:
         self._secret = secret
+        self._worker_secret = worker_secret
         self._tokens = tokens
 
     def start_call(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
         secret = _header(headers, SECRET_HEADER)
         if secret is not None:
+            if self._worker_secret and secrets.compare_digest(secret.encode(), self._worker_secret.encode()):
+                return Admitted(Caller(None, internal=True, worker=True))
             if not self._secret or not secrets.compare_digest(secret.encode(), self._secret.encode()):
                 raise _refused("not authenticated: a wrong site secret")
             return Admitted(Caller(None, internal=True))
@@ -168,13 +174,14 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                  peers: Callable[[], Sequence[str]] = lambda: (), secret: str = "", tokens: TokenStore | None = None,
                  connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}"),
                  relay: Relay | None = None, gate: flight.ServerMiddlewareFactory | None = None,
-                 **server: Any) -> None:
+                 worker_secret: str = "", **server: Any) -> None:
         """``secret``: what the site's own calls show (""): none can); ``tokens``: the tenants'
         (None: auth none); ``connect``: a client for a peer's address; ``relay``: how requests
         of tenants that name a peer are made there (None: a federation without a CA, whose
         tenants call each site's endpoint themselves); ``gate``: who calls (default
-        :class:`Gate`); ``server``: TLS options of ``FlightServerBase``."""
-        super().__init__(location, middleware={GATE: gate or Gate(secret, tokens)}, **server)
+        :class:`Gate`); ``worker_secret``: what the site's Ray workers show; ``server``: TLS
+        options of ``FlightServerBase``."""
+        super().__init__(location, middleware={GATE: gate or Gate(secret, tokens, worker_secret)}, **server)
         self.store = store
         self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
         self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
@@ -296,6 +303,8 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
 
     def list_flights(self, context: Any, criteria: bytes) -> Any:
         who = self._caller(context)
+        if who.worker:
+            raise flight.FlightServerError("ERROR_KIND_INVALID_ARGUMENT: a task does not list the site's datasets")
 
         def listing() -> list[flight.FlightInfo]:
             away = self._elsewhere(_json_request(criteria, "criteria").get("site"), who) if criteria else None
@@ -310,6 +319,8 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
 
     def do_action(self, context: Any, action: flight.Action) -> Any:
         who = self._caller(context)
+        if who.worker and action.type != "get":
+            raise flight.FlightServerError(f"ERROR_KIND_INVALID_ARGUMENT: a task may not {clip(action.type, 40)!r}")
 
         def act() -> DatasetMeta:
             key = _text(action.body.to_pybytes(), "action body")

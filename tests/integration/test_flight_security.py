@@ -156,3 +156,4 @@ def test_the_peers_flight_endpoint_takes_only_certificates_of_the_federation_ca(
         list(beta.do_action(flight.Action("delete", ref.id.encode())))  # and delete nothing
     beta.close()
     assert site.datasets(site.tokens["acme"]).get(ref.id).equals(sample(40))
+

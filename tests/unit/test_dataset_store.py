@@ -594,3 +594,33 @@ def test_a_dataset_id_of_another_owner_is_refused_not_replaced(tmp_path: Path) -
     with pytest.raises(DatasetError, match="dataset id task-1 is taken"):
         store.write("r", batches(table(3)), "task-1", owner="globex")
     assert store.resolve("task-1", "acme").num_rows == theirs.num_rows == 10
+
+
+def test_the_workers_secret_reads_and_stores_by_id_but_lists_deletes_and_steers_nothing(tmp_path: Path) -> None:
+    from intertie_gateway.dataplane import DataPlaneService
+    from intertie_gateway.flight_service import SECRET_HEADER
+
+    store = DatasetStore(str(tmp_path / "site"), "site")
+    kept = store.write("kept", batches(table(5)), owner="acme")
+    server = DataPlaneService("grpc://127.0.0.1:0", store, connect=lambda a: flight.FlightClient(f"grpc://{a}"),
+                              identify=None, secret=SECRET, worker_secret="the-workers")
+    client = flight.FlightClient(f"grpc://127.0.0.1:{server.port}")
+    as_worker = flight.FlightCallOptions(timeout=10, headers=[(SECRET_HEADER.encode(), b"the-workers")])
+    try:
+        assert client.do_get(flight.Ticket(kept.id.encode()), as_worker).read_all().num_rows == 5  # an input
+        descriptor = flight.FlightDescriptor.for_command(json.dumps({"name": "result", "id": "task-9",
+                                                                     "owner": "acme"}).encode())
+        writer, _ = client.do_put(descriptor, table(2).schema, as_worker)  # a result, the task's tenant's
+        writer.write_table(table(2))
+        writer.close()
+        assert store.resolve("task-9", "acme").num_rows == 2
+        for call in (lambda: list(client.list_flights(options=as_worker)),
+                     lambda: list(client.do_action(flight.Action("delete", kept.id.encode()), as_worker)),
+                     lambda: list(client.do_action(flight.Action("dp-sync", b'{"peers": ["10.0.0.1:1"]}'),
+                                                   as_worker))):
+            with pytest.raises(flight.FlightError):
+                call()
+        assert [m.id for m in store.listing("acme")] == [kept.id, "task-9"]
+    finally:
+        client.close()
+        server.shutdown()
