@@ -115,7 +115,9 @@ class DataPlaneService(FlightService):
                 return {"path": self.store.location(str(request["id"]), None if owner is None else str(owner))}
             if action.type == "dp-pull":
                 sources = [(str(s), str(a)) for s, a in request["sources"]]
-                meta = self.store.pull(str(request["id"]), lambda: sources, timeout_s=float(request["timeout_s"]))
+                owner = request.get("owner")
+                meta = self.store.pull(str(request["id"]), lambda: sources, timeout_s=float(request["timeout_s"]),
+                                       owner=None if owner is None else str(owner))
                 return json.loads(meta.to_json())
             if action.type == "dp-evict":
                 return {"dropped": [m.id for m in self.store.evict(set(request["keep"]))]}
@@ -291,7 +293,7 @@ class DataPlane:
         return path if isinstance(path, str) else None
 
     def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
-             timeout_s: float) -> DatasetMeta:
+             timeout_s: float, owner: str | None = None) -> DatasetMeta:
         """Has the data plane copy a dataset from the sites that hold it. ``sources()`` is
         asked again until it names one (peers come up after a restart) and after a transfer
         that failed for want of a reachable source, until nothing has arrived for ``timeout_s``."""
@@ -301,8 +303,8 @@ class DataPlane:
             left = deadline - time.monotonic()
             if found:
                 try:
-                    meta = self._call("dp-pull", {"id": dataset_id, "sources": found, "timeout_s": max(left, 1.0)},
-                                      timeout=None)
+                    meta = self._call("dp-pull", {"id": dataset_id, "sources": found, "timeout_s": max(left, 1.0),
+                                                  "owner": owner}, timeout=None)
                     break
                 except DatasetError as exc:
                     # Asked again only when no source answered in time (the store's stall error):

@@ -198,7 +198,7 @@ class DatasetStore:
                     self._used_at[dataset_id] = now
 
     def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
-             timeout_s: float = 120.0, retry_s: float = 0.5) -> DatasetMeta:
+             timeout_s: float = 120.0, retry_s: float = 0.5, owner: str | None = None) -> DatasetMeta:
         """Copies a dataset from other sites' Flight endpoints, keeping its id (a replica).
 
         ``sources()`` gives (site id, Flight address) of the sites that hold it, best first;
@@ -206,7 +206,9 @@ class DatasetStore:
         batch, from the same or another source (replicas keep their holder's batches), and
         is retried with backoff until no batch has arrived for ``timeout_s``. What a peer
         sends is validated like an upload: a site that sends invalid data is not asked
-        again, and when every holder did, the pull fails at once."""
+        again, and when every holder did, the pull fails at once. ``owner``: whose it must be
+        (as this site names tenants; None: anyone's): another's is not copied, and fails as a
+        dataset no site holds would."""
         if not VALID_NAME.match(dataset_id):
             raise DatasetError("ERROR_KIND_INVALID_ARGUMENT", f"dataset id {clip(dataset_id)!r} is not valid")
         part = self._path(dataset_id, "arrow.part")
@@ -233,6 +235,9 @@ class DatasetStore:
                         if expected is None:
                             info = next(iter(client.do_action(flight.Action("get", dataset_id.encode()))), None)
                             expected = peer_meta(info.body.to_pybytes() if info is not None else b"", dataset_id)
+                            if owner is not None and owner_here(expected[2], site, self.site_id) != owner:
+                                raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND", (
+                                    f"dataset {dataset_id} is not at site {self.site_id!r}, and no site holds it"))
                         ticket = json.dumps({"id": dataset_id, "from_batch": done}).encode()
                         reader = client.do_get(flight.Ticket(ticket))
                         watch.reader = reader

@@ -48,7 +48,8 @@ class Transfers:
         self._done = done
         self._draining = draining
         self._isolated = isolated  # token auth: a task reads only its own tenant's datasets
-        self._pulls: dict[str, asyncio.Future[Any]] = {}  # dataset id -> its transfer here, under way
+        # (dataset id, for whom) -> its transfer here, under way
+        self._pulls: dict[tuple[str, str | None], asyncio.Future[Any]] = {}
         # Transfers block a thread each while they last; their own pool keeps them from
         # starving the journal's (the loop's default executor).
         self._pool = ThreadPoolExecutor(MAX_TRANSFERS, thread_name_prefix="intertie-pull")
@@ -100,9 +101,10 @@ class Transfers:
                 if item.site == self.site_id and not self.sources(item.id, item.site):
                     raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND",
                                        f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}")
-                pull = self._pulls.get(item.id)
-                if pull is None:  # one transfer per dataset, however many tasks wait for it
-                    pull = self._pulls[item.id] = self._spawn(self._pull(item))
+                key = (item.id, self._owner(task))
+                pull = self._pulls.get(key)
+                if pull is None:  # one transfer per dataset and tenant, however many tasks wait for it
+                    pull = self._pulls[key] = self._spawn(self._pull(item, key[1]))
                 await asyncio.shield(pull)
                 if self.store.location(item.id, self._owner(task)) is None:  # here now, but another tenant's
                     raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND", f"dataset {item.id} is not at site "
@@ -122,14 +124,16 @@ class Transfers:
         finally:
             self._done()
 
-    async def _pull(self, item: DatasetInput) -> None:
+    async def _pull(self, item: DatasetInput, owner: str | None) -> None:
+        """Copies a dataset here for tasks of ``owner`` (None: anyone's): another tenant's is
+        refused before any of it moves."""
         assert self.store is not None
         store = self.store
         try:
             started = time.monotonic()
             meta = await asyncio.get_running_loop().run_in_executor(
                 self._pool, functools.partial(store.pull, item.id, lambda: self.sources(item.id, item.site),
-                                              timeout_s=self.pull_timeout_s))
+                                              timeout_s=self.pull_timeout_s, owner=owner))
             elapsed = time.monotonic() - started
             logger.info("pulled dataset %s (%d bytes) from %s in %.2f s (%.0f MB/s)", item.id, meta.num_bytes,
                         meta.origin, elapsed, meta.num_bytes / max(elapsed, 1e-9) / 1e6)
@@ -144,7 +148,7 @@ class Transfers:
             except Exception:
                 logger.exception("evicting replicas after pulling %s failed", item.id)
         finally:
-            self._pulls.pop(item.id, None)
+            self._pulls.pop((item.id, owner), None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

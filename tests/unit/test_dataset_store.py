@@ -624,3 +624,15 @@ def test_the_workers_secret_reads_and_stores_by_id_but_lists_deletes_and_steers_
     finally:
         client.close()
         server.shutdown()
+
+
+def test_a_pull_for_a_tenant_copies_only_that_tenants_dataset(holder: tuple[DatasetStore, str], tmp_path: Path) -> None:
+    source, address = holder
+    meta = source.write("private", batches(table(1_000)), owner="acme")
+    here = DatasetStore(str(tmp_path / "here"), "here")
+    with pytest.raises(DatasetError, match="no site holds it") as refused:
+        here.pull(meta.id, lambda: [("holder", address)], timeout_s=5, owner="globex@holder")
+    assert refused.value.kind == "ERROR_KIND_DATASET_NOT_FOUND"
+    assert here.location(meta.id) is None and not list((tmp_path / "here").glob("*.part"))
+    replica = here.pull(meta.id, lambda: [("holder", address)], timeout_s=5, owner="acme@holder")
+    assert (replica.num_rows, replica.owner) == (1_000, "acme@holder")
