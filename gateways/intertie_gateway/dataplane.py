@@ -437,14 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     store = DatasetStore(args.url, args.site_id, quota_bytes=args.quota, replica_cache_bytes=args.replica_cache,
                          connect=peer, owner_quota=lambda owner: policy.current().limits(owner).max_dataset_bytes)
     tokens = TokenStore(Path(args.tokens)) if args.tokens else None
+
+    def serves(tenant: str) -> bool:
+        return policy.current().accepts(tenant)
+
     server = DataPlaneService(f"{'grpc+tls' if transport.tls else 'grpc'}://{args.listen}", store,
                               max_rate=args.max_rate, secret=given["secret"], tokens=tokens, connect=peer,
-                              worker_secret=str(given.get("worker_secret", "")),
+                              worker_secret=str(given.get("worker_secret", "")), serves=serves,
                               identify=identify_with(transport) if transport.mutual else None, **tls)
     servers: list[FlightService] = [server]
     if args.peer_listen:
         servers.append(PeerFlightService(f"grpc+tls://{args.peer_listen}", store, max_rate=args.max_rate,
-                                         peers=server.peers, connect=peer, verify_client=True,
+                                         peers=server.peers, connect=peer, verify_client=True, serves=serves,
                                          root_certificates=transport.ca, **tls))
     ready = Path(args.ready_file)
     tmp = ready.with_suffix(".tmp")

@@ -103,10 +103,12 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
     ``tokens`` None: auth none. A refusal is a Flight UNAUTHENTICATED error in one line that
     never repeats what was sent."""
 
-    def __init__(self, secret: str, tokens: TokenStore | None, worker_secret: str = "") -> None:
+    def __init__(self, secret: str, tokens: TokenStore | None, worker_secret: str = "",
+                 serves: Callable[[str], bool] = lambda tenant: True) -> None:
         self._secret = secret
         self._worker_secret = worker_secret
         self._tokens = tokens
+        self._serves = serves
 
     def start_call(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
         secret = _header(headers, SECRET_HEADER)
@@ -122,11 +124,19 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
         try:
             if not token or scheme.lower() != "bearer":
                 raise TokenError("no token: pass connect(..., token=...), INTERTIE_TOKEN or --token")
-            return Admitted(Caller(self._tokens.check(token.strip())))
+            tenant = self._tokens.check(token.strip())
         except TokenError as exc:
             log_throttled(logger, f"flight-auth-{str(exc).split(' ')[0]}", "refused a Flight call (%s): %s",
                           info.method, exc)
             raise _refused(f"not authenticated: {exc}") from None
+        if not self._serves(tenant):
+            raise _not_served(tenant)
+        return Admitted(Caller(tenant))
+
+
+def _not_served(tenant: str) -> flight.FlightUnauthorizedError:
+    return flight.FlightUnauthorizedError(f"ERROR_KIND_PERMISSION_DENIED: this site does not accept tenant "
+                                          f"{clip(tenant, 80)!r} (its policy)")
 
 
 class PeerGate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
@@ -174,14 +184,16 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
                  peers: Callable[[], Sequence[str]] = lambda: (), secret: str = "", tokens: TokenStore | None = None,
                  connect: Callable[[str], flight.FlightClient] = lambda a: flight.FlightClient(f"grpc://{a}"),
                  relay: Relay | None = None, gate: flight.ServerMiddlewareFactory | None = None,
-                 worker_secret: str = "", **server: Any) -> None:
+                 worker_secret: str = "", serves: Callable[[str], bool] = lambda tenant: True,
+                 **server: Any) -> None:
         """``secret``: what the site's own calls show (""): none can); ``tokens``: the tenants'
         (None: auth none); ``connect``: a client for a peer's address; ``relay``: how requests
         of tenants that name a peer are made there (None: a federation without a CA, whose
         tenants call each site's endpoint themselves); ``gate``: who calls (default
-        :class:`Gate`); ``worker_secret``: what the site's Ray workers show; ``server``: TLS
-        options of ``FlightServerBase``."""
-        super().__init__(location, middleware={GATE: gate or Gate(secret, tokens, worker_secret)}, **server)
+        :class:`Gate`); ``worker_secret``: what the site's Ray workers show; ``serves``: whether
+        the site's policy accepts a tenant; ``server``: TLS options of ``FlightServerBase``."""
+        super().__init__(location, middleware={GATE: gate or Gate(secret, tokens, worker_secret, serves)}, **server)
+        self._serves = serves  # which tenants the site's policy accepts
         self.store = store
         self.max_rate = max_rate  # bytes/s per transfer served; 0: no limit
         self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
@@ -404,6 +416,8 @@ class PeerFlightService(FlightService):
             log_throttled(logger, f"flight-vouch-{site}", "refused site %s acting for tenant %r", site, clip(vouched))
             raise _refused(f"not authenticated: a site may act only for its own tenants (tenant@<its site id>, "
                            f"named by an intertie-site: URI first in its certificate); this one is {site!r}")
+        if not self._serves(vouched):
+            raise _not_served(vouched)
         return Caller(vouched, peer=site)
 
     def do_put(self, context: Any, descriptor: flight.FlightDescriptor, reader: Any, writer: Any) -> None:
@@ -559,7 +573,7 @@ def _relayed(exc: flight.FlightError, site: str) -> Exception:
     as unavailable."""
     text = first_line(exc)
     for kind in ("ERROR_KIND_NOT_FOUND", "ERROR_KIND_DATASET_NOT_FOUND", "ERROR_KIND_INVALID_ARGUMENT",
-                 "ERROR_KIND_PAYLOAD_TOO_LARGE", "ERROR_KIND_QUOTA_EXCEEDED"):
+                 "ERROR_KIND_PAYLOAD_TOO_LARGE", "ERROR_KIND_QUOTA_EXCEEDED", "ERROR_KIND_PERMISSION_DENIED"):
         if text.startswith(kind + ": "):
             return DatasetError(kind, text[len(kind) + 2:])
     if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError)):

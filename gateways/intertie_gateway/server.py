@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from intertie._rpc import server_options
+from intertie._rpc import is_loopback, server_options
 from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.auth import Gatekeeper, revoked
 from intertie_gateway.config import GatewayConfig
@@ -63,6 +63,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         raise OSError(f"cannot listen on {config.listen}")
     if config.peer_listen and transport.serve_peers(server, config.peer_listen) == 0:
         raise OSError(f"cannot listen on {config.peer_listen} (peer_listen)")
+    if tokens is not None and not transport.tls and not is_loopback(config.listen):
+        logger.warning("auth: token over plaintext at %s: tokens cross the network in the clear; serve TLS "
+                       "(--tls-cert, --tls-key)", config.listen)
     logger.info("transport: %s", "TLS, peers by mutual TLS at " + config.peer_listen if transport.mutual and
                 config.peer_listen else "TLS" if transport.tls else "plaintext (--tls-cert/--tls-key for TLS)")
     host = config.listen.rpartition(":")[0]

@@ -181,6 +181,12 @@ def tls_cause(exc: grpc.RpcError) -> str | None:
     return None
 
 
+def is_loopback(address: str) -> bool:
+    """Whether "host:port" names this machine (tokens may cross it in plaintext)."""
+    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
+    return host in ("localhost", "::1") or host.startswith("127.") or address.startswith(("unix:", "unix-abstract:"))
+
+
 def unreachable_cause(exc: grpc.RpcError, target: str = "", *, tls: bool = False) -> str:
     """Why an UNAVAILABLE call failed, in words (gRPC's own text follows in parentheses).
     ``tls``: whether the client connected with TLS."""

@@ -100,6 +100,9 @@ class Federation:
         # A tenant's token (else INTERTIE_TOKEN), and the CA of a gateway serving TLS (else
         # INTERTIE_TLS_CA): checked for form here, by the gateway at the first call.
         self.credentials = _rpc.Credentials.resolve(token, tls_ca)
+        if self.credentials.token and self.credentials.tls_ca is None and not _rpc.is_loopback(address):
+            logger.warning("sending a token to %s without TLS: it crosses the network in the clear (connect with "
+                           "tls_ca= or INTERTIE_TLS_CA to a gateway that serves TLS)", address)
         if unavailable_timeout is not None and not unavailable_timeout > 0:
             raise errors.InvalidRequestError(f"unavailable_timeout must be > 0 seconds, got {unavailable_timeout!r}")
         self.address = address

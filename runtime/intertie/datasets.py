@@ -85,7 +85,8 @@ def _translate(exc: Exception, what: str) -> errors.IntertieError:
                       ("ERROR_KIND_NOT_FOUND", errors.DatasetNotFoundError),
                       ("ERROR_KIND_INVALID_ARGUMENT", errors.InvalidRequestError),
                       ("ERROR_KIND_PAYLOAD_TOO_LARGE", errors.PayloadTooLargeError),
-                      ("ERROR_KIND_QUOTA_EXCEEDED", errors.QuotaExceededError)):
+                      ("ERROR_KIND_QUOTA_EXCEEDED", errors.QuotaExceededError),
+                      ("ERROR_KIND_PERMISSION_DENIED", errors.PermissionDeniedError)):
         if kind in text:
             message = text.split(kind + ": ", 1)[-1].split(". Detail:", 1)[0].strip()
             return cls(message)

@@ -110,6 +110,10 @@ def test_tenants_and_functions_the_policy_does_not_allow_are_refused_and_a_chang
     with intertie.connect(site.address, token=site.tokens["initech"]) as initech:
         with pytest.raises(intertie.PermissionDeniedError, match="does not accept tenant 'initech'"):
             initech.submit(double, 1).result(timeout=30)
+        import pyarrow as pa
+
+        with pytest.raises(intertie.PermissionDeniedError, match="does not accept tenant 'initech'"):
+            initech.put_dataset(pa.table({"v": [1]}), name="refused")  # its data plane applies the policy too
         site.policy.write_text('accept = ["*"]\n')
         os.utime(site.policy, ns=(1, 2))  # a new mtime whatever the file system's resolution
         deadline = time.monotonic() + WITHIN_S

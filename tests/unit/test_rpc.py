@@ -62,3 +62,8 @@ def test_unreachable_causes_are_named() -> None:
                        "address lookup failed for nosuch:7070: Domain name not found]")
     assert _rpc.unreachable_cause(dns, "nosuch:7070").startswith("unknown host 'nosuch'")
     assert _rpc.unreachable_cause(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "odd"), "h:1") == "odd"
+
+
+def test_loopback_addresses_are_told_from_the_network() -> None:
+    assert all(_rpc.is_loopback(a) for a in ("127.0.0.1:7070", "localhost:7070", "[::1]:7070", "unix:/tmp/s"))
+    assert not any(_rpc.is_loopback(a) for a in ("10.0.0.5:7070", "gateway.example:7070", "0.0.0.0:7070"))
