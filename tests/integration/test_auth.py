@@ -101,3 +101,7 @@ def test_malformed_tokens_get_one_line_and_guessing_is_cut_off_per_source(  # ty
     with pytest.raises(intertie.AuthenticationError, match="too many failed authentications"):
         intertie.connect(gateway.address, token=token, connect_timeout=10)  # even a valid one, for a while
     assert gateway.process is not None and gateway.process.poll() is None
+    log = gateway.log_path.read_text(errors="replace")
+    assert "refused a call" in log  # failures are logged (throttled) ...
+    secret = token.split("_")[2]
+    assert secret not in log and secret[:20] not in log and "z" * 100 not in log  # ... never what was sent
