@@ -83,7 +83,8 @@ if __name__ == "__main__":
         with intertie.connect(address) as fed:
             main(fed)
     else:
-        print("starting a local federation of 3 sites (each with its own Ray)...")
+        print("starting a local federation of 3 sites (each with its own Ray; TLS, mutual TLS between the sites, "
+              "token auth)...")
         with LocalFederation(3) as local:
             time.sleep(1.5)
             with intertie.connect(local) as fed:
