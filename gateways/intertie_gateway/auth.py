@@ -28,7 +28,7 @@ import grpc
 
 from intertie_gateway.tenancy import ANONYMOUS, Caller
 from intertie_gateway.throttle import log_throttled
-from intertie_gateway.tokens import MAX_TOKEN_CHARS, TokenError, TokenStore
+from intertie_gateway.tokens import TokenError, TokenStore, bearer_token
 from intertie_gateway.transport import peer_site
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def bearer(metadata: Any) -> str | None:
     """The token of an ``authorization: Bearer ...`` entry, if any."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value[:MAX_TOKEN_CHARS + 16].partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
+            return bearer_token(value)
     return None
 
 

@@ -53,7 +53,7 @@ from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.pulls import owner_here
 from intertie_gateway.tenancy import TENANT
 from intertie_gateway.throttle import log_throttled
-from intertie_gateway.tokens import MAX_TOKEN_CHARS, TokenError, TokenStore
+from intertie_gateway.tokens import TokenError, TokenStore, bearer_token
 from intertie_gateway.validate import clip
 
 logger = logging.getLogger(__name__)
@@ -120,11 +120,11 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
             return Admitted(Caller(None, internal=True))
         if self._tokens is None:
             return Admitted(Caller(None))
-        scheme, _, token = (_header(headers, "authorization") or "")[:MAX_TOKEN_CHARS + 16].partition(" ")
+        token = bearer_token(_header(headers, "authorization") or "")
         try:
-            if not token or scheme.lower() != "bearer":
+            if not token:
                 raise TokenError("no token: pass connect(..., token=...), INTERTIE_TOKEN or --token")
-            tenant = self._tokens.check(token.strip())
+            tenant = self._tokens.check(token)
         except TokenError as exc:
             log_throttled(logger, f"flight-auth-{str(exc).split(' ')[0]}", "refused a Flight call (%s): %s",
                           info.method, exc)

@@ -37,6 +37,13 @@ _TOKEN = re.compile(r"^itk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 RELOAD_EVERY_S = 1.0
 
 
+def bearer_token(value: str) -> str | None:
+    """The token of an ``authorization`` value "Bearer <token>" (read up to a bounded length);
+    "" for another scheme."""
+    scheme, _, token = value[:MAX_TOKEN_CHARS + 16].partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 class TokenError(ValueError):
     """A token that is malformed, unknown or revoked; the message never contains the token."""
 
@@ -98,11 +105,8 @@ class TokenStore:
 
     def active(self, token_id: str) -> bool:
         """Whether the token of this id is still taken (re-reads the file at most once a second)."""
-        now = time.monotonic()
         with self._lock:
-            if now - self._checked_at >= RELOAD_EVERY_S:
-                self._checked_at = now
-                self._load_locked()
+            self._fresh_locked()
             record = self._records.get(token_id)
         return record is not None and not record.revoked
 
@@ -119,9 +123,6 @@ class TokenStore:
         with self._lock:
             self._load_locked()
             record = self._records.get(token_id)
-            if record is None:  # made since the last read? (a stat; the file is read only if it changed)
-                self._load_locked()
-                record = self._records.get(token_id)
             if record is None:
                 raise TokenError(f"no token {token_id[:20]!r} in {self.path}")
             if not record.revoked:
@@ -139,16 +140,13 @@ class TokenStore:
         if match is None:
             raise TokenError("malformed token (expected itk_<id>_<secret>)")
         token_id, secret = match.groups()
-        now = time.monotonic()
         with self._lock:
-            if now - self._checked_at >= RELOAD_EVERY_S:
-                self._checked_at = now
-                self._load_locked()
+            self._fresh_locked()
             record = self._records.get(token_id)
             if record is None:  # made since the last read? (a stat; the file is read only if it changed)
                 self._load_locked()
                 record = self._records.get(token_id)
-        # The same work whether the id is known or not, and a comparison in constant time.
+        # The same hashing whether the id is known or not, and a comparison in constant time.
         expected = record.hash if record is not None else "0" * 64
         if not hmac.compare_digest(_digest(secret), expected) or record is None:
             raise TokenError(f"unknown token {token_id}")
@@ -159,6 +157,13 @@ class TokenStore:
     # ---------------------------------------------------------------- the file
     def _load(self) -> None:
         with self._lock:
+            self._load_locked()
+
+    def _fresh_locked(self) -> None:
+        """Re-reads the file if a second has passed since it was last looked at (and it changed)."""
+        now = time.monotonic()
+        if now - self._checked_at >= RELOAD_EVERY_S:
+            self._checked_at = now
             self._load_locked()
 
     def _load_locked(self) -> None:
