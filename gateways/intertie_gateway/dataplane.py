@@ -68,6 +68,8 @@ CALL_TIMEOUT_S = 30.0
 # Restarts closer together than this are delayed to it: a data plane that dies at once on
 # every start must not spin.
 RESTART_MIN_INTERVAL_S = 1.0
+# Owners of local datasets remembered at most (see DataPlane._owner_of).
+MAX_OWNERS_KNOWN = 100_000
 # Asking a non-local store where a dataset is happens on the event loop: briefly.
 LOCATION_TIMEOUT_S = 2.0
 # A pull that has no source yet (peers not up after a restart) asks again this often.
@@ -155,6 +157,7 @@ class DataPlane:
         self._secret = secrets.token_hex(32)
         # What the site's Ray workers show: they run tenants' code, so it opens less (see Caller).
         self._worker_secret = secrets.token_hex(32)
+        self._owners: dict[str, tuple[tuple[int, int, int], str]] = {}  # id -> (metadata file version, owner)
         self._options = [(SECRET_HEADER.encode(), self._secret.encode())]
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
@@ -276,11 +279,10 @@ class DataPlane:
         (None: whoever's). Called on the event loop: a local folder is looked at directly
         (ids were validated as plain names), other stores are asked briefly."""
         if self._root is not None:
-            try:
-                meta = json.loads((self._root / f"{dataset_id}.json").read_text())
-            except (OSError, ValueError):
-                return None
-            if owner is not None and meta.get("owner", "") != owner:
+            if owner is not None:
+                if self._owner_of(dataset_id) != owner:
+                    return None
+            elif not (self._root / f"{dataset_id}.json").exists():
                 return None
             with self._lock:
                 self._touched.add(dataset_id)  # for the eviction order, told at the next sync
@@ -291,6 +293,25 @@ class DataPlane:
             logger.warning("where is dataset %s? %s", dataset_id, exc)
             return None
         return path if isinstance(path, str) else None
+
+    def _owner_of(self, dataset_id: str) -> str | None:
+        """The owner a local dataset's metadata names (None: not here). Read once per version
+        of the file (a stat tells the version): tasks start on the event loop."""
+        path = self._root / f"{dataset_id}.json" if self._root is not None else None
+        try:
+            assert path is not None
+            stat = path.stat()
+            version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            known = self._owners.get(dataset_id)
+            if known is not None and known[0] == version:
+                return known[1]
+            owner = str(json.loads(path.read_text()).get("owner", ""))
+        except (OSError, ValueError, AttributeError):
+            return None
+        if len(self._owners) >= MAX_OWNERS_KNOWN:
+            self._owners.clear()
+        self._owners[dataset_id] = (version, owner)
+        return owner
 
     def pull(self, dataset_id: str, sources: Callable[[], Sequence[tuple[str, str]]], *,
              timeout_s: float, owner: str | None = None) -> DatasetMeta:
