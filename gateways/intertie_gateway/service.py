@@ -17,7 +17,7 @@ from intertie_gateway.auth import caller
 from intertie_gateway.convert import placement_to_proto, spec_from_proto
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.sessions import Session, SessionHub
-from intertie_gateway.tenancy import Caller
+from intertie_gateway.tenancy import Caller, scope
 from intertie_gateway.throttle import log_throttled
 from intertie_gateway.validate import check_spec, clip
 
@@ -142,6 +142,29 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, kind:
     await context.abort(code, message, trailing_metadata=((ERROR_KIND_KEY, kind),))
 
 
+def _scoped(request: tasks_pb2.SubmitRequest, prefix: str) -> None:
+    """A tenant's tasks, filed under its own ids (tenancy.scope)."""
+    if prefix:
+        for spec in request.tasks:
+            spec.task_id = prefix + spec.task_id
+
+
+def _unscoped_acks(acks: list[tasks_pb2.TaskAck], prefix: str) -> list[tasks_pb2.TaskAck]:
+    if prefix:
+        for ack in acks:
+            ack.task_id = ack.task_id.removeprefix(prefix)
+    return acks
+
+
+def _unscoped_events(events: list[tasks_pb2.TaskEvent], prefix: str) -> list[tasks_pb2.TaskEvent]:
+    """Events as a tenant's session sends them: with the tenant's own ids. (All sessions of a
+    task are its tenant's: an event shared by several is changed once.)"""
+    if prefix:
+        for event in events:
+            event.task_id = event.task_id.removeprefix(prefix)
+    return events
+
+
 def _batches(events: list[tasks_pb2.TaskEvent]) -> Iterator[list[tasks_pb2.TaskEvent]]:
     """Events in messages of about EVENT_MESSAGE_BYTES."""
     batch: list[tasks_pb2.TaskEvent] = []
@@ -176,8 +199,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             await _abort(context, grpc.StatusCode.PERMISSION_DENIED, "ERROR_KIND_PERMISSION_DENIED",
                          "a peer forwards tasks on its link (Connect), not with Submit")
         request.session_id = self._session_key(request.session_id)
+        prefix = scope(who.tenant)
+        _scoped(request, prefix)
         acks = await self._scheduler.intake.submit(request, tenant=who.tenant)
-        return tasks_pb2.SubmitResponse(acks=acks)
+        return tasks_pb2.SubmitResponse(acks=_unscoped_acks(acks, prefix))
 
     async def Watch(self, request: tasks_pb2.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[tasks_pb2.TaskEvents]:
@@ -185,12 +210,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"Watch needs a session_id of 1-{MAX_SESSION_ID_CHARS} characters")
         session = self._hub.open(self._session_key(request.session_id), request.progress)
+        session.scope = scope(caller().tenant)
         guard = asyncio.get_running_loop().create_task(self._end_if_revoked(session))
         try:
             yield tasks_pb2.TaskEvents()  # tells the client its events will now be delivered
             while not session.closed:
                 await session.wakeup.wait()
-                for batch in _batches(session.take()):
+                for batch in _batches(_unscoped_events(session.take(), session.scope)):
                     yield tasks_pb2.TaskEvents(events=batch)
                 if session.failure_kind == "ERROR_KIND_UNAUTHENTICATED":
                     await _abort(context, grpc.StatusCode.UNAUTHENTICATED, session.failure_kind, session.failure or "")
@@ -220,6 +246,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 await _abort(context, code, "ERROR_KIND_INVALID_ARGUMENT",
                              f"site {self._scheduler.site_id!r} did not open a peer link: {why}")
         session = self._hub.open(self._session_key(first.open.session_id), first.open.progress, peer)
+        if not peer:
+            session.scope = scope(caller().tenant)
         reader = asyncio.get_running_loop().create_task(self._read_batches(stream, session))
         guard = asyncio.get_running_loop().create_task(self._end_if_revoked(session))
         try:
@@ -229,7 +257,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 # Take everything before yielding: what arrives while a message is being
                 # sent sets the wakeup again and is taken on the next turn.
                 replies = session.take_replies()
-                events = session.take()  # clears the wakeup
+                events = _unscoped_events(session.take(), session.scope)  # clears the wakeup
                 for reply in replies:
                     yield reply
                 for batch in _batches(events):
@@ -312,7 +340,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     continue
                 request = message.submit.request
                 request.session_id = session.session_id
-                acks = await self._scheduler.intake.submit(request, peer=session.peer, tenant=who.tenant)
+                _scoped(request, session.scope)
+                acks = _unscoped_acks(await self._scheduler.intake.submit(request, peer=session.peer,
+                                                                          tenant=who.tenant), session.scope)
                 session.push_reply(tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(seq=message.submit.seq, acks=acks)))
         except asyncio.CancelledError:
             raise
@@ -331,13 +361,17 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if len(request.task_ids) > MAX_IDS_PER_CALL:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
-        unknown = self._scheduler.queries.subscribe(self._session_key(request.session_id), list(request.task_ids),
-                                                    caller())
-        return tasks_pb2.SubscribeResponse(unknown_task_ids=unknown)
+        prefix = scope(caller().tenant)
+        unknown = self._scheduler.queries.subscribe(self._session_key(request.session_id),
+                                                    [prefix + i for i in request.task_ids], caller())
+        return tasks_pb2.SubscribeResponse(unknown_task_ids=[i.removeprefix(prefix) for i in unknown])
 
     async def GetTask(self, request: tasks_pb2.GetTaskRequest,
                       context: grpc.aio.ServicerContext) -> tasks_pb2.TaskInfo:
-        info = self._scheduler.queries.info(request.task_id, caller())
+        prefix = scope(caller().tenant)
+        info = self._scheduler.queries.info(prefix + request.task_id, caller())
+        if info is not None:
+            info.task_id = request.task_id
         if info is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, "ERROR_KIND_NOT_FOUND",
                          f"site {self._scheduler.site_id!r} knows no task {clip(request.task_id)!r}")
@@ -350,14 +384,16 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "ERROR_KIND_INVALID_ARGUMENT",
                          f"at most {MAX_IDS_PER_CALL} task ids per call")
         who = caller()
-        ids = self._scheduler.queries.visible(list(request.task_ids), who)
+        prefix = scope(who.tenant)
+        ids = self._scheduler.queries.visible([prefix + i for i in request.task_ids], who)
         if request.all_mine:
             if self._scheduler.config.auth != "token" or who.peer:
                 await _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "ERROR_KIND_INVALID_ARGUMENT",
                              f"site {self._scheduler.site_id!r} runs without token auth: its tasks belong to no "
                              "tenant, so there are none that are yours to cancel all at once; cancel by task id")
             ids += self._scheduler.queries.owned(who.tenant)
-        return tasks_pb2.CancelResponse(cancelled=self._scheduler.cancel(list(dict.fromkeys(ids))))
+        cancelled = self._scheduler.cancel(list(dict.fromkeys(ids)))
+        return tasks_pb2.CancelResponse(cancelled=[i.removeprefix(prefix) for i in cancelled])
 
     async def Quote(self, request: tasks_pb2.QuoteRequest,
                     context: grpc.aio.ServicerContext) -> tasks_pb2.Placement:

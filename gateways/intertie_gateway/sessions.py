@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 class Session:
     __slots__ = ("session_id", "progress", "peer", "events", "replies", "wakeup", "closed", "failure", "failure_kind",
-                 "reconciling")
+                 "reconciling", "scope")
 
     def __init__(self, session_id: str, progress: bool, peer: str = "") -> None:
         self.session_id = session_id
@@ -27,6 +27,7 @@ class Session:
         self.failure: str | None = None  # why a Connect stream must end with an error
         self.failure_kind = ""  # its ErrorKind name: INVALID_ARGUMENT (the client's fault) or INTERNAL
         self.reconciling: list[str] = []  # task ids of a Reconcile that has more parts coming
+        self.scope = ""  # a tenant's session: what its task ids are filed under (tenancy.scope)
 
     def push(self, event: tasks_pb2.TaskEvent) -> None:
         self.events.append(event)

@@ -36,6 +36,12 @@ class Caller:
 ANONYMOUS = Caller()
 
 
+def scope(tenant: str) -> str:
+    """What a site puts before a tenant's task ids: each tenant's ids are its own, so one
+    tenant's id never meets another's ("" for the anonymous tenant: ids as they are)."""
+    return f"{tenant}~" if tenant else ""
+
+
 def foreign(tenant: str, home: str) -> str:
     """How this site names the tenant of a task forwarded by ``home``."""
     return f"{tenant or ANONYMOUS_NAME}@{home}"

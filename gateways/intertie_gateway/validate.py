@@ -9,7 +9,8 @@ from intertie.v1 import common_pb2, tasks_pb2
 
 K = common_pb2.ErrorKind
 
-_TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A client's id, or the id a site files it under ("tenant~id", tenancy.scope).
+_TASK_ID = re.compile(r"^[A-Za-z0-9._:~-]{1,200}$")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _DATASET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,7 +51,7 @@ def check_spec(spec: tasks_pb2.TaskSpec, *, max_payload_bytes: int, python_versi
 
     if not _TASK_ID.match(spec.task_id):
         return err(K.ERROR_KIND_INVALID_ARGUMENT,
-                   "task_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+                   "task_id must be 1-200 characters of letters, digits, '.', '_', ':', '~' or '-'")
     if len(spec.name) > MAX_NAME_CHARS:
         return err(K.ERROR_KIND_INVALID_ARGUMENT, f"name is {len(spec.name)} characters, over {MAX_NAME_CHARS}")
     if not _DIGEST.match(spec.function_digest):

@@ -31,7 +31,7 @@ def test_good_spec_passes() -> None:
 @pytest.mark.parametrize("fields,kind,text", [
     ({"task_id": ""}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
     ({"task_id": "a b"}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
-    ({"task_id": "x" * 129}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
+    ({"task_id": "x" * 201}, K.ERROR_KIND_INVALID_ARGUMENT, "task_id"),
     ({"function_digest": "ABC"}, K.ERROR_KIND_INVALID_ARGUMENT, "digest"),
     ({"args": b"x" * 101}, K.ERROR_KIND_PAYLOAD_TOO_LARGE, "101 bytes"),
     ({"resources": common_pb2.ResourceRequest(cpus=-1)}, K.ERROR_KIND_INVALID_ARGUMENT, "cpus"),
