@@ -294,15 +294,16 @@ def test_killed_site_work_moves_and_late_duplicates_change_nothing(
     for fut in moved[:20]:
         again = home.task(fut.task_id)
         assert again.site == fut.site and again.attempts == fut.attempts and again.state == "SUCCEEDED"
-    # One row per task at the home, finished once, with the result the client got.
+    # One row per task at the home, finished once, with the result the client got. (The home files the tasks
+    # of its tenant "local" under "local~<id>": each tenant's ids are its own.)
     db = sqlite3.connect(str(federation.site("alpha").state_dir / "journal.sqlite"))
     try:
         rows = db.execute(f"SELECT task_id, state, site FROM tasks WHERE task_id IN "
-                          f"({','.join('?' * len(futures))})", [fut.task_id for fut in futures]).fetchall()
+                          f"({','.join('?' * len(futures))})", [f"local~{fut.task_id}" for fut in futures]).fetchall()
     finally:
         db.close()
     assert len(rows) == 500 and all(state == 3 for _, state, _ in rows)
-    assert {tid: site for tid, _, site in rows} == {fut.task_id: fut.site for fut in futures}
+    assert {tid: site for tid, _, site in rows} == {f"local~{fut.task_id}": fut.site for fut in futures}
     assert f.submit(3).result(timeout=60) == 9
 
 
