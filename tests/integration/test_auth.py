@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from operator_cli import token_for
 
 import intertie
 from intertie.v1 import site_pb2, site_pb2_grpc
@@ -17,11 +18,6 @@ from intertie.v1 import site_pb2, site_pb2_grpc
 # How long a revocation may take to reach the running gateway (it re-reads its tokens each second).
 REVOCATION_S = 10.0
 
-
-def token_for(tenant: str, state_dir: Path) -> str:
-    made = subprocess.run([sys.executable, "-m", "intertie_gateway", "token", "create", "--tenant", tenant,
-                           "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60, check=True)
-    return made.stdout.strip().splitlines()[-1]
 
 
 def double(x: int) -> int:

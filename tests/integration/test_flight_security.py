@@ -9,8 +9,6 @@ SDK's dataset calls are made with ``DatasetClient`` and a connection's credentia
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
+from operator_cli import gateway_cli
 
 import intertie
 from intertie._rpc import Credentials
@@ -26,12 +25,6 @@ from intertie.embedded import EmbeddedGateway, free_ports
 
 START_S = 120.0
 
-
-def gateway_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "intertie_gateway", *args], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
 @dataclass

@@ -5,14 +5,13 @@ change of the file taking effect without a restart."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from operator_cli import token_for
 
 import intertie
 from intertie.embedded import EmbeddedGateway
@@ -34,11 +33,6 @@ def sleeps(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
 
-
-def token_for(tenant: str, state_dir: Path) -> str:
-    made = subprocess.run([sys.executable, "-m", "intertie_gateway", "token", "create", "--tenant", tenant,
-                           "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60, check=True)
-    return made.stdout.strip().splitlines()[-1]
 
 
 POLICY = """

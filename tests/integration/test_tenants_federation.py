@@ -3,12 +3,11 @@ see each other's work, at their home or at the peers their tasks were forwarded 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
+from operator_cli import token_for
 
 import intertie
 from intertie.embedded import LocalFederation
@@ -16,11 +15,6 @@ from intertie.embedded import LocalFederation
 # Peers hear of each other within a few heartbeats of all serving.
 PEERS_UP_S = 60.0
 
-
-def token_for(tenant: str, state_dir: object) -> str:
-    made = subprocess.run([sys.executable, "-m", "intertie_gateway", "token", "create", "--tenant", tenant,
-                           "--state-dir", str(state_dir)], capture_output=True, text=True, timeout=60, check=True)
-    return made.stdout.strip().splitlines()[-1]
 
 
 def where(x: int) -> int:

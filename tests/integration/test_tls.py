@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from operator_cli import gateway_cli
 
 import intertie
 from intertie.embedded import EmbeddedGateway, free_ports, stop_all
@@ -24,12 +25,6 @@ START_S = 120.0
 # Sites hear of each other within a few heartbeats (0.5 s) of both serving.
 PEERS_UP_S = 60.0
 
-
-def gateway_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "intertie_gateway", *args], capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
 @dataclass
