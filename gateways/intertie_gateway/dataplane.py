@@ -23,7 +23,7 @@ With the federation CA, the child serves peers on a second endpoint with mutual 
 (:class:`~intertie_gateway.flight_service.PeerFlightService`; a Flight server, like a gRPC
 one, either requires a client certificate of every caller or never asks for one), and
 pulls from peers, tells them of deleted originals and makes its tenants' requests at them
-(:class:`~intertie_gateway.flight_service.Relay`) with the site's certificate.
+(:class:`~intertie_gateway.relay.Relay`) with the site's certificate.
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ import pyarrow.flight as flight
 from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.files import write_private
-from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, Relay, caller_of
+from intertie_gateway.flight_service import SECRET_HEADER, FlightService, PeerFlightService, caller_of
 from intertie_gateway.policy import PolicyError, PolicyFile
+from intertie_gateway.relay import Relay
 from intertie_gateway.tokens import TokenStore
 from intertie_gateway.transport import Transport
 
