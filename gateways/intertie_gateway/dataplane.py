@@ -112,7 +112,7 @@ class DataPlaneService(FlightService):
             if action.type == "dp-sync":
                 self._peer_addresses = [str(a) for a in request.get("peers", [])]
                 self.store.touch([str(i) for i in request.get("touched", [])])
-                return {"ids": self.store.ids()}
+                return {"owners": self.store.owners()}
             if action.type == "dp-location":
                 owner = request.get("owner")
                 return {"path": self.store.location(str(request["id"]), None if owner is None else str(owner))}
@@ -163,7 +163,7 @@ class DataPlane:
         self._process: subprocess.Popen[bytes] | None = None
         self._client: flight.FlightClient | None = None
         self._lock = threading.Lock()
-        self._ids: list[str] = []
+        self._holdings: dict[str, str] = {}  # id -> owner, as of the last sync
         self._touched: set[str] = set()
         # A local folder (what workers memory-map): the gateway finds files there itself.
         self._root = None if "://" in url and not url.startswith("file://") \
@@ -249,7 +249,7 @@ class DataPlane:
             touched, self._touched = self._touched, set()
         answer = self._call("dp-sync", {"peers": list(self._peers()), "touched": sorted(touched)})
         with self._lock:
-            self._ids = list(answer["ids"])
+            self._holdings = {str(i): str(o) for i, o in dict(answer["owners"]).items()}
 
     def _call(self, action: str, body: dict[str, Any], timeout: float | None = CALL_TIMEOUT_S) -> Any:
         with self._lock:
@@ -271,9 +271,10 @@ class DataPlane:
         return json.loads(result.body.to_pybytes())
 
     # ---------------------------------------------------------------- what the scheduler asks
-    def ids(self) -> list[str]:
+    def owners(self) -> dict[str, str]:
+        """The datasets here (id -> owner, as this site names it), as of the last sync."""
         with self._lock:
-            return list(self._ids)
+            return dict(self._holdings)
 
     def location(self, dataset_id: str, owner: str | None = None) -> str | None:
         """Where a worker reads a dataset (see DatasetStore.location), if it is ``owner``'s
@@ -341,14 +342,14 @@ class DataPlane:
             if self._closing.wait(SOURCES_RETRY_S):
                 raise DatasetError("ERROR_KIND_SITE_FAILURE", f"site {self.site_id!r} stopped during the transfer")
         with self._lock:
-            if dataset_id not in self._ids:
-                self._ids.append(dataset_id)
+            self._holdings.setdefault(dataset_id, str(meta.get("owner", "")))
         return DatasetMeta(**{f.name: meta[f.name] for f in fields(DatasetMeta) if f.name in meta})
 
     def evict(self, keep: Collection[str] = ()) -> list[str]:
         dropped = list(self._call("dp-evict", {"keep": sorted(keep)})["dropped"])
         with self._lock:
-            self._ids = [i for i in self._ids if i not in dropped]
+            for dataset_id in dropped:
+                self._holdings.pop(dataset_id, None)
         return dropped
 
     def close(self) -> None:

@@ -47,7 +47,8 @@ from intertie_gateway.arrow_checks import (
     first_line,
     write_batch,
 )
-from intertie_gateway.pulls import Watchdog, owner_here, peer_meta, quietly
+from intertie_gateway.pulls import Watchdog, peer_meta, quietly
+from intertie_gateway.tenancy import owner_here
 from intertie_gateway.validate import clip
 
 __all__ = ["DatasetError", "DatasetMeta", "DatasetStore"]
@@ -163,6 +164,11 @@ class DatasetStore:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._meta)
+
+    def owners(self) -> dict[str, str]:
+        """Every dataset here (primaries and replicas): id -> owner, as this site names it."""
+        with self._lock:
+            return {m.id: m.owner for m in self._meta.values()}
 
     @property
     def local(self) -> bool:

@@ -33,7 +33,7 @@ PLACER_REFRESH_S = 1.0
 
 class Federate:
     def __init__(self, book: TaskBook, dispatch: Dispatch, estimates: Estimates, *, config: GatewayConfig,
-                 python: str, resident: Callable[[], list[str]], functions: Callable[[str], bytes | None],
+                 python: str, resident: Callable[[], Mapping[str, str]], functions: Callable[[str], bytes | None],
                  draining: Callable[[], bool], wake: Callable[[], None],
                  make_federation: Callable[[PeerListener[Task]], Federation[Task]] | None) -> None:
         self.book = book
@@ -66,7 +66,7 @@ class Federate:
             queued=len(self.book.queue), running=self.dispatch.slots.running, mean_run_s=capacity.mean_run_s,
             overhead_s=capacity.overhead_s,
             labels=self.config.labels, max_payload_bytes=self.config.max_payload_bytes, local=True,
-            resident=dict.fromkeys(self._resident(), 0))
+            resident=self._resident())
 
     def feasibility(self) -> Callable[[Task, bool], str | None]:
         """A check for one batch: why no site can ever run a task (it is then refused before

@@ -105,7 +105,7 @@ class Peer(Generic[TaskT]):
             labels=dict(status.labels),
             max_payload_bytes=status.max_payload_bytes, rtt_s=self.rtt_s,
             bandwidth=self._bandwidth.get(status.site_id, 0.0), pending=self.pending,
-            resident=dict.fromkeys(status.datasets, 0), accepts=tuple(status.accepts) or ("*",))
+            resident=dict(status.dataset_owners), accepts=tuple(status.accepts) or ("*",))
 
     # ------------------------------------------------------------------ up and down
     def open(self) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from intertie.spec import SiteScore as Score  # the same record users see in quotes and explain
-from intertie_gateway.tenancy import accepted, foreign
+from intertie_gateway.tenancy import accepted, foreign, owner_here
 
 # Used for a site's task run time until it reports one.
 DEFAULT_RUN_S = 0.05
@@ -69,8 +69,8 @@ class SiteView:
     bandwidth: float = 0.0  # bytes/s from the placing gateway; 0 means "use the default"
     # Tasks this gateway placed here that the site's last status does not show yet.
     pending: int = 0
-    # Bytes of the task's inputs already at this site (datasets); filled per demand.
-    resident: Mapping[str, int] = field(default_factory=dict)
+    # The datasets at this site: id -> owner, as the site itself names the tenant.
+    resident: Mapping[str, str] = field(default_factory=dict)
     # The tenants the site serves (its policy), as it names them.
     accepts: tuple[str, ...] = ("*",)
 
@@ -149,6 +149,21 @@ class PlacementRecord:
     def of(cls, decision: Decision, reason: str, now: float) -> PlacementRecord:
         return cls(decision.site_id or "", reason, now, decision.candidates, decision.rejected,
                    decision.rejected_count, decision.feasible_count)
+
+
+def _readable_there(site: SiteView, dataset_id: str, demand: Demand) -> bool:
+    """Whether a task's input is at ``site`` for it: where the client said it is, or resident
+    there and the task's tenant's. Another tenant's dataset counts as absent, so that no score
+    or explanation tells where it lies. A task without a tenant (its home runs without token
+    auth) reads anyone's."""
+    if demand.holders.get(dataset_id) == site.site_id:
+        return True
+    owner = site.resident.get(dataset_id)
+    if owner is None:
+        return False
+    if not demand.tenant:
+        return True
+    return (owner if site.local else owner_here(owner, site.site_id, demand.home)) == demand.tenant
 
 
 def _number(value: str | None) -> float:
@@ -231,7 +246,7 @@ def score(site: SiteView, demand: Demand, weights: Weights, links: Mapping[str, 
     bandwidth = site.bandwidth or weights.default_bandwidth
     transfer_s = 0.0
     if demand.inputs:
-        missing = [d for d in demand.inputs if d not in site.resident and demand.holders.get(d) != site.site_id]
+        missing = [d for d in demand.inputs if not _readable_there(site, d, demand)]
         transfer_s = sum(demand.inputs[d] for d in missing) / bandwidth
         if links:
             transfer_s += sum(links.get(demand.holders.get(d, ""), 0.0) for d in missing)

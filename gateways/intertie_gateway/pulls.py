@@ -1,8 +1,7 @@
 """The peer side of a pull (:meth:`~intertie_gateway.datasets.DatasetStore.pull` copies a
 dataset from the sites that hold it): a watchdog that cancels a stream on which nothing
 arrives, since a peer that hangs sends no error, the check of a holder's answer about the
-dataset (its name, row count and owner), which is network data like the batches, and whose
-the replica is here.
+dataset (its name, row count and owner), which is network data like the batches.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from intertie_gateway.arrow_checks import VALID_NAME, DatasetError
-from intertie_gateway.tenancy import foreign
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +58,6 @@ def peer_meta(body: bytes, dataset_id: str) -> tuple[str, int, str]:
     name = meta.get("name")
     return (name if isinstance(name, str) and VALID_NAME.match(name) else dataset_id), meta["num_rows"], \
         meta.get("owner", "")
-
-
-def owner_here(owner: str, holder: str, here: str) -> str:
-    """The owner of a replica as this site names it. A site names its own tenants plainly and
-    another site's as ``tenant@site`` (as a forwarded task's tenant is named), so a tenant of
-    the holder becomes ``tenant@holder``, and this site's own tenant, named by the holder as
-    ``tenant@here``, becomes ``tenant`` again."""
-    if not owner:  # the holder's anonymous tenant (a site without token auth)
-        return foreign("", holder)
-    if "@" not in owner:
-        return f"{owner}@{holder}"
-    return owner.removesuffix(f"@{here}")
 
 
 def quietly(call: Callable[[], object]) -> None:

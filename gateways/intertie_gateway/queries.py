@@ -143,7 +143,7 @@ class Queries:
             last_seen=time.time(), flight_address=self.flight_address,
             peer_flight_address=self.store.peer_address if self.store is not None else "",
             accepts=list(self._policy().accept) or [SERVES_NO_ONE],
-            datasets=self.store.ids() if self.store is not None else [])
+            dataset_owners=self.store.owners() if self.store is not None else {})
 
     def catalogue(self) -> list[site_pb2.SiteStatus]:
         """This site, then its peers as last seen."""

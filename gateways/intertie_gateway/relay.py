@@ -18,7 +18,7 @@ import pyarrow.flight as flight
 
 from intertie_gateway.arrow_checks import arrow_call, batches_of, check_batch, checked_schema, first_line
 from intertie_gateway.datasets import DatasetError, DatasetMeta
-from intertie_gateway.pulls import owner_here
+from intertie_gateway.tenancy import owner_here
 from intertie_gateway.validate import clip
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Relay:
     """A home's data plane acting at its peers for its own tenants (their tokens are good only
     here): each call goes to the peer's endpoint with mutual TLS and names the tenant as the
     peer does ("tenant@home"). What comes back is network data and is checked like a pull's;
-    a replica's owner is named as this site names it (``pulls.owner_here``).
+    a replica's owner is named as this site names it (``tenancy.owner_here``).
 
     ``addresses()``: the up peers' endpoints; ``identify(address)``: the site the certificate
     served there names (checked with the federation CA), asked once per address."""

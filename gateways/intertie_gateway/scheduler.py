@@ -86,7 +86,7 @@ class Scheduler:
                                  functions=journal.function_payload, wake=self.pump, loop=self._loop,
                                  limits=self._running_limits)
         self.federate = Federate(self.book, self.dispatch, self.estimates, config=config, python=python,
-                                 resident=store.ids if store is not None else list,
+                                 resident=store.owners if store is not None else dict,
                                  functions=journal.function_payload, draining=draining, wake=self.pump,
                                  make_federation=make_federation)
         self.intake = Intake(self.book, journal, hub, config=config, python=python,

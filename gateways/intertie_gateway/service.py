@@ -427,7 +427,7 @@ class SiteService(site_pb2_grpc.SiteServiceServicer):
         tenants it serves are for peers (placement); to tenants of a site with token auth they
         would tell other tenants' dataset ids and names."""
         if self._scheduler.config.auth == "token" and not caller().peer:
-            status.ClearField("datasets")
+            status.ClearField("dataset_owners")
             status.ClearField("accepts")  # names other tenants
         return status
 

@@ -47,6 +47,18 @@ def foreign(tenant: str, home: str) -> str:
     return f"{tenant or ANONYMOUS_NAME}@{home}"
 
 
+def owner_here(owner: str, holder: str, here: str) -> str:
+    """The owner of a replica as this site names it. A site names its own tenants plainly and
+    another site's as ``tenant@site`` (as a forwarded task's tenant is named), so a tenant of
+    the holder becomes ``tenant@holder``, and this site's own tenant, named by the holder as
+    ``tenant@here``, becomes ``tenant`` again."""
+    if not owner:  # the holder's anonymous tenant (a site without token auth)
+        return foreign("", holder)
+    if "@" not in owner:
+        return f"{owner}@{holder}"
+    return owner.removesuffix(f"@{here}")
+
+
 def matches(tenant: str, pattern: str) -> bool:
     """A tenant's name against a policy's pattern ("acme", "acme@alpha", "*@alpha", "*")."""
     return tenant == pattern or ("*" in pattern and fnmatch.fnmatchcase(tenant, pattern))

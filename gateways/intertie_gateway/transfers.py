@@ -82,7 +82,7 @@ class Transfers:
         names first, then those that list a replica (read from Flight threads too). Peers
         read at each other's peers' endpoint (mutual TLS) where there is one."""
         found = [(s.site_id != holder, s.site_id, s.peer_flight_address or s.flight_address)
-                 for s in self._up_statuses() if s.flight_address and (s.site_id == holder or dataset_id in s.datasets)]
+                 for s in self._up_statuses() if s.flight_address and (s.site_id == holder or dataset_id in s.dataset_owners)]
         return [(site, address) for _, site, address in sorted(found)]
 
     def peer_flight_addresses(self) -> list[str]:

@@ -332,6 +332,8 @@ class Federation:
         spec = tasks_pb2.TaskSpec(task_id="quote", function_digest=function.digest,
                                   resources=opts.resources.to_proto(), constraints=opts.constraints(),
                                   python_version=self._py, name=opts.name or function.name)
+        for ref in refs_in(args, {}):  # where its datasets lie counts, as for a submitted task
+            spec.inputs.add(id=ref.id, site=ref.site, num_bytes=ref.num_bytes)
         placement = self._tasks.Quote(tasks_pb2.QuoteRequest(task=spec, args_bytes=args_bytes), timeout=30)
         return Quote(PlacementInfo.from_proto(placement))
 

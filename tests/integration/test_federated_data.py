@@ -6,6 +6,7 @@ its certificate and keeps the tenant's datasets apart from everyone else's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -107,6 +108,23 @@ def test_another_tenant_of_the_home_cannot_list_read_or_delete_it(tenants: dict[
     assert acme.get_dataset(ref).equals(sample(100))  # still there, whole
     mine = bolt.put_dataset(sample(3), name="acme-at-beta", site="beta")  # the name, in bolt's own space
     assert mine.id != ref.id and acme.get_dataset("acme-at-beta", site="beta").num_rows == 100
+
+
+def test_where_another_tenants_dataset_lies_shows_in_no_quote(tenants: dict[str, intertie.Federation]) -> None:
+    acme, bolt = tenants["acme"], tenants["bolt"]
+    ref = acme.put_dataset(sample(1000), name="placed", site="beta")
+    # Its id known, its place not (said to be at alpha), and said to be large: residency decides.
+    by_id = dataclasses.replace(ref, site="alpha", num_bytes=10**10)
+    unknown = dataclasses.replace(by_id, id="0" * len(ref.id))
+
+    def transfer_to_beta(fed: intertie.Federation, dataset: intertie.DatasetRef) -> float:
+        return {s.site: s.transfer_s for s in fed.quote(column_sum, dataset, "v")}["beta"]
+
+    # Beta tells alpha what it holds with its status; acme's own quote counts it as there.
+    wait_for(lambda: transfer_to_beta(acme, by_id) < 1.0, "alpha never heard that beta holds acme's dataset")
+    assert transfer_to_beta(acme, unknown) > 10  # (the data is what makes the difference)
+    # Bolt, with the same id, is quoted as for an id that does not exist: nothing tells where it is.
+    assert transfer_to_beta(bolt, by_id) == pytest.approx(transfer_to_beta(bolt, unknown), rel=0.01)
 
 
 def _peer_client(local: LocalFederation, cert: str, key: str) -> flight.FlightClient:

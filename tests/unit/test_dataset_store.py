@@ -412,7 +412,7 @@ def test_a_store_from_before_owners_opens_with_its_datasets_owned_by_no_tenant(t
 
 
 def test_a_replica_s_owner_is_named_as_this_site_names_tenants() -> None:
-    from intertie_gateway.pulls import owner_here
+    from intertie_gateway.tenancy import owner_here
 
     assert owner_here("acme", "beta", "alpha") == "acme@beta"  # a tenant of the holder
     assert owner_here("acme@alpha", "beta", "alpha") == "acme"  # this site's own tenant, back home

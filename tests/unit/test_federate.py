@@ -71,7 +71,7 @@ class World:
         self.wakes = 0
         self.federate = Federate(self.book, self.dispatch, self.book.estimates,
                                  config=GatewayConfig(site_id="here", heartbeat_s=1.0), python=python_version(),
-                                 resident=list, functions=lambda digest: b"fn", draining=lambda: False,
+                                 resident=dict, functions=lambda digest: b"fn", draining=lambda: False,
                                  wake=self._wake, make_federation=lambda listener: self.federation)  # type: ignore[arg-type,return-value]
 
     def _wake(self) -> None:

@@ -73,7 +73,7 @@ def test_queue_wait_term_prefers_the_less_loaded_site() -> None:
 
 
 def test_transfer_term_prefers_the_site_holding_the_inputs() -> None:
-    holder = site("holder", rtt_s=0.001, resident={"ds1": 10**9})
+    holder = site("holder", rtt_s=0.001, resident={"ds1": ""})
     other = site("other", rtt_s=0.001)
     demand = Demand(CPU1, inputs={"ds1": 10**9})
     assert score(other, demand, Weights(default_bandwidth=1e8)).transfer_s == pytest.approx(10.001)
@@ -88,8 +88,28 @@ def test_transfer_term_counts_arguments_and_round_trip_for_remote_sites() -> Non
     assert place_all([remote, local], [demand])[0].site_id == "home"
 
 
+def test_another_tenants_dataset_counts_as_absent() -> None:
+    # Peer "holder" names alpha's tenant acme "acme@alpha" and its own tenants plainly.
+    holder = site("holder", rtt_s=0.001, resident={"mine": "acme@alpha", "theirs": "globex@alpha",
+                                                   "local": "acme"})
+    weights = Weights(default_bandwidth=1e8)
+
+    def transfer(dataset_id: str, tenant: str) -> float:
+        demand = Demand(CPU1, inputs={dataset_id: 10**9}, tenant=tenant, home="alpha")
+        return score(holder, demand, weights).transfer_s
+
+    assert transfer("mine", "acme") == pytest.approx(0.001)  # acme's own: resident
+    assert transfer("theirs", "acme") == pytest.approx(10.001)  # globex's: as if it were not there
+    assert transfer("local", "acme") == pytest.approx(10.001)  # holder's own tenant acme is not alpha's acme
+    assert transfer("theirs", "") == pytest.approx(0.001)  # a home without token auth reads anyone's
+    # At the site itself, owners are named as its tenants are.
+    here = site("alpha", local=True, resident={"mine": "acme", "theirs": "globex"})
+    assert score(here, Demand(CPU1, inputs={"theirs": 10**9}, tenant="acme", home="alpha"), weights).transfer_s > 1
+    assert score(here, Demand(CPU1, inputs={"mine": 10**9}, tenant="acme", home="alpha"), weights).transfer_s == 0
+
+
 def test_transfer_can_be_outweighed_by_a_long_queue() -> None:
-    holder = site("holder", queued=400, resident={"ds": 10**8})
+    holder = site("holder", queued=400, resident={"ds": ""})
     other = site("other")
     assert place_all([holder, other], [Demand(CPU1, inputs={"ds": 10**8})])[0].site_id == "other"
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16intertie/v1/site.proto\x12\x0bintertie.v1\"\x12\n\x10ListSitesRequest\"2\n\x08SiteList\x12&\n\x05sites\x18\x01 \x03(\x0b\x32\x17.intertie.v1.SiteStatus\"\x12\n\x10GetStatusRequest\"\x80\x07\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\ncompute_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x16\n\x0epython_version\x18\x06 \x01(\t\x12\x44\n\x0fresources_total\x18\x07 \x03(\x0b\x32+.intertie.v1.SiteStatus.ResourcesTotalEntry\x12\x42\n\x0eresources_free\x18\x08 \x03(\x0b\x32*.intertie.v1.SiteStatus.ResourcesFreeEntry\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x12\n\nthroughput\x18\x0b \x01(\x01\x12\x33\n\x06labels\x18\x0c \x03(\x0b\x32#.intertie.v1.SiteStatus.LabelsEntry\x12\x19\n\x11max_payload_bytes\x18\r \x01(\x03\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x0f\n\x07movable\x18\x0f \x01(\x05\x12\x12\n\nmean_run_s\x18\x10 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x11 \x03(\t\x12\x11\n\tlast_seen\x18\x12 \x01(\x01\x12\r\n\x05rtt_s\x18\x13 \x01(\x01\x12\x16\n\x0e\x66light_address\x18\x14 \x01(\t\x12\x10\n\x08\x64\x61tasets\x18\x15 \x03(\t\x12I\n\x12resources_node_max\x18\x16 \x03(\x0b\x32-.intertie.v1.SiteStatus.ResourcesNodeMaxEntry\x12\x12\n\noverhead_s\x18\x17 \x01(\x01\x12\x1b\n\x13peer_flight_address\x18\x18 \x01(\t\x12\x0f\n\x07\x61\x63\x63\x65pts\x18\x19 \x03(\t\x1a\x35\n\x13ResourcesTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12ResourcesFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15ResourcesNodeMaxEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x95\x01\n\x0bSiteService\x12\x43\n\tGetStatus\x12\x1d.intertie.v1.GetStatusRequest\x1a\x17.intertie.v1.SiteStatus\x12\x41\n\tListSites\x12\x1d.intertie.v1.ListSitesRequest\x1a\x15.intertie.v1.SiteListb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16intertie/v1/site.proto\x12\x0bintertie.v1\"\x12\n\x10ListSitesRequest\"2\n\x08SiteList\x12&\n\x05sites\x18\x01 \x03(\x0b\x32\x17.intertie.v1.SiteStatus\"\x12\n\x10GetStatusRequest\"\xee\x07\n\nSiteStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x12\n\ncompute_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x16\n\x0epython_version\x18\x06 \x01(\t\x12\x44\n\x0fresources_total\x18\x07 \x03(\x0b\x32+.intertie.v1.SiteStatus.ResourcesTotalEntry\x12\x42\n\x0eresources_free\x18\x08 \x03(\x0b\x32*.intertie.v1.SiteStatus.ResourcesFreeEntry\x12\x0e\n\x06queued\x18\t \x01(\x05\x12\x0f\n\x07running\x18\n \x01(\x05\x12\x12\n\nthroughput\x18\x0b \x01(\x01\x12\x33\n\x06labels\x18\x0c \x03(\x0b\x32#.intertie.v1.SiteStatus.LabelsEntry\x12\x19\n\x11max_payload_bytes\x18\r \x01(\x03\x12\x0f\n\x07version\x18\x0e \x01(\t\x12\x0f\n\x07movable\x18\x0f \x01(\x05\x12\x12\n\nmean_run_s\x18\x10 \x01(\x01\x12\x14\n\x0c\x61\x63\x63\x65lerators\x18\x11 \x03(\t\x12\x11\n\tlast_seen\x18\x12 \x01(\x01\x12\r\n\x05rtt_s\x18\x13 \x01(\x01\x12\x16\n\x0e\x66light_address\x18\x14 \x01(\t\x12I\n\x12resources_node_max\x18\x16 \x03(\x0b\x32-.intertie.v1.SiteStatus.ResourcesNodeMaxEntry\x12\x12\n\noverhead_s\x18\x17 \x01(\x01\x12\x1b\n\x13peer_flight_address\x18\x18 \x01(\t\x12\x0f\n\x07\x61\x63\x63\x65pts\x18\x19 \x03(\t\x12\x42\n\x0e\x64\x61taset_owners\x18\x1a \x03(\x0b\x32*.intertie.v1.SiteStatus.DatasetOwnersEntry\x1a\x35\n\x13ResourcesTotalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12ResourcesFreeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x37\n\x15ResourcesNodeMaxEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x34\n\x12\x44\x61tasetOwnersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01J\x04\x08\x15\x10\x16\x32\x95\x01\n\x0bSiteService\x12\x43\n\tGetStatus\x12\x1d.intertie.v1.GetStatusRequest\x1a\x17.intertie.v1.SiteStatus\x12\x41\n\tListSites\x12\x1d.intertie.v1.ListSitesRequest\x1a\x15.intertie.v1.SiteListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SITESTATUS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._loaded_options = None
   _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._serialized_options = b'8\001'
+  _globals['_SITESTATUS_DATASETOWNERSENTRY']._loaded_options = None
+  _globals['_SITESTATUS_DATASETOWNERSENTRY']._serialized_options = b'8\001'
   _globals['_LISTSITESREQUEST']._serialized_start=39
   _globals['_LISTSITESREQUEST']._serialized_end=57
   _globals['_SITELIST']._serialized_start=59
@@ -46,15 +48,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=111
   _globals['_GETSTATUSREQUEST']._serialized_end=129
   _globals['_SITESTATUS']._serialized_start=132
-  _globals['_SITESTATUS']._serialized_end=1028
-  _globals['_SITESTATUS_RESOURCESTOTALENTRY']._serialized_start=817
-  _globals['_SITESTATUS_RESOURCESTOTALENTRY']._serialized_end=870
-  _globals['_SITESTATUS_RESOURCESFREEENTRY']._serialized_start=872
-  _globals['_SITESTATUS_RESOURCESFREEENTRY']._serialized_end=924
-  _globals['_SITESTATUS_LABELSENTRY']._serialized_start=926
-  _globals['_SITESTATUS_LABELSENTRY']._serialized_end=971
-  _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._serialized_start=973
-  _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._serialized_end=1028
-  _globals['_SITESERVICE']._serialized_start=1031
-  _globals['_SITESERVICE']._serialized_end=1180
+  _globals['_SITESTATUS']._serialized_end=1138
+  _globals['_SITESTATUS_RESOURCESTOTALENTRY']._serialized_start=867
+  _globals['_SITESTATUS_RESOURCESTOTALENTRY']._serialized_end=920
+  _globals['_SITESTATUS_RESOURCESFREEENTRY']._serialized_start=922
+  _globals['_SITESTATUS_RESOURCESFREEENTRY']._serialized_end=974
+  _globals['_SITESTATUS_LABELSENTRY']._serialized_start=976
+  _globals['_SITESTATUS_LABELSENTRY']._serialized_end=1021
+  _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._serialized_start=1023
+  _globals['_SITESTATUS_RESOURCESNODEMAXENTRY']._serialized_end=1078
+  _globals['_SITESTATUS_DATASETOWNERSENTRY']._serialized_start=1080
+  _globals['_SITESTATUS_DATASETOWNERSENTRY']._serialized_end=1132
+  _globals['_SITESERVICE']._serialized_start=1141
+  _globals['_SITESERVICE']._serialized_end=1290
 # @@protoc_insertion_point(module_scope)
