@@ -141,4 +141,4 @@ def test_a_tenant_sees_only_its_own_datasets_and_no_site_status_lists_anyone_els
         channel = grpc.intercept_channel(grpc.insecure_channel(site.address), BearerToken(site.globex))
         with channel:
             status = site_pb2_grpc.SiteServiceStub(channel).GetStatus(site_pb2.GetStatusRequest(), timeout=30)
-        assert list(status.datasets) == []  # the ids a site holds are for its peers, not its tenants
+        assert dict(status.dataset_owners) == {}  # the datasets a site holds are for its peers, not its tenants
