@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--heartbeat", type=float, metavar="SECONDS", help="how often peers' status is pulled")
     run.add_argument("--no-steal", dest="steal", action="store_false", default=None,
                      help="never take queued tasks from busy peers")
+    run.add_argument("--metrics-listen", metavar="HOST:PORT",
+                     help="serve Prometheus metrics over plain HTTP, without auth, at HOST:PORT (port 0 picks one, "
+                          "written to <state-dir>/metrics.port); default: off")
     run.add_argument("--log-level", metavar="LEVEL")
     run.add_argument("--parent-pid", type=int, metavar="PID",
                      help="stop when this process (the program that started the gateway) exits")
@@ -140,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "dataset_quota_bytes": args.dataset_quota, "replica_cache_bytes": args.replica_cache,
         "result_dataset_bytes": args.result_dataset_bytes, "pull_timeout_s": args.pull_timeout,
         "flight_max_rate": args.flight_max_rate, "bandwidth": parse_bandwidth(args.bandwidth),
-        "default_bandwidth": args.default_bandwidth,
+        "default_bandwidth": args.default_bandwidth, "metrics_listen": args.metrics_listen,
     }
     return GatewayConfig.build(file_values, overrides)
 

@@ -120,11 +120,21 @@ class GatewayConfig:
     # Bytes/s assumed between this site and a peer, unless set per peer in ``bandwidth``.
     default_bandwidth: float = 100e6
     bandwidth: Mapping[str, float] = field(default_factory=dict)
+    # Where Prometheus metrics are served (HOST:PORT, plain HTTP, no auth: loopback or a
+    # monitoring network; port 0 picks one, written to <state_dir>/metrics.port). "": off.
+    metrics_listen: str = ""
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ConfigError(f"listen: expected HOST:PORT, got {self.listen!r}")
+        if not isinstance(self.metrics_listen, str):
+            raise ConfigError(f"metrics_listen: expected HOST:PORT, got {self.metrics_listen!r}")
+        if self.metrics_listen:
+            host, sep, port = self.metrics_listen.rpartition(":")
+            if not sep or not host or not port.isdigit() or int(port) > 65535:
+                raise ConfigError(f"metrics_listen (--metrics-listen): expected HOST:PORT, got "
+                                  f"{self.metrics_listen!r}")
         if not _SITE_ID.match(self.site_id):
             raise ConfigError(f"site_id: letters, digits, '.', '_' and '-' only (1-63), got {self.site_id!r}")
         if not _SITE_ID.match(self.region):

@@ -29,13 +29,25 @@ logger = logging.getLogger(__name__)
 ARCH = platform.machine().lower()
 # A placer (filtered, scored sites per task shape) is reused for this long.
 PLACER_REFRESH_S = 1.0
+# What ``on_event`` is told, as (kind, site, how many tasks); LOCAL is this site, NOWHERE no site.
+PLACED, FORWARDED, MIGRATED, STOLEN = "placed", "forwarded", "migrated", "stolen"
+LOCAL, NOWHERE = "local", "none"
+
+
+def _no_event(kind: str, site: str, count: int) -> None:
+    pass
 
 
 class Federate:
+    """``on_event(kind, site, count)``: told of federation events, once per batch (metrics):
+    PLACED (by the site chosen, LOCAL or NOWHERE), FORWARDED (tasks sent to a peer), MIGRATED
+    (tasks taken back from a peer to be placed again), STOLEN (queued tasks handed to an idle peer)."""
+
     def __init__(self, book: TaskBook, dispatch: Dispatch, estimates: Estimates, *, config: GatewayConfig,
                  python: str, resident: Callable[[], Mapping[str, str]], functions: Callable[[str], bytes | None],
                  draining: Callable[[], bool], wake: Callable[[], None],
-                 make_federation: Callable[[PeerListener[Task]], Federation[Task]] | None) -> None:
+                 make_federation: Callable[[PeerListener[Task]], Federation[Task]] | None,
+                 on_event: Callable[[str, str, int], None] | None = None) -> None:
         self.book = book
         self.dispatch = dispatch
         self.estimates = estimates
@@ -46,6 +58,7 @@ class Federate:
         self._functions = functions
         self._draining = draining
         self._wake = wake
+        self._on_event = on_event or _no_event
         self.weights = Weights(price=config.price_weight, carbon=config.carbon_weight,
                                default_bandwidth=config.default_bandwidth)
         self.federation: Federation[Task] = make_federation(self) if make_federation else NoFederation()
@@ -114,12 +127,14 @@ class Federate:
         by_peer: dict[str, list[Task]] = {}
         now = time.time()
         ever_placer: Placer | None = None
+        here = nowhere = 0
         for task in tasks:
             if task.phase is not Phase.UNPLACED:
                 continue  # cancelled meanwhile
             demand = task.demand(self.estimates.run_s(task.spec.function_digest), home=self.site_id)
             decision = placer.place(demand)
             if decision.site_id is None:
+                nowhere += 1
                 if ever_placer is None:
                     ever_placer = Placer(placer.sites, self.weights, ignore_state=True)
                 if ever_placer.place(demand, commit=False).site_id is not None:
@@ -131,11 +146,16 @@ class Federate:
             reason = "lowest estimated completion" if decision.feasible_count > 1 else "only site that can run it"
             record = PlacementRecord.of(decision, reason, now)
             if decision.site_id == self.site_id:
+                here += 1
                 self.book.move(task, Phase.QUEUED, placement=record)
             else:
                 self.book.move(task, Phase.FORWARDING, site=decision.site_id, placement=record)
                 by_peer.setdefault(decision.site_id, []).append(task)
+        for site, count in ((LOCAL, here), (NOWHERE, nowhere)):
+            if count:
+                self._on_event(PLACED, site, count)
         for site_id, batch in by_peer.items():
+            self._on_event(PLACED, site_id, len(batch))
             self._send(site_id, batch)
 
     def _send(self, site_id: str, batch: list[Task]) -> None:
@@ -145,6 +165,7 @@ class Federate:
                 task.exclude.add(site_id)
             self.on_forward_failed(None, batch, f"site {site_id} is not a peer of {self.site_id}")
             return
+        self._on_event(FORWARDED, site_id, len(batch))
         peer.forward(batch)
 
     def quote(self, spec: TaskSpec, args_bytes: int) -> PlacementRecord:
@@ -173,6 +194,7 @@ class Federate:
         for task in chosen:
             self.book.move(task, Phase.FORWARDING, site=thief_id, placement=record)
         self.book.unqueue(chosen)
+        self._on_event(STOLEN, thief_id, len(chosen))
         self._send(thief_id, chosen)
         return len(chosen)
 
@@ -188,6 +210,7 @@ class Federate:
 
     def on_forward_acks(self, peer: PeerPort[Task], batch: Sequence[Task], refused: Mapping[str, Failure]) -> None:
         resend: list[Task] = []
+        taken: list[Task] = []
         for task in batch:
             if task.phase is not Phase.FORWARDING or task.site != peer.site_id:
                 continue  # finished, reported or moved meanwhile
@@ -201,17 +224,23 @@ class Federate:
                 task.exclude.add(peer.site_id)
                 self.book.move(task, Phase.UNPLACED, why=f"refused by site {peer.site_id}: {error.message}",
                                refund=True)
+                taken.append(task)
+        self._migrated(peer.site_id, taken)
         if resend:
             peer.forward(resend)
         self._wake()
 
     def on_forward_failed(self, peer: PeerPort[Task] | None, batch: Sequence[Task], why: str) -> None:
+        taken: list[Task] = []
         for task in batch:
             if task.phase is not Phase.FORWARDING or (peer is not None and task.site != peer.site_id):
                 continue
             if peer is not None:
                 task.exclude.add(peer.site_id)
             self.book.move(task, Phase.UNPLACED, why=why, refund=True)
+            taken.append(task)
+        if peer is not None:
+            self._migrated(peer.site_id, taken)
         self._wake()
 
     def on_peer_events(self, peer: PeerPort[Task], events: Sequence[Update]) -> None:
@@ -245,6 +274,7 @@ class Federate:
                                                          "the task", refund=True)
             else:
                 self.book.retry(task, f"site {peer.site_id} went down")
+        self._migrated(peer.site_id, lost)
         if lost:
             logger.warning("site %s went down: placing its %d unfinished tasks again", peer.site_id, len(lost))
         self._wake()
@@ -265,12 +295,20 @@ class Federate:
         if self._reforward and time.time() > deadline:
             for site_id, tasks in list(self._reforward.items()):
                 del self._reforward[site_id]
-                for task in tasks:
-                    if task.phase is Phase.FORWARDING and task.site == site_id:
-                        self.book.retry(task, f"site {site_id} did not come back after this gateway restarted")
+                taken = [t for t in tasks if t.phase is Phase.FORWARDING and t.site == site_id]
+                for task in taken:
+                    self.book.retry(task, f"site {site_id} did not come back after this gateway restarted")
+                self._migrated(site_id, taken)
         self._unwait()
         if self.book.unplaced:
             self._wake()
+
+    def _migrated(self, site_id: str, tasks: Sequence[Task]) -> None:
+        """Tells ``on_event`` how many of ``tasks``, just taken back from ``site_id``, wait for
+        a placement again (the others failed: no retries left). Before the wake that places them."""
+        count = sum(1 for t in tasks if t.phase is Phase.UNPLACED)
+        if count:
+            self._on_event(MIGRATED, site_id, count)
 
     def _unwait(self) -> None:
         waiting, self.book.waiting = self.book.waiting, []
@@ -281,12 +319,15 @@ class Federate:
     def on_reconciled(self, peer: PeerPort[Task], unknown: Sequence[str], unsent: set[str]) -> None:
         """A peer does not know tasks this home has there (its journal was lost): they are
         run elsewhere, at the cost of an attempt (they may have started there)."""
+        taken: list[Task] = []
         for task_id in unknown:
             task = self.book.tasks.get(task_id)
             if task is None or task.site != peer.site_id or task_id in unsent \
                     or task.phase not in (Phase.FORWARDING, Phase.AT_PEER, Phase.RUNNING_AT_PEER):
                 continue
             self.book.retry(task, f"site {peer.site_id} no longer knows the task")
+            taken.append(task)
+        self._migrated(peer.site_id, taken)
         self._wake()
 
     # ------------------------------------------------------------------ restarts

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ from intertie_gateway.federate import Federate
 from intertie_gateway.intake import Intake
 from intertie_gateway.journal import RUNNING, Journal, TaskRow
 from intertie_gateway.lifecycle import Phase
+from intertie_gateway.metrics import CoreSnapshot, Metrics
 from intertie_gateway.model import ErrorKind, Failure, TaskSpec
 from intertie_gateway.placement import PlacementRecord
 from intertie_gateway.policy import PolicyFile
@@ -51,14 +53,37 @@ logger = logging.getLogger(__name__)
 FLUSH_RETRY_S = 1.0
 
 
+class _MeteredBook(TaskBook):
+    """The book, telling the metrics of every run here that ends (the CPU-seconds it reserved)
+    and every finish. Only with metrics on (a subclass: the book itself stays pure, and a
+    gateway without metrics pays nothing)."""
+
+    def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._metrics = metrics
+
+    def move(self, task: Task, to: Phase, **kwargs: Any) -> None:
+        ran = task.phase is Phase.RUNNING
+        super().move(task, to, **kwargs)
+        if ran and task.started_at:  # (a run restored at a restart has no start here)
+            self._metrics.task_ran(task.spec.tenant, task.request.get("CPU", 0.0) * (self.now() - task.started_at))
+        if to.terminal and to is not Phase.DROPPED:
+            self._metrics.task_finished(task.spec.tenant, to.name.lower())
+
+
+def _not_measured(seconds: float, ok: bool) -> None:
+    pass
+
+
 class Scheduler:
     """``address``: where this gateway serves; ``store``: its data plane (None: no datasets);
     ``make_federation``: builds the membership of its peers around the core's listener (None:
-    a site without peers)."""
+    a site without peers); ``metrics``: where the core's metrics go (None: metrics off)."""
 
     def __init__(self, config: GatewayConfig, journal: Journal, runner: RayRunner, hub: SessionHub, *,
                  address: str = "", store: DataPlane | None = None,
-                 make_federation: Callable[[PeerListener[Task]], Federation[Task]] | None = None) -> None:
+                 make_federation: Callable[[PeerListener[Task]], Federation[Task]] | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.config = config
         self.journal = journal
         self.runner = runner
@@ -75,12 +100,15 @@ class Scheduler:
         self.policy = PolicyFile(config.policy_file, clock=time.monotonic)
         total, largest = self._resources()
         self.slots = Slots(Capacity(total, config.admission_overcommit, largest))
-        self.book = TaskBook(self.site_id, federated=make_federation is not None, estimates=self.estimates,
-                             release=self.slots.release, changed=self._changed,
-                             progress=functools.partial(hub.tell, progress=True), clock=time.time)
+        make_book = TaskBook if metrics is None else functools.partial(_MeteredBook, metrics=metrics)
+        self.book = make_book(self.site_id, federated=make_federation is not None, estimates=self.estimates,
+                              release=self.slots.release, changed=self._changed,
+                              progress=functools.partial(hub.tell, progress=True), clock=time.time)
+        self._committed = metrics.committed if metrics is not None else _not_measured
         self.transfers = Transfers(self.book, self.slots, store, lambda: self.federate.federation.up_statuses(),
                                    site_id=self.site_id, pull_timeout_s=config.pull_timeout_s, spawn=self._spawn,
-                                   done=self._commit_and_pump, draining=draining, isolated=config.auth == "token")
+                                   done=self._commit_and_pump, draining=draining, isolated=config.auth == "token",
+                                   on_pulled=metrics.pulled if metrics is not None else None)
         self.dispatch = Dispatch(self.book, self.slots, runner, site_id=self.site_id,
                                  max_payload_bytes=config.max_payload_bytes, inputs_for=self.transfers.inputs_for,
                                  functions=journal.function_payload, wake=self.pump, loop=self._loop,
@@ -88,13 +116,16 @@ class Scheduler:
         self.federate = Federate(self.book, self.dispatch, self.estimates, config=config, python=python,
                                  resident=store.owners if store is not None else dict,
                                  functions=journal.function_payload, draining=draining, wake=self.pump,
-                                 make_federation=make_federation)
+                                 make_federation=make_federation,
+                                 on_event=metrics.federation_event if metrics is not None else None)
         self.intake = Intake(self.book, journal, hub, config=config, python=python,
                              feasibility=self.federate.feasibility, restore=self._restore, commit=self.flush,
                              pump=self.pump, spawn=self._spawn, policy=self.policy.current)
         self.queries = Queries(self.book, journal, hub, self.dispatch, self.federate, self.estimates, config=config,
                                python=python, address=address, store=store, draining=draining, commit=self.flush,
                                policy=self.policy.current)
+        if metrics is not None:
+            metrics.read_core(self.snapshot)
 
     def _running_limits(self, tenant: str) -> Entitlement:
         return self.policy.current().limits(tenant).entitlement
@@ -141,14 +172,17 @@ class Scheduler:
         self._flush_scheduled = False
         book = self.book
         if book.changes:
+            started = time.perf_counter()
             try:
                 self.journal.write(book.changes)
             except Exception:
+                self._committed(time.perf_counter() - started, False)
                 logger.exception("journal write of %d changes failed; retrying in %g s", len(book.changes),
                                  FLUSH_RETRY_S)
                 if self._flush_retry is None:
                     self._flush_retry = self._loop.call_later(FLUSH_RETRY_S, self._retry_flush)
                 return
+            self._committed(time.perf_counter() - started, True)
             book.changes = []
             if self._flush_retry is not None:  # went through before the retry was due
                 self._flush_retry.cancel()
@@ -257,6 +291,12 @@ class Scheduler:
             self.book.move(task, Phase.QUEUED, refund=True)
         self.transfers.close()
         self.flush()
+
+    def snapshot(self) -> CoreSnapshot:
+        """What a metrics scrape reads of the core (on the loop): the unfinished tasks by phase
+        and tenant, the queue's length, the tasks running here."""
+        tasks = Counter((t.phase.name.lower(), t.spec.tenant) for t in self.book.tasks.values())
+        return CoreSnapshot(tasks, len(self.book.queue), self.dispatch.slots.running)
 
     def expire_results(self) -> int:
         return self.journal.expire(time.time() - self.config.result_ttl_s)

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -20,6 +21,7 @@ from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
 from intertie_gateway.membership import Membership
+from intertie_gateway.metrics import Metrics
 from intertie_gateway.runner import RayRunner
 from intertie_gateway.scheduler import Scheduler
 from intertie_gateway.service import PeerService, SiteService, TaskService, register
@@ -46,6 +48,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     state = config.state_path
     state.mkdir(parents=True, exist_ok=True)
     (state / "address").unlink(missing_ok=True)
+    (state / "metrics.port").unlink(missing_ok=True)
     journal = Journal(state / "journal.sqlite", fsync=config.fsync)
     hub = SessionHub()
 
@@ -57,12 +60,21 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     else:
         logger.warning("auth: none: anyone who reaches %s may run code at this site (--auth token to require "
                        "tokens)", config.listen)
-    server = grpc.aio.server(options=server_options(config.max_payload_bytes), interceptors=[Gatekeeper(tokens)])
+    # Metrics (off by default): the outermost interceptor, so the gatekeeper's refusals are counted too.
+    metrics = Metrics(asyncio.get_running_loop()) if config.metrics_listen else None
+    interceptors = [metrics.interceptor()] if metrics is not None else []
+    server = grpc.aio.server(options=server_options(config.max_payload_bytes),
+                             interceptors=[*interceptors, Gatekeeper(tokens)])
     port = transport.serve_tenants(server, config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     if config.peer_listen and transport.serve_peers(server, config.peer_listen) == 0:
         raise OSError(f"cannot listen on {config.peer_listen} (peer_listen)")
+    if metrics is not None:
+        metrics_port = metrics.serve(config.metrics_listen)
+        logger.log(logging.INFO if is_loopback(config.metrics_listen) else logging.WARNING,
+                   "metrics: Prometheus at http://%s:%d/metrics (plain HTTP, no auth: anyone who reaches it sees "
+                   "tenants' names and activity)", config.metrics_listen.rpartition(":")[0], metrics_port)
     if tokens is not None and not transport.tls and not is_loopback(config.listen):
         logger.warning("auth: token over plaintext at %s: tokens cross the network in the clear; serve TLS "
                        "(--tls-cert, --tls-key)", config.listen)
@@ -92,7 +104,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         Membership, addresses=config.peers, heartbeat_s=config.heartbeat_s, down_after=config.down_after,
         steal=config.steal, bandwidth=config.bandwidth, channel=transport.peer_channel) if config.peers else None
     scheduler = Scheduler(config, journal, runner, hub, address=address, store=store,
-                          make_federation=make_federation)
+                          make_federation=make_federation, metrics=metrics)
     cores.append(scheduler)
 
     register(server, TaskService(scheduler, hub, revoked=functools.partial(revoked, tokens)),
@@ -122,9 +134,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    tmp = state / "address.tmp"
-    tmp.write_text(address + "\n")
-    os.replace(tmp, state / "address")  # readers never see half an address
+    if metrics is not None:  # (written when ready, as the address: a failed start leaves neither)
+        _write_whole(state / "metrics.port", f"{metrics_port}\n")
+    _write_whole(state / "address", address + "\n")
     print(f"intertie-gateway listening on {address}", flush=True)
     logger.info("site %s (%s) serving at %s", config.site_id, config.compute_id, address)
     if ready is not None:
@@ -169,10 +181,20 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
                 with contextlib.suppress(asyncio.CancelledError):
                     await job
         (state / "address").unlink(missing_ok=True)
+        if metrics is not None:
+            metrics.close()
+            (state / "metrics.port").unlink(missing_ok=True)
         store.shutdown()
         runner.shutdown()
         journal.close()
         logger.info("site %s stopped", config.site_id)
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Writes through a temporary file and a rename: readers never see half an address."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _alive(pid: int) -> bool:

@@ -32,12 +32,14 @@ class Transfers:
     """``store``: this site's data plane (None: it keeps no datasets). ``up_statuses``: the
     last status of each peer that is up (what it holds, where it serves). ``spawn`` runs a
     coroutine in the background; ``done`` is the driver's commit-and-pump, after a fetch
-    ended; ``draining`` says whether the gateway is stopping."""
+    ended; ``draining`` says whether the gateway is stopping; ``on_pulled(site, bytes)`` is
+    told of each dataset pulled here (metrics)."""
 
     def __init__(self, book: TaskBook, slots: Slots, store: DataPlane | None,
                  up_statuses: Callable[[], list[Any]], *,
                  site_id: str, pull_timeout_s: float, spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
-                 done: Callable[[], None], draining: Callable[[], bool], isolated: bool = False) -> None:
+                 done: Callable[[], None], draining: Callable[[], bool], isolated: bool = False,
+                 on_pulled: Callable[[str, int], None] | None = None) -> None:
         self.book = book
         self.slots = slots
         self.store = store
@@ -48,6 +50,7 @@ class Transfers:
         self._done = done
         self._draining = draining
         self._isolated = isolated  # token auth: a task reads only its own tenant's datasets
+        self._on_pulled = on_pulled or (lambda site, num_bytes: None)
         # (dataset id, for whom) -> its transfer here, under way
         self._pulls: dict[tuple[str, str | None], asyncio.Future[Any]] = {}
         # Transfers block a thread each while they last; their own pool keeps them from
@@ -135,6 +138,7 @@ class Transfers:
                 self._pool, functools.partial(store.pull, item.id, lambda: self.sources(item.id, item.site),
                                               timeout_s=self.pull_timeout_s, owner=owner))
             elapsed = time.monotonic() - started
+            self._on_pulled(meta.origin or item.site, meta.num_bytes)
             logger.info("pulled dataset %s (%d bytes) from %s in %.2f s (%.0f MB/s)", item.id, meta.num_bytes,
                         meta.origin, elapsed, meta.num_bytes / max(elapsed, 1e-9) / 1e6)
             # On the loop, so no task starts reading a replica while it is chosen for eviction;
