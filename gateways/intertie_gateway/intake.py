@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from intertie.v1 import common_pb2, tasks_pb2
@@ -30,6 +30,10 @@ K = common_pb2.ErrorKind
 # Batches of accepted tasks larger than this are journaled on a thread, so that one
 # big upload does not stall every other client on the event loop.
 INLINE_JOURNAL_BYTES = 1 << 20
+# A batch of more tasks than this is taken in slices of this many, each validated, journaled
+# and queued before the next, and other clients' calls are served in between: one tenant's
+# 2,000-task batches (tens of ms of work) do not hold up another's single task.
+SLICE_TASKS = 128
 
 
 class Intake:
@@ -64,8 +68,10 @@ class Intake:
         ``peer``: the site whose verified link the batch came on ("" for a client). Only
         there are ``home`` and ``tenant`` honoured: the home is the link's site whatever the
         spec says, and the tenant is the home's, named "tenant@home" here. ``tenant``: the
-        calling client's tenant (from its token), written into each of its tasks."""
-        now = self.book.now()
+        calling client's tenant (from its token), written into each of its tasks.
+
+        A batch of more than SLICE_TASKS is taken a slice at a time, as if the client had sent
+        smaller batches (the acks, one per task in order, go back together)."""
         limit = self.config.max_payload_bytes
         bad_functions: dict[str, common_pb2.Error] = {}
         new_functions: list[tuple[str, str, bytes]] = []
@@ -82,7 +88,26 @@ class Intake:
             elif fn.digest not in self._known_functions:
                 new_functions.append((fn.digest, clip(fn.name, MAX_NAME_CHARS), fn.payload))
         offered = {d for d, _, _ in new_functions}
+        tasks = request.tasks
+        if len(tasks) <= SLICE_TASKS:
+            return await self._submit_slice(request.session_id, tasks, new_functions, bad_functions, offered,
+                                            peer=peer, tenant=tenant)
+        acks: list[tasks_pb2.TaskAck] = []
+        for start in range(0, len(tasks), SLICE_TASKS):
+            if start:
+                await asyncio.sleep(0)  # the calls that arrived meanwhile go first
+            acks += await self._submit_slice(request.session_id, tasks[start:start + SLICE_TASKS],
+                                             new_functions if not start else [], bad_functions, offered,
+                                             peer=peer, tenant=tenant)
+        return acks
 
+    async def _submit_slice(self, session_id: str, tasks: Sequence[tasks_pb2.TaskSpec],
+                            new_functions: list[tuple[str, str, bytes]], bad_functions: dict[str, common_pb2.Error],
+                            offered: set[str], *, peer: str, tenant: str) -> list[tasks_pb2.TaskAck]:
+        """Validates, journals and queues tasks of a batch (with the batch's new functions,
+        journaled with its first slice)."""
+        now = self.book.now()
+        limit = self.config.max_payload_bytes
         acks: list[tasks_pb2.TaskAck] = []
         accepted: list[Task] = []
         rows: list[tuple[str, bytes, bytes]] = []
@@ -91,7 +116,7 @@ class Intake:
         never_runs = self._feasibility()
         policy = self._policy()
         pending: Counter[str] = Counter()  # per tenant: accepted in this batch
-        for spec in request.tasks:
+        for spec in tasks:
             error = None
             if peer:
                 spec.home = peer
@@ -134,7 +159,7 @@ class Intake:
                 acks[-1] = tasks_pb2.TaskAck(task_id=spec.task_id, accepted=False, error=_id_taken(spec.task_id))
                 continue
             if live is not None:  # a resubmission of a task in flight: idempotent
-                live.add_session(request.session_id)
+                live.add_session(session_id)
                 continue
             refused = self._refusal(policy, task.spec, pending[task.spec.tenant])
             if refused is not None:
@@ -153,10 +178,10 @@ class Intake:
             # One step that cancelling the caller (its stream closed, its deadline passed) does
             # not split: tasks journaled but not registered would be acknowledged on a resend
             # (found journaled) and never run.
-            taken = await asyncio.shield(self._spawn(self._accept_off_loop(request.session_id, new_functions,
+            taken = await asyncio.shield(self._spawn(self._accept_off_loop(session_id, new_functions,
                                                                            accepted, rows, now)))
         else:
-            taken = self._register(request.session_id, new_functions, accepted,
+            taken = self._register(session_id, new_functions, accepted,
                                    self.journal.accept(new_functions, rows, now))
         if taken:
             acks = [tasks_pb2.TaskAck(task_id=a.task_id, accepted=False, error=_id_taken(a.task_id))

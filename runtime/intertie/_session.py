@@ -31,8 +31,12 @@ from intertie.v1 import tasks_pb2, tasks_pb2_grpc
 # The client's log, as users know it: the stream is the client's connection.
 logger = logging.getLogger("intertie.client")
 
-# A batch is sent as soon as the previous Submit returns; these bound one batch so a
-# burst of tiny tasks costs few RPCs while one RPC never grows past a few MiB.
+# At most this many batches are on their way unacknowledged; what is submitted meanwhile
+# waits for an ack and goes as one batch. A lone task goes at once, and a burst is cut into
+# batches as large as the gateway's pace allows: the busier it is, the fewer (and larger)
+# batches it has to take, each costing it a transaction and an ack. These bound one batch,
+# so that one message never grows past a few MiB.
+MAX_INFLIGHT_BATCHES = 2
 MAX_BATCH_TASKS = 2000
 MAX_BATCH_BYTES = 8 * 1024 * 1024
 # How long the client keeps trying to reach a gateway that went away before its unfinished
@@ -211,9 +215,12 @@ class Session:
         return items
 
     def _flush(self) -> None:
-        """Moves everything submitted so far onto the stream, in batches (on the I/O loop)."""
+        """Moves what was submitted onto the stream, in batches, while fewer than
+        MAX_INFLIGHT_BATCHES are unacknowledged (on the I/O loop); an ack flushes again."""
         while True:
             with self._lock:
+                if len(self._inflight) >= MAX_INFLIGHT_BATCHES:
+                    return  # (still scheduled: the next ack sends the rest)
                 items = self._take_batch()
                 if not items:
                     self._flush_scheduled = False
@@ -252,6 +259,8 @@ class Session:
         items = self._inflight.pop(ack.seq, None)
         if items is None:
             return  # a batch resent after a reconnect, acknowledged twice
+        if self._flush_scheduled and len(self._inflight) < MAX_INFLIGHT_BATCHES:
+            self._loop.call_soon(self._flush)  # what waited for room goes now
         for item in items:
             self._shipped.add(item.function.digest)
         refused = {a.task_id: a.error for a in ack.acks if not a.accepted}
@@ -297,6 +306,7 @@ class Session:
                     self._connected = True
                     for seq in sorted(self._inflight):  # unacknowledged: resend (idempotent)
                         self._write(seq, self._inflight[seq])
+                    self._flush()  # and what waited for room, if there is room
                     writer = asyncio.create_task(self._writer(call, outgoing))
                     self._ready.set()
                     while True:

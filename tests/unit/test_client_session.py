@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -135,6 +137,49 @@ def test_batches_count_the_functions_they_carry() -> None:
         assert [f.task_id for f in futures] == gateway.submitted
         assert len(gateway.batch_bytes) >= 2 and max(gateway.batch_bytes) < 10 << 20
     finally:
+        fed.close()
+        server.stop(None)
+
+
+def test_a_burst_waits_for_acks_and_goes_as_one_batch() -> None:
+    acks_held = threading.Event()
+
+    class SlowToAck(FakeGateway):
+        def Connect(self, requests: Iterator[tasks_pb2.ClientMessage],
+                    context: Any) -> Iterator[tasks_pb2.ServerMessage]:
+            next(requests)
+            yield tasks_pb2.ServerMessage(events=tasks_pb2.TaskEvents())
+            for message in requests:
+                acks_held.wait(30)
+                tasks = message.submit.request.tasks
+                self.batch_bytes.append(len(tasks))
+                self.submitted.extend(t.task_id for t in tasks)
+                yield tasks_pb2.ServerMessage(ack=tasks_pb2.SubmitAck(
+                    seq=message.submit.seq, acks=[tasks_pb2.TaskAck(task_id=t.task_id, accepted=True) for t in tasks]))
+
+    gateway = SlowToAck()
+    server, port = serve(gateway)
+    fed = Federation(f"127.0.0.1:{port}")
+    session = fed._session
+
+    def flushed() -> None:  # the flush that a submit scheduled on the I/O loop has run
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), session._loop).result(10)
+
+    try:
+        futures = []
+        for _ in range(_session.MAX_INFLIGHT_BATCHES):  # one batch each, unacknowledged
+            futures.append(fed.submit(abs, -1))
+            flushed()
+        assert len(session._inflight) == _session.MAX_INFLIGHT_BATCHES
+        futures += [fed.submit(abs, -i) for i in range(300)]
+        flushed()
+        assert len(session._inflight) == _session.MAX_INFLIGHT_BATCHES and len(session._queue) == 300
+        acks_held.set()
+        until(lambda: len(gateway.submitted) == len(futures))
+        assert gateway.submitted == [f.task_id for f in futures]
+        assert gateway.batch_bytes == [1] * _session.MAX_INFLIGHT_BATCHES + [300]  # the burst: one batch
+    finally:
+        acks_held.set()
         fed.close()
         server.stop(None)
 

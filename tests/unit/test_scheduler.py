@@ -20,7 +20,7 @@ from intertie.v1 import common_pb2, tasks_pb2
 from intertie_gateway.book import Task
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.convert import spec_from_proto
-from intertie_gateway.intake import INLINE_JOURNAL_BYTES
+from intertie_gateway.intake import INLINE_JOURNAL_BYTES, SLICE_TASKS
 from intertie_gateway.journal import Journal
 from intertie_gateway.lifecycle import Phase, State
 from intertie_gateway.model import Started
@@ -84,6 +84,31 @@ def test_a_large_batch_whose_submit_is_cancelled_still_runs_once(journal: Journa
         acks = await s.intake.submit(request)
         assert [a.accepted for a in acks] == [True]
         assert [ids for ids, _ in runner.started] == [["big"]]
+
+    run(journal, body)
+
+
+def test_a_batch_of_many_tasks_is_taken_a_slice_at_a_time_with_other_calls_served_between(
+        journal: Journal) -> None:
+    async def body(s: Scheduler, runner: FakeRunner) -> None:
+        big = [spec(f"t{i}") for i in range(2 * SLICE_TASKS + 5)] + [spec("t0")]  # t0 again, in a later slice
+        journaled_then: list[int] = []
+
+        async def one_task() -> list[tasks_pb2.TaskAck]:
+            acks = await s.intake.submit(tasks_pb2.SubmitRequest(
+                functions=[FUNCTION], tasks=[spec("quiet")], session_id="quiet"))
+            journaled_then.append(len(journal.get_many([t.task_id for t in big])))
+            return acks
+
+        flood = asyncio.create_task(s.intake.submit(tasks_pb2.SubmitRequest(
+            functions=[FUNCTION], tasks=big, session_id="flood")))
+        quiet = asyncio.create_task(one_task())
+        assert [a.accepted for a in await quiet] == [True]
+        assert 0 < journaled_then[0] < len(big) - 1  # served while the big batch was under way
+        acks = await flood
+        assert [a.task_id for a in acks] == [t.task_id for t in big] and all(a.accepted for a in acks)
+        assert len(journal.get_many([t.task_id for t in big])) == len(big) - 1
+        assert sorted(s.book.tasks["t0"].sessions) == ["flood"]  # once, however often the batch names it
 
     run(journal, body)
 
