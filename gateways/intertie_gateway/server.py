@@ -49,7 +49,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     state.mkdir(parents=True, exist_ok=True)
     (state / "address").unlink(missing_ok=True)
     (state / "metrics.port").unlink(missing_ok=True)
-    journal = Journal(state / "journal.sqlite", fsync=config.fsync)
+    journal = Journal(state / "journal.sqlite", fsync=config.fsync, checkpoints_apart=True)
     hub = SessionHub()
 
     transport = Transport.from_config(config)

@@ -117,3 +117,25 @@ def test_args_are_kept_beside_the_spec_and_a_schema_3_journal_keeps_its_inline_o
     rows = {r.task_id: (r.spec, r.args) for r in j.unfinished()}
     assert rows == {"old": (b"\x01\x02", None), "new": (b"\x03", b"pickled args")}
     assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "4"
+
+
+def test_checkpoints_apart_copy_the_wal_into_the_database_off_the_committing_thread(tmp_path: Path,
+                                                                                   monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    monkeypatch.setattr(jr, "CHECKPOINT_EVERY_S", 0.05)
+    path = tmp_path / "j.sqlite"
+    j = Journal(path, checkpoints_apart=True)
+    try:
+        assert j._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no checkpoint inside a commit
+        before = path.stat().st_size
+        j.accept([], [(f"t{i}", b"s" * 1000, b"a" * 1000) for i in range(2000)], now=1.0)  # ~4 MB into the WAL
+        deadline = time.monotonic() + 10  # the thread copies it within a few of its periods
+        while path.stat().st_size < before + (2 << 20):
+            assert time.monotonic() < deadline, "the WAL was never checkpointed into the database file"
+            time.sleep(0.02)
+    finally:
+        j.close()
+    assert not [t for t in threading.enumerate() if t.name == "intertie-journal-checkpoints"]
+    assert Journal(path).get("t1999") is not None  # the database reads back whole
