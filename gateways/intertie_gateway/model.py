@@ -67,6 +67,46 @@ class Update:
     run_s: float = 0.0
 
 
+# ----------------------------------------------------------------------------- metering
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What one attempt of a task used at the site that ran it: one entry of that site's
+    usage ledger, recorded in the same journal transaction as the attempt's end (the
+    ``usage`` of a Finished or Requeued change), so a crash neither skips nor double-counts
+    it. Reserved seconds are resources x wall time; ``cpu_time_s`` is what the worker
+    measured (user + system). ``home``: the site that placed the task ("" for this one);
+    ``tenant`` as this site names it ("acme", "acme@home"). ``price_per_cpu_hour``: the
+    site's price label when the attempt ended (0 without one)."""
+
+    tenant: str
+    task_id: str
+    attempt: int
+    home: str
+    outcome: str  # the attempt's end: "succeeded", "failed", "retried", "preempted", "cancelled"
+    started_at: float
+    ended_at: float
+    cpus: float
+    gpus: float
+    cpu_time_s: float
+    args_bytes: int
+    result_bytes: int
+    dataset_bytes_pulled: int = 0  # copied to this site for the attempt's inputs
+    dataset_bytes_read: int = 0  # of datasets the attempt read here
+    price_per_cpu_hour: float = 0.0
+
+    @property
+    def wall_s(self) -> float:
+        return max(0.0, self.ended_at - self.started_at)
+
+    @property
+    def cpu_s_reserved(self) -> float:
+        return self.cpus * self.wall_s
+
+    @property
+    def gpu_s_reserved(self) -> float:
+        return self.gpus * self.wall_s
+
+
 # ----------------------------------------------------------------------------- journal changes
 # What the transition function asks the journal to record; the driver commits the changes of
 # one loop turn together (group commit).
@@ -95,6 +135,7 @@ class Requeued:
     task_id: str
     attempts: int
     history: Sequence[dict[str, object]]
+    usage: Usage | None = None  # the attempt that ended here (None: it ran elsewhere, or never started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +148,7 @@ class Finished:
     result: bytes | None
     error: Failure | None
     history: Sequence[dict[str, object]] = field(default_factory=list)
+    usage: Usage | None = None  # the attempt that ended here (None: it ran elsewhere, or never started)
 
 
 @dataclass(frozen=True, slots=True)
