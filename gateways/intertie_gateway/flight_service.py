@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from intertie_gateway.arrow_checks import first_line
+from intertie_gateway.auth import FailureLimit, source_of
 from intertie_gateway.certs import site_of_uri
 from intertie_gateway.datasets import DatasetError, DatasetMeta, DatasetStore
 from intertie_gateway.relay import TENANT_HEADER, Relay
@@ -83,8 +85,19 @@ class Caller:
 
 
 class Admitted(flight.ServerMiddleware):  # type: ignore[misc]
-    def __init__(self, caller: Caller) -> None:
+    """The caller of a call, or why it is refused: told by the handler, which knows the
+    caller's address (a middleware does not), so that failures count per source."""
+
+    def __init__(self, caller: Caller, refusal: flight.FlightError | None = None) -> None:
         self.caller = caller
+        self.refusal = refusal
+
+
+# Methods whose handlers ask for the caller (``_caller``) before anything else: a refusal of
+# one of them is raised there, counted against the caller's address; any other method is
+# refused by the Gate at once.
+_HANDLED = frozenset({flight.FlightMethod.DO_GET, flight.FlightMethod.DO_PUT, flight.FlightMethod.LIST_FLIGHTS,
+                      flight.FlightMethod.DO_ACTION, flight.FlightMethod.GET_SCHEMA})
 
 
 class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
@@ -100,6 +113,14 @@ class Gate(flight.ServerMiddlewareFactory):  # type: ignore[misc]
         self._serves = serves
 
     def start_call(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
+        try:
+            return self._admit(info, headers)
+        except flight.FlightUnauthenticatedError as exc:
+            if info.method not in _HANDLED:
+                raise
+            return Admitted(Caller(None), refusal=exc)
+
+    def _admit(self, info: Any, headers: dict[str, list[Any]]) -> Admitted:
         secret = _header(headers, SECRET_HEADER)
         if secret is not None:
             if self._worker_secret and secrets.compare_digest(secret.encode(), self._worker_secret.encode()):
@@ -149,8 +170,11 @@ def _refused(why: str) -> flight.FlightUnauthenticatedError:
 
 
 def caller_of(context: Any) -> Caller:
-    """The caller the Gate decided for this call."""
-    return context.get_middleware(GATE).caller  # type: ignore[no-any-return]
+    """The caller the Gate decided for this call (its refusal, raised)."""
+    admitted: Admitted = context.get_middleware(GATE)
+    if admitted.refusal is not None:
+        raise admitted.refusal
+    return admitted.caller
 
 
 def _paced(batches: Iterator[pa.RecordBatch], rate: float) -> Iterator[pa.RecordBatch]:
@@ -188,9 +212,27 @@ class FlightService(flight.FlightServerBase):  # type: ignore[misc]
         self.peers = peers  # Flight addresses of the up peers, told when a primary is deleted
         self._connect = connect
         self._relay = relay
+        self._failures = FailureLimit()  # per source, as the gRPC endpoint counts them
+        self._failures_lock = threading.Lock()  # (handlers run on several threads)
 
     def _caller(self, context: Any) -> Caller:
-        return caller_of(context)
+        """The caller; a source that failed authentication too often lately is refused, as
+        at the gRPC endpoint (guessing tokens costs a window per few guesses). The site's
+        own gateway and workers (its secrets) are never held up by what others at their
+        address tried."""
+        admitted: Admitted = context.get_middleware(GATE)
+        if admitted.refusal is None and admitted.caller.internal:
+            return admitted.caller
+        source = source_of(context.peer())
+        with self._failures_lock:
+            wait = self._failures.blocked_for(source)
+            if not wait and admitted.refusal is not None:
+                self._failures.failed(source)
+        if wait:
+            raise _refused(f"too many failed authentications from your address; try again in {wait:.0f} s")
+        if admitted.refusal is not None:
+            raise admitted.refusal
+        return admitted.caller
 
     def _elsewhere(self, site: Any, who: Caller) -> tuple[Relay, str, str] | None:
         """(the relay, the peer a request names, the tenant it acts for); None: this site."""

@@ -150,3 +150,23 @@ def test_the_peers_flight_endpoint_takes_only_certificates_of_the_federation_ca(
     beta.close()
     assert site.datasets(site.tokens["acme"]).get(ref.id).equals(sample(40))
 
+
+
+def test_guessing_tokens_at_flight_is_cut_off_per_source_but_not_the_site_s_own_calls(site: Site) -> None:
+    """Last in this module: it leaves this address blocked at the Flight endpoint for a while."""
+    from intertie_gateway.auth import MAX_FAILURES
+
+    guesser = site.datasets("itk_0123456789ab_" + "G" * 43)
+    for _ in range(MAX_FAILURES + 1):  # (earlier tests' wrong tokens count too)
+        with pytest.raises(intertie.AuthenticationError) as err:
+            guesser.list(None)
+        if "too many failed authentications" in str(err.value):
+            break
+    else:
+        pytest.fail(f"{MAX_FAILURES + 1} wrong tokens in a row were never cut off")
+    assert "\n" not in str(err.value) and "G" * 20 not in str(err.value)
+    with pytest.raises(intertie.AuthenticationError, match="too many failed authentications"):
+        site.datasets(site.tokens["acme"]).list(None)  # even a valid token, from this address, for a while
+    with site.connect("acme") as fed:  # the gateway's and its workers' own Flight calls go on
+        stored = intertie.remote(returns="dataset")(sample).submit_to(fed, (30,), {}).result(timeout=60)
+    assert isinstance(stored, intertie.DatasetRef) and stored.num_rows == 30
