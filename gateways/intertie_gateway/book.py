@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from intertie_gateway.estimates import Estimates
@@ -32,10 +33,31 @@ from intertie_gateway.model import (
     Started,
     TaskSpec,
     Update,
+    Usage,
 )
-from intertie_gateway.placement import Demand, PlacementRecord
+from intertie_gateway.placement import Demand, PlacementRecord, SiteView
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the worker measured of an attempt it ran to its end (``dispatch`` reads it from
+    Ray's answer): the CPU time of the call (user + system) and the result's bytes (those
+    returned, or those of the tables it stored at the site)."""
+
+    cpu_time_s: float
+    result_bytes: int
+
+
+# How an attempt that ran here ended, as its Usage says: by the phase it left RUNNING for.
+_OUTCOMES = {Phase.SUCCEEDED: "succeeded", Phase.FAILED: "failed", Phase.CANCELLED: "cancelled"}
+
+
+def site_price(labels: Mapping[str, str]) -> float:
+    """The site's price per CPU-hour: its ``placement.PRICE_LABEL`` label, read as placement
+    reads it for its price term (0: none, or not a positive number)."""
+    return SiteView("", labels=labels).price()
 
 
 class Task:
@@ -43,7 +65,8 @@ class Task:
     change only through ``TaskBook.move``."""
 
     __slots__ = ("task_id", "spec", "request", "phase", "attempts", "site", "submitted_at", "started_at",
-                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent", "fuse", "group")
+                 "ref", "timer", "sessions", "history", "holding", "placements", "exclude", "resent", "fuse", "group",
+                 "pulled")
 
     def __init__(self, spec: TaskSpec, submitted_at: float) -> None:
         self.task_id = spec.task_id
@@ -64,6 +87,7 @@ class Task:
         self.resent = False  # re-forwarded once with its function after a NOT_FOUND
         self.fuse = spec.timeout_s == 0 and not spec.inputs  # may share one Ray call with others
         self.group: Sequence[Task] = ()  # the tasks of its last fused Ray call
+        self.pulled = 0  # bytes of datasets pulled here for its next (or running) attempt (``transfers``)
 
     @property
     def state(self) -> int:
@@ -99,13 +123,15 @@ class TaskBook:
     """``federated``: this site has peers, so the tasks it is home to are placed (UNPLACED)
     rather than queued here. ``release`` frees what a task running here holds (its slot,
     its timer); ``changed`` is told of the first journal change of a turn; ``progress``
-    delivers a start to the task's sessions at once."""
+    delivers a start to the task's sessions at once. ``price_per_cpu_hour``: the site's price
+    label (0: none), written into every attempt's Usage."""
 
     def __init__(self, site_id: str, *, federated: bool, estimates: Estimates, release: Callable[[Task], None],
                  changed: Callable[[], None], progress: Callable[[set[str], Update], None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], price_per_cpu_hour: float = 0.0) -> None:
         self.site_id = site_id
         self.federated = federated
+        self.price_per_cpu_hour = price_per_cpu_hour
         self.estimates = estimates
         self._release = release
         self._changed = changed
@@ -160,7 +186,7 @@ class TaskBook:
 
     def move(self, task: Task, to: Phase, *, why: str = "", refund: bool = False, site: str = "",
              front: bool = False, placement: PlacementRecord | None = None, result: bytes | None = None,
-             error: Failure | None = None, run_s: float = 0.0) -> None:
+             error: Failure | None = None, run_s: float = 0.0, measured: Measured | None = None) -> None:
         """Moves ``task`` to phase ``to``; raises ``IllegalMove`` for a move the lifecycle
         does not have.
 
@@ -168,10 +194,18 @@ class TaskBook:
         ``refund``: that attempt is not counted (the task never got to run).
         ``site`` and ``placement``: where a placement sent it, and the record of why.
         ``front``: first in line again (a retry, or a task whose inputs arrived).
-        ``result``, ``error``, ``run_s``: how a finished task ended."""
+        ``result``, ``error``, ``run_s``: how a finished task ended; ``measured``: what its
+        worker measured of the attempt (None: the worker did not answer, e.g. it was stopped).
+
+        An attempt that ran here and ends with this move is metered: its ``Usage`` goes with
+        the Finished or Requeued change that records the end (one object per attempt; no
+        change of its own)."""
         frm = task.phase
         check(task.task_id, frm, to)
         now = self._clock()
+        # (started_at is 0 for a run restored at a restart: its start was not seen here)
+        usage = (self._usage(task, to, now, refund, measured, result)
+                 if frm is Phase.RUNNING and task.started_at and to is not Phase.DROPPED else None)
         task.phase = to
         if frm is Phase.NEW:
             self.tasks[task.task_id] = task
@@ -187,7 +221,7 @@ class TaskBook:
                 task.ref = None
 
         if to.terminal:
-            self._finished(task, to, now, result, error, run_s)
+            self._finished(task, to, now, result, error, run_s, usage)
         elif to is Phase.QUEUED:
             if frm is Phase.UNPLACED:  # placed here
                 if placement is not None:
@@ -195,7 +229,7 @@ class TaskBook:
                 task.site = self.site_id
                 self._write(Placed(task.task_id, task.attempts, task.site, tuple(task.placements)))
             elif frm in ACTIVE or why:
-                self._write(Requeued(task.task_id, task.attempts, tuple(task.history)))
+                self._write(Requeued(task.task_id, task.attempts, tuple(task.history), usage))
             if front:
                 self.queue.appendleft(task)
             else:
@@ -203,7 +237,7 @@ class TaskBook:
         elif to is Phase.UNPLACED:
             if frm in ACTIVE:
                 task.site = ""
-                self._write(Requeued(task.task_id, task.attempts, tuple(task.history)))
+                self._write(Requeued(task.task_id, task.attempts, tuple(task.history), usage))
             if front:
                 self.unplaced.insert(0, task)
             else:
@@ -235,8 +269,23 @@ class TaskBook:
         if task.sessions:
             self._progress(task.sessions, Update(task.task_id, task.state, task.site, task.attempts))
 
+    def _usage(self, task: Task, to: Phase, now: float, refund: bool, measured: Measured | None,
+               result: bytes | None) -> Usage:
+        """What the attempt running here, ending now, used (before a refund lowers the count:
+        a preempted attempt is metered under the number it ran as, which its rerun takes again).
+        Not measured by a worker (it was stopped, or lost): no CPU time, and no result but one given."""
+        inputs = task.spec.inputs
+        pulled, task.pulled = task.pulled, 0
+        request = task.request
+        return Usage(task.spec.tenant, task.task_id, task.attempts, task.spec.home,
+                     _OUTCOMES.get(to) or ("preempted" if refund else "retried"), task.started_at, now,
+                     request.get("CPU", 0.0), request.get("GPU", 0.0),
+                     measured.cpu_time_s if measured is not None else 0.0, len(task.spec.args),
+                     measured.result_bytes if measured is not None else len(result or b""), pulled,
+                     sum(i.num_bytes for i in inputs) if inputs else 0, self.price_per_cpu_hour)
+
     def _finished(self, task: Task, to: Phase, now: float, result: bytes | None, error: Failure | None,
-                  run_s: float) -> None:
+                  run_s: float, usage: Usage | None) -> None:
         self.tasks.pop(task.task_id, None)
         self.unfinished[task.spec.tenant] -= 1
         if self.unfinished[task.spec.tenant] <= 0:
@@ -251,7 +300,8 @@ class TaskBook:
         if run_s > 0 and to is not Phase.CANCELLED:
             self.estimates.observe_run(task.spec.function_digest, run_s)
         self.estimates.count_finished(now)
-        self._write(Finished(task.task_id, to.state, task.attempts, task.site, now, result, error, tuple(task.history)))
+        self._write(Finished(task.task_id, to.state, task.attempts, task.site, now, result, error, tuple(task.history),
+                             usage))
         if task.sessions:
             self.updates.append((task.sessions, Update(task.task_id, to.state, task.site, task.attempts,
                                                        result or b"", error, run_s)))

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from intertie_gateway.admission import Capacity
-from intertie_gateway.book import Task, TaskBook
+from intertie_gateway.book import Measured, Task, TaskBook
 from intertie_gateway.fairshare import UNLIMITED, Entitlement, dominant_share
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.model import PREEMPTED, RETRY, ErrorKind, Failure
@@ -339,16 +339,20 @@ class Dispatch:
                 ErrorKind.INTERNAL, f"site {self.site_id!r}: {type(exc).__name__}: {exc}"))
 
     def _apply(self, task: Task, outcome: Any, run_s: float) -> None:
-        """Finishes a task with what its worker returned."""
-        ok, data, kind, etype, message, tb, pickled, _ = outcome
+        """Finishes a task with what its worker returned (``worker.Outcome``), and what the
+        worker measured of it: its CPU time, and its result's bytes (the tables it stored at
+        the site, when it stored any; else the bytes it returned)."""
+        ok, data, kind, etype, message, tb, pickled, _, cpu_s, kept = outcome
+        measured = Measured(cpu_s, kept or len(data))
         if not ok:
-            self.book.move(task, Phase.FAILED, run_s=run_s, error=Failure(kind, message, etype, pickled, tb))
+            self.book.move(task, Phase.FAILED, run_s=run_s, measured=measured,
+                           error=Failure(kind, message, etype, pickled, tb))
         elif len(data) > self.max_payload_bytes:
-            self.book.move(task, Phase.FAILED, run_s=run_s, error=Failure(ErrorKind.PAYLOAD_TOO_LARGE, (
-                f"task {task.task_id}: result is {len(data)} bytes, over this site's limit of "
-                f"{self.max_payload_bytes} bytes")))
+            self.book.move(task, Phase.FAILED, run_s=run_s, measured=measured, error=Failure(
+                ErrorKind.PAYLOAD_TOO_LARGE, (f"task {task.task_id}: result is {len(data)} bytes, over this "
+                                              f"site's limit of {self.max_payload_bytes} bytes")))
         else:
-            self.book.move(task, Phase.SUCCEEDED, result=data, run_s=run_s)
+            self.book.move(task, Phase.SUCCEEDED, result=data, run_s=run_s, measured=measured)
 
     def _on_timeout(self, task: Task, attempt: int) -> None:
         if not self._runs(task, attempt):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from intertie.spec import python_version
 from intertie_gateway import convert
 from intertie_gateway.admission import Capacity
-from intertie_gateway.book import Task, TaskBook
+from intertie_gateway.book import Task, TaskBook, site_price
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dispatch import Dispatch, Slots
 from intertie_gateway.estimates import Estimates
@@ -103,7 +103,8 @@ class Scheduler:
         make_book = TaskBook if metrics is None else functools.partial(_MeteredBook, metrics=metrics)
         self.book = make_book(self.site_id, federated=make_federation is not None, estimates=self.estimates,
                               release=self.slots.release, changed=self._changed,
-                              progress=functools.partial(hub.tell, progress=True), clock=time.time)
+                              progress=functools.partial(hub.tell, progress=True), clock=time.time,
+                              price_per_cpu_hour=site_price(config.labels))
         self._committed = metrics.committed if metrics is not None else _not_measured
         self.transfers = Transfers(self.book, self.slots, store, lambda: self.federate.federation.up_statuses(),
                                    site_id=self.site_id, pull_timeout_s=config.pull_timeout_s, spawn=self._spawn,

@@ -106,9 +106,14 @@ class Transfers:
                                        f"task {task.task_id}: dataset {item.id} is not at site {self.site_id!r}")
                 key = (item.id, self._owner(task))
                 pull = self._pulls.get(key)
-                if pull is None:  # one transfer per dataset and tenant, however many tasks wait for it
+                caused = pull is None  # one transfer per dataset and tenant, however many tasks wait for it
+                if pull is None:
                     pull = self._pulls[key] = self._spawn(self._pull(item, key[1]))
-                await asyncio.shield(pull)
+                num_bytes = await asyncio.shield(pull)
+                if caused:
+                    # Metered once: for the task whose input started the transfer (its next
+                    # attempt's Usage), not for the others that waited for the same one.
+                    task.pulled += num_bytes
                 if self.store.location(item.id, self._owner(task)) is None:  # here now, but another tenant's
                     raise DatasetError("ERROR_KIND_DATASET_NOT_FOUND", f"dataset {item.id} is not at site "
                                        f"{self.site_id!r}, and no site holds it")
@@ -127,9 +132,9 @@ class Transfers:
         finally:
             self._done()
 
-    async def _pull(self, item: DatasetInput, owner: str | None) -> None:
+    async def _pull(self, item: DatasetInput, owner: str | None) -> int:
         """Copies a dataset here for tasks of ``owner`` (None: anyone's): another tenant's is
-        refused before any of it moves."""
+        refused before any of it moves. Returns the bytes copied."""
         assert self.store is not None
         store = self.store
         try:
@@ -151,6 +156,7 @@ class Transfers:
                 store.evict(keep)
             except Exception:
                 logger.exception("evicting replicas after pulling %s failed", item.id)
+            return meta.num_bytes
         finally:
             self._pulls.pop((item.id, owner), None)
 

@@ -33,9 +33,10 @@ _FUNCTION_CACHE_SIZE = 256
 _functions: OrderedDict[str, Any] = OrderedDict()
 
 # What execute returns: (ok, result bytes, error kind, exception type, message, traceback,
-# pickled exception, seconds it ran in the worker). Ray carries the tuple; the gateway
-# reads only the plain fields.
-Outcome = tuple[bool, bytes, int, str, str, str, bytes, float]
+# pickled exception, seconds it ran in the worker, CPU seconds it used there (user + system),
+# bytes of the tables it stored at the site). Ray carries the tuple; the gateway reads only
+# the plain fields.
+Outcome = tuple[bool, bytes, int, str, str, str, bytes, float, float, int]
 
 
 def _qualified(cls: type) -> str:
@@ -57,7 +58,7 @@ def _pickle_exception(exc: BaseException) -> bytes:
 
 def _failure(kind: int, exc: BaseException, message: str) -> Outcome:
     pickled = _pickle_exception(exc)
-    return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled, 0.0)
+    return (False, b"", kind, _qualified(type(exc)), message, traceback.format_exc(), pickled, 0.0, 0.0, 0)
 
 
 # Small functions live in the GCS key-value store under this prefix (as Ray exports its
@@ -100,10 +101,16 @@ def execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any] 
     ``flight://`` and the site's dataset endpoint (see :func:`_flight`). ``stored``: see
     :data:`Stored` - a Table result over the threshold, or any result of a function declared
     ``returns="dataset"``, is stored at the site, owned by the task's tenant (so that only it
-    sees it, as "tenant@home" at a peer), and the task returns its DatasetRef."""
+    sees it, as "tenant@home" at a peer), and the task returns its DatasetRef.
+
+    Measured per task (a pooled worker runs one call at a time, a fused call its tasks one
+    after another): the wall time and the process's CPU time (user + system, all its threads,
+    so a function's own threads count; a child process it starts does not; Ray's threads in
+    the worker add a little) from the arguments' unpickling to the result's pickling."""
     started = time.perf_counter()
+    cpu = time.process_time()
     outcome = _execute(digest, args, name, batch, holder, inputs, stored)
-    return (*outcome[:7], time.perf_counter() - started)  # type: ignore[return-value]
+    return (*outcome[:7], time.perf_counter() - started, time.process_time() - cpu, outcome[9])
 
 
 # Per address of the site's dataset endpoint: what it was told (address, roots, secret), a
@@ -142,12 +149,16 @@ class ResultNotATable(TypeError):
     pass
 
 
-def _keep_at_site(value: Any, name: str, batch: bool, stored: Stored) -> Any:
-    """The result with its (large, or declared) tables stored at the site as datasets."""
+def _keep_at_site(value: Any, name: str, batch: bool, stored: Stored) -> tuple[Any, int]:
+    """The result with its (large, or declared) tables stored at the site as datasets, and
+    the bytes of those tables."""
     address, threshold, declared, task_id, tenant = stored
+    kept = 0
 
     def keep(item: Any, index: int | None) -> Any:
+        nonlocal kept
         if _is_table(item) and (declared or (threshold and item.nbytes >= threshold)):
+            kept += item.nbytes
             return _store(item, address, name, task_id and (task_id if index is None else f"{task_id}-{index}"),
                           tenant)
         if declared:
@@ -155,9 +166,8 @@ def _keep_at_site(value: Any, name: str, batch: bool, stored: Stored) -> Any:
                                   f"not a pyarrow.Table")
         return item
 
-    if batch:
-        return [keep(item, i) for i, item in enumerate(value)]
-    return keep(value, None)
+    value = [keep(item, i) for i, item in enumerate(value)] if batch else keep(value, None)
+    return value, kept
 
 
 def _store(table: Any, address: str, name: str, dataset_id: str, owner: str) -> Any:
@@ -236,9 +246,10 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
         raise  # Ray's way of cancelling a task
     except BaseException as exc:  # SystemExit from user code is an error of the task too
         return _failure(KIND_REMOTE, exc, str(exc))
+    kept = 0
     if stored is not None:
         try:
-            value = _keep_at_site(value, name, batch, stored)
+            value, kept = _keep_at_site(value, name, batch, stored)
         except ResultNotATable as exc:
             return _failure(KIND_REMOTE, exc, str(exc))
         except Exception as exc:
@@ -247,7 +258,7 @@ def _execute(digest: str, args: bytes, name: str, batch: bool, holder: list[Any]
             return _failure(kind, exc, f"the result of {name} could not be stored at the site: "
                                        f"{text.split('ERROR_KIND_PAYLOAD_TOO_LARGE: ')[-1]}")
     try:
-        return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"", 0.0)
+        return (True, cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), 0, "", "", "", b"", 0.0, 0.0, kept)
     except Exception as exc:
         return _failure(KIND_SERIALIZATION, exc,
                         f"the result of {name} could not be pickled: {type(exc).__name__}: {exc}")

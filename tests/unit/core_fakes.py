@@ -41,7 +41,7 @@ class BookWorld:
 
 
 def book_world(*, federated: bool = False, site_id: str = "here",
-               release: Callable[[Task], None] | None = None) -> BookWorld:
+               release: Callable[[Task], None] | None = None, price_per_cpu_hour: float = 0.0) -> BookWorld:
     clock = Clock()
     world: BookWorld
 
@@ -52,7 +52,8 @@ def book_world(*, federated: bool = False, site_id: str = "here",
     started: list[tuple[set[str], Update]] = []
     book = TaskBook(site_id, federated=federated, estimates=Estimates(), release=release or released.append,
                     changed=changed,
-                    progress=lambda sessions, update: started.append((sessions, update)), clock=clock)
+                    progress=lambda sessions, update: started.append((sessions, update)), clock=clock,
+                    price_per_cpu_hour=price_per_cpu_hour)
     world = BookWorld(book, clock, released, started)
     return world
 
@@ -114,9 +115,15 @@ class FakeRunner:
             return "internal", exc
 
 
-def ok(result: bytes, run_s: float = 0.001) -> tuple[Any, ...]:
-    """A worker's outcome of a call that returned ``result``."""
-    return (True, result, 0, "", "", "", b"", run_s)
+def ok(result: bytes, run_s: float = 0.001, cpu_s: float = 0.0, kept: int = 0) -> tuple[Any, ...]:
+    """A worker's outcome (``worker.Outcome``) of a call that returned ``result``: it ran
+    ``run_s``, used ``cpu_s`` of CPU and stored ``kept`` bytes of tables at the site."""
+    return (True, result, 0, "", "", "", b"", run_s, cpu_s, kept)
+
+
+def failed(message: str, kind: int = 1, run_s: float = 0.001, cpu_s: float = 0.0) -> tuple[Any, ...]:
+    """A worker's outcome of a call whose function raised."""
+    return (False, b"", kind, "builtins.ValueError", message, "", b"", run_s, cpu_s, 0)
 
 
 class Timer:
