@@ -11,6 +11,10 @@ connection is shared behind a lock either way. With ``checkpoints_apart`` (the g
 the WAL is copied into the database file (a checkpoint, which syncs the file) by a
 thread of its own on a connection of its own, not inside a commit on the event loop:
 SQLite's automatic checkpoint held a commit up for tens of milliseconds now and then.
+
+With ``ledger`` settings (the gateway) the journal keeps the site's usage ledger
+(``ledger.py``) in the same database: the usage of the changes a write records is appended
+in that write's transaction.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from intertie_gateway import convert
+from intertie_gateway.ledger import SCHEMA as LEDGER_SCHEMA
+from intertie_gateway.ledger import Ledger, LedgerSettings
 from intertie_gateway.lifecycle import TERMINAL_STATES, State
-from intertie_gateway.model import Change, Finished, Forgotten, Placed, Requeued, Started
+from intertie_gateway.model import Change, Finished, Forgotten, Placed, Requeued, Started, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +75,7 @@ CREATE TABLE IF NOT EXISTS specs (
 );
 CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (state) WHERE state IN (1, 2);
 CREATE INDEX IF NOT EXISTS tasks_finished_at ON tasks (finished_at) WHERE state IN (3, 4, 5);
-"""
+""" + LEDGER_SCHEMA
 
 
 @dataclass
@@ -100,7 +106,8 @@ def _row(values: tuple) -> TaskRow:  # type: ignore[type-arg]
 
 
 class Journal:
-    def __init__(self, path: Path, *, fsync: bool = False, checkpoints_apart: bool = False) -> None:
+    def __init__(self, path: Path, *, fsync: bool = False, checkpoints_apart: bool = False,
+                 ledger: LedgerSettings | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
@@ -127,23 +134,24 @@ class Journal:
                 self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {row[0]}, this gateway reads {SCHEMA_VERSION}")
+        try:
+            self._ledger = Ledger(self._db, self._lock, ledger) if ledger is not None else None
+        except BaseException:  # (a missing key, another site's ledger): nothing left open
+            self.close()
+            raise
+
+    @property
+    def ledger(self) -> Ledger:
+        """The site's usage ledger (a journal opened with ``ledger`` settings: the gateway's)."""
+        if self._ledger is None:
+            raise RuntimeError(f"the journal {self.path} was opened without its ledger")
+        return self._ledger
 
     def close(self) -> None:
         if self._checkpoints is not None:
             self._checkpoints.stop()
         with self._lock:
             self._db.close()
-
-    def _tx(self, statements: Iterable[tuple[str, Sequence[object]]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                for sql, params in statements:
-                    self._db.execute(sql, params)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
 
     # --------------------------------------------------------------- functions
     def function_digests(self) -> set[str]:
@@ -184,9 +192,35 @@ class Journal:
 
     def write(self, changes: Sequence[Change]) -> None:
         """The changes of one loop turn in one transaction (group commit). Each applies only
-        to an unfinished row: completion is idempotent, a late duplicate changes nothing."""
-        if changes:
-            self._tx(_statements(changes))
+        to an unfinished row: completion is idempotent, a late duplicate changes nothing.
+
+        The usage a change carries goes into the ledger in the same transaction, when the
+        change applies: a duplicate appends nothing, and a write that fails appends nothing
+        (its retry, with the same changes, appends them once)."""
+        if not changes:
+            return
+        ledger = self._ledger
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                usages: list[Usage] = []
+                for change in changes:
+                    first, *rest = _statements(change)
+                    applied = self._db.execute(*first).rowcount
+                    for sql, params in rest:
+                        self._db.execute(sql, params)
+                    if applied and isinstance(change, Finished | Requeued) and change.usage is not None:
+                        usages.append(change.usage)
+                if usages and ledger is not None:
+                    ledger.append(usages)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if ledger is not None:
+                    ledger.rolled_back()
+                self._db.execute("ROLLBACK")
+                raise
+            if ledger is not None:
+                ledger.committed()
 
     def get(self, task_id: str) -> TaskRow | None:
         with self._lock:
@@ -231,28 +265,27 @@ class Journal:
             return dict(self._db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall())
 
 
-def _statements(changes: Sequence[Change]) -> Iterator[tuple[str, Sequence[object]]]:
-    for c in changes:
-        if isinstance(c, Started):
-            yield ("UPDATE tasks SET state=?, attempts=?, site=?, started_at=? WHERE task_id=? AND state IN (1, 2)",
-                   (RUNNING, c.attempts, c.site, c.at, c.task_id))
-        elif isinstance(c, Placed):
-            yield ("UPDATE tasks SET state=?, attempts=?, site=?, placements=? WHERE task_id=? AND state IN (1, 2)",
-                   (QUEUED, c.attempts, c.site, convert.placements_blob(c.placements), c.task_id))
-        elif isinstance(c, Requeued):
-            yield ("UPDATE tasks SET state=?, attempts=?, history=? WHERE task_id=? AND state IN (1, 2)",
-                   (QUEUED, c.attempts, json.dumps(c.history), c.task_id))
-        elif isinstance(c, Finished):
-            yield ("UPDATE tasks SET state=?, attempts=?, site=?, finished_at=?, result=?, error=?, history=? "
-                   "WHERE task_id=? AND state IN (1, 2)",
-                   (c.state, c.attempts, c.site, c.at, c.result, convert.failure_bytes(c.error), json.dumps(c.history),
-                    c.task_id))
-        elif isinstance(c, Forgotten):
-            yield ("DELETE FROM tasks WHERE task_id=? AND state IN (1, 2)", (c.task_id,))
-            yield ("DELETE FROM specs WHERE task_id=? AND NOT EXISTS (SELECT 1 FROM tasks WHERE task_id=?)",
-                   (c.task_id, c.task_id))
-        else:  # pragma: no cover - the Change union is closed
-            raise TypeError(f"not a journal change: {c!r}")
+def _statements(c: Change) -> list[tuple[str, Sequence[object]]]:
+    """A change's SQL; the first statement is the one that applies it (or, to a finished row, not)."""
+    if isinstance(c, Started):
+        return [("UPDATE tasks SET state=?, attempts=?, site=?, started_at=? WHERE task_id=? AND state IN (1, 2)",
+                 (RUNNING, c.attempts, c.site, c.at, c.task_id))]
+    if isinstance(c, Placed):
+        return [("UPDATE tasks SET state=?, attempts=?, site=?, placements=? WHERE task_id=? AND state IN (1, 2)",
+                 (QUEUED, c.attempts, c.site, convert.placements_blob(c.placements), c.task_id))]
+    if isinstance(c, Requeued):
+        return [("UPDATE tasks SET state=?, attempts=?, history=? WHERE task_id=? AND state IN (1, 2)",
+                 (QUEUED, c.attempts, json.dumps(c.history), c.task_id))]
+    if isinstance(c, Finished):
+        return [("UPDATE tasks SET state=?, attempts=?, site=?, finished_at=?, result=?, error=?, history=? "
+                 "WHERE task_id=? AND state IN (1, 2)",
+                 (c.state, c.attempts, c.site, c.at, c.result, convert.failure_bytes(c.error), json.dumps(c.history),
+                  c.task_id))]
+    if isinstance(c, Forgotten):
+        return [("DELETE FROM tasks WHERE task_id=? AND state IN (1, 2)", (c.task_id,)),
+                ("DELETE FROM specs WHERE task_id=? AND NOT EXISTS (SELECT 1 FROM tasks WHERE task_id=?)",
+                 (c.task_id, c.task_id))]
+    raise TypeError(f"not a journal change: {c!r}")  # pragma: no cover - the Change union is closed
 
 
 class _Checkpoints:
