@@ -193,20 +193,48 @@ def _make_certs(directory: Path, site_ids: list[str]) -> Path:
     return directory / "ca.pem"
 
 
+# Ports that sites must know of each other before they start are picked from here: outside
+# the range the kernel hands out for bind(0) and outgoing connections, and outside Ray's worker
+# ports (10002-19999 by default). A port the kernel chose at random is free when looked at,
+# but the next process that starts (another site's Ray) may be given it before the site binds it.
+PICK_PORTS_FROM = (20000, 32767)
+
+
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports (peers must know each other's address before start)."""
+    import random
     import socket
 
-    socks = []
+    low, high = PICK_PORTS_FROM
+    if _overlaps_ephemeral(low, high):
+        low = high = 0  # (a machine that hands out these ports itself: let the kernel choose)
+    rng = random.Random()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for _ in range(n * 50):
+            if len(socks) == n:
+                break
             sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
+            try:
+                sock.bind(("127.0.0.1", rng.randint(low, high) if high else 0))
+            except OSError:  # in use: another
+                sock.close()
+                continue
             socks.append(sock)
+        if len(socks) < n:
+            raise OSError(f"found only {len(socks)} of {n} free ports between {low} and {high}")
         return [sock.getsockname()[1] for sock in socks]
     finally:
         for sock in socks:
             sock.close()
+
+
+def _overlaps_ephemeral(low: int, high: int) -> bool:
+    try:
+        first, last = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return False  # (not Linux: its default ephemeral range is 49152-65535)
+    return first <= high and low <= last
 
 
 class LocalFederation:
