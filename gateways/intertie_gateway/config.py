@@ -123,6 +123,11 @@ class GatewayConfig:
     # Where Prometheus metrics are served (HOST:PORT, plain HTTP, no auth: loopback or a
     # monitoring network; port 0 picks one, written to <state_dir>/metrics.port). "": off.
     metrics_listen: str = ""
+    # The usage ledger signs a checkpoint every this many entries, or this many seconds after
+    # the last one when entries came meanwhile (a proof can be had once a checkpoint covers
+    # the entry).
+    ledger_checkpoint_entries: int = 1000
+    ledger_checkpoint_s: float = 10.0
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -188,6 +193,13 @@ class GatewayConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
                     or value < 0 or (value == 0 and name in ("heartbeat_s", "default_bandwidth", "pull_timeout_s")):
                 raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+        if not isinstance(self.ledger_checkpoint_entries, int) or isinstance(self.ledger_checkpoint_entries, bool) \
+                or self.ledger_checkpoint_entries < 1:
+            raise ConfigError(f"ledger_checkpoint_entries: expected an integer >= 1, got "
+                              f"{self.ledger_checkpoint_entries!r}")
+        if not isinstance(self.ledger_checkpoint_s, (int, float)) or isinstance(self.ledger_checkpoint_s, bool) \
+                or not math.isfinite(self.ledger_checkpoint_s) or self.ledger_checkpoint_s <= 0:
+            raise ConfigError(f"ledger_checkpoint_s: expected seconds > 0, got {self.ledger_checkpoint_s!r}")
         if not isinstance(self.down_after, int) or isinstance(self.down_after, bool) or self.down_after < 1:
             raise ConfigError(f"down_after: expected an integer >= 1, got {self.down_after!r}")
         if not isinstance(self.steal, bool):

@@ -20,6 +20,7 @@ from intertie_gateway.auth import Gatekeeper, revoked
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
+from intertie_gateway.ledger import LedgerSettings
 from intertie_gateway.membership import Membership
 from intertie_gateway.metrics import Metrics
 from intertie_gateway.runner import RayRunner
@@ -37,6 +38,10 @@ EXPIRE_INTERVAL_S = 300.0
 # Ray's view of capacity is re-read this often (nodes of an attached cluster come and go).
 RESOURCE_REFRESH_S = 10.0
 PARENT_CHECK_S = 1.0
+# How often the usage ledger is asked whether a checkpoint is due (its ledger_checkpoint_s has
+# passed with entries unsigned): a comparison unless one is, so a quiet site's last entries
+# are signed within a second of being due.
+LEDGER_TICK_S = 1.0
 # A clean stop lets in-flight RPCs finish for this long.
 STOP_GRACE_S = 3.0
 
@@ -49,7 +54,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     state.mkdir(parents=True, exist_ok=True)
     (state / "address").unlink(missing_ok=True)
     (state / "metrics.port").unlink(missing_ok=True)
-    journal = Journal(state / "journal.sqlite", fsync=config.fsync, checkpoints_apart=True)
+    journal = Journal(state / "journal.sqlite", fsync=config.fsync, checkpoints_apart=True,
+                      ledger=LedgerSettings(config.site_id, state / "ledger.key", every=config.ledger_checkpoint_entries,
+                                            every_s=config.ledger_checkpoint_s))
     hub = SessionHub()
 
     transport = Transport.from_config(config)
@@ -157,6 +164,14 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
             except Exception:
                 logger.exception("housekeeping failed")
 
+    async def ledger_checkpoints() -> None:
+        while True:
+            await asyncio.sleep(LEDGER_TICK_S)
+            try:
+                journal.ledger.checkpoint_if_due()
+            except Exception:  # (the disk): the next tick tries again
+                logger.exception("usage ledger checkpoint failed")
+
     async def watch_parent(pid: int) -> None:
         # An embedded gateway stops with the program that started it, however that ends.
         while _alive(pid):
@@ -165,6 +180,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         stop.set()
 
     keeper = asyncio.create_task(housekeeping())
+    signer = asyncio.create_task(ledger_checkpoints())
     watcher = asyncio.create_task(watch_parent(parent_pid)) if parent_pid else None
     try:
         await stop.wait()
@@ -175,7 +191,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         await scheduler.federation.close()
         await server.stop(STOP_GRACE_S)
     finally:
-        for job in (keeper, watcher):
+        for job in (keeper, signer, watcher):
             if job is not None:
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -186,6 +202,10 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
             (state / "metrics.port").unlink(missing_ok=True)
         store.shutdown()
         runner.shutdown()
+        try:  # after the drain's last commit: the stop's checkpoint covers every entry
+            journal.ledger.checkpoint_now()
+        except Exception:
+            logger.exception("usage ledger checkpoint at stop failed (the next start makes it)")
         journal.close()
         logger.info("site %s stopped", config.site_id)
 
