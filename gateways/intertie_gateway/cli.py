@@ -1,4 +1,4 @@
-"""``intertie-gateway``: run a site gateway."""
+"""``intertie-gateway``: run a site gateway; its tokens, certificates and usage ledger."""
 
 from __future__ import annotations
 
@@ -58,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--tenant", required=True, metavar="NAME")
         elif action == "revoke":
             p.add_argument("token_id", metavar="ID", help="the token's id (from list), or the token itself")
+    ledger = sub.add_parser("ledger", help="the site's usage ledger: verify it; replace a lost signing key")
+    lsub = ledger.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=ShortErrorParser)
+    verify = lsub.add_parser("verify", help="check the ledger of a state dir: its entries, tree and signed "
+                                            "checkpoints (read-only; the gateway may be running)")
+    verify.add_argument("--public-key", action="append", default=[], metavar="PEM",
+                        help="check the checkpoints' signatures with this public key (repeatable; default: the "
+                             "state dir's ledger.key, and keys it replaced)")
+    new_key = lsub.add_parser("new-key", help="a new signing key for a site whose ledger.key is lost (gateway "
+                                              "stopped; see the README)")
+    for p in (verify, new_key):
+        p.add_argument("--state-dir", metavar="DIR", default="intertie-state",
+                       help="the gateway's state dir (default ./intertie-state)")
     local.add_argument("--sites", type=int, default=3, metavar="N")
     local.add_argument("--state-dir", metavar="DIR", help="parent of the sites' state dirs (default: a temp dir)")
     local.add_argument("--heartbeat", type=float, default=0.5, metavar="SECONDS")
@@ -219,8 +231,58 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ledger(args: argparse.Namespace) -> int:
+    """``ledger verify``: 0 and a summary when intact, 1 and the first problem when not, 2 when
+    there is nothing to check. ``ledger new-key``: 0 and the new public key."""
+    import base64
+    import sqlite3
+    from pathlib import Path
+
+    from intertie_gateway import ledger
+
+    state = Path(args.state_dir)
+    try:
+        if args.action == "new-key":
+            public = ledger.replace_key(state)
+            print(f"made {state / 'ledger.key'}; its public key (raw, base64), for your verifiers: "
+                  f"{base64.b64encode(public).decode()}")
+            return 0
+        db = ledger.open_readonly(state / "journal.sqlite")
+        try:
+            if args.public_key:
+                keys = [ledger.read_public_key(Path(k)) for k in args.public_key]
+            else:
+                current, retired = ledger.recorded_keys(db)
+                key_file = state / "ledger.key"
+                if key_file.exists():
+                    current = ledger.read_public_key(key_file)
+                elif current is not None:
+                    print(f"intertie-gateway: {key_file} is missing; checking with the public key the ledger "
+                          "records", file=sys.stderr)
+                keys = [k for k in (current, *retired) if k is not None]
+            try:
+                verified = ledger.verify(db, keys)
+            except ledger.Tampered as exc:
+                site = db.execute("SELECT value FROM meta WHERE key = 'ledger_site'").fetchone()[0]
+                print(f"ledger of site {site}: NOT verified: {exc}")
+                return 1
+        finally:
+            db.close()
+    except (ledger.LedgerError, sqlite3.Error, OSError, ValueError) as exc:
+        print(f"intertie-gateway: {exc}", file=sys.stderr)
+        return 2
+    last = verified.last
+    when = "no checkpoint yet" if last is None else \
+        f"last checkpoint at size {last.size}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(last.time))}"
+    print(f"ledger of site {verified.site}: {verified.entries} entries, {verified.checkpoints} checkpoints, "
+          f"all verified; {when}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "ledger":
+        return cmd_ledger(args)
     if args.command == "token":
         return cmd_token(args)
     if args.command == "certs":
@@ -250,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         from intertie_gateway.tokens import TokenStore
 
         TokenStore(config.state_path / "tokens.json").bootstrap("local", Path(args.bootstrap_token))
+    from intertie_gateway.ledger import LedgerError
     from intertie_gateway.ray_attach import RayConnectError
     from intertie_gateway.server import serve
 
@@ -261,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.shutdown()
             os._exit(1)
         return 1
-    except OSError as exc:
+    except (OSError, LedgerError) as exc:
         print(f"intertie-gateway: {exc}", file=sys.stderr)
         return 1
     return 0
