@@ -129,27 +129,24 @@ def raw_public_key(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
 def read_public_key(path: Path) -> bytes:
     """The raw Ed25519 public key in a PEM file (a public key, or the site's ledger.key)."""
     data = path.read_bytes()
+    key: object
     try:
-        key: object = serialization.load_pem_public_key(data)
+        key = serialization.load_pem_public_key(data)
     except ValueError:
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
-            raise LedgerError(f"{path} holds no PEM key") from None
+        key = _read_key(path)
     if not isinstance(key, Ed25519PrivateKey | Ed25519PublicKey):
         raise LedgerError(f"{path} is not an Ed25519 key")
     return raw_public_key(key)
 
 
 def _read_key(path: Path) -> Ed25519PrivateKey | None:
+    """The site's private key (None: no such file)."""
     try:
-        data = path.read_bytes()
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError:
         return None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise LedgerError(f"{path} is not a PEM private key") from None
+        raise LedgerError(f"{path} holds no PEM key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise LedgerError(f"{path} is not an Ed25519 key")
     return key
@@ -283,9 +280,9 @@ class Ledger:
         root = tree.root()
         # Signed inline on the event loop: an Ed25519 signature takes ~30 us here (bench/ledger.py),
         # less than the commit it rides in.
-        made = Checkpoint(self.site, tree.size, root, at, self._key.sign(checkpoint_text(self.site, tree.size, root, at)))
-        self._db.execute("INSERT INTO ledger_checkpoints VALUES (?, ?, ?, ?)", (made.size, root, at, made.signature))
-        return made
+        signature = self._key.sign(checkpoint_text(self.site, tree.size, root, at))
+        self._db.execute("INSERT INTO ledger_checkpoints VALUES (?, ?, ?, ?)", (tree.size, root, at, signature))
+        return Checkpoint(self.site, tree.size, root, at, signature)
 
     # ------------------------------------------------------------------ what is read
     @property
@@ -407,11 +404,11 @@ def _verify_entries(db: sqlite3.Connection, site: str, rebuilt: MerkleTree) -> i
     leaves = db.execute("SELECT idx, hash FROM ledger_nodes WHERE level = 0 ORDER BY idx")
     batch: list[bytes] = []
     n = 0
-    for col, entry in db.execute("SELECT idx, entry FROM ledger_entries ORDER BY idx"):
-        stored = leaves.fetchone()
+    for col, value in db.execute("SELECT idx, entry FROM ledger_entries ORDER BY idx"):
+        stored, entry = leaves.fetchone(), _blob(value)
         h = leaf_hash(entry)
-        if col != n or stored is None or stored[0] != n or bytes(stored[1]) != h or _read(entry, site) != (n, ""):
-            raise Tampered(_diagnose(db, n, col, bytes(entry), site))
+        if col != n or stored is None or stored[0] != n or _blob(stored[1]) != h or _read(entry, site) != (n, ""):
+            raise Tampered(_diagnose(db, n, col, entry, site))
         batch.append(h)
         n += 1
         if len(batch) == 4096:
@@ -422,6 +419,11 @@ def _verify_entries(db: sqlite3.Connection, site: str, rebuilt: MerkleTree) -> i
     if extra is not None:
         raise Tampered(f"entries from {n} on are missing (the stored tree has a leaf for entry {extra[0]})")
     return n
+
+
+def _blob(value: object) -> bytes:
+    """A stored entry or hash as bytes, whatever a forger stored it as (then it matches nothing)."""
+    return value if isinstance(value, bytes) else repr(value).encode()
 
 
 def _read(entry: bytes, site: str) -> tuple[int, str]:
@@ -445,11 +447,11 @@ def _diagnose(db: sqlite3.Connection, p: int, col: int, entry: bytes, site: str)
 
     def stored_leaf(i: int) -> bytes | None:
         row = db.execute("SELECT hash FROM ledger_nodes WHERE level = 0 AND idx = ?", (i,)).fetchone()
-        return None if row is None else bytes(row[0])
+        return None if row is None else _blob(row[0])
 
     def leaf_of_entry(i: int) -> bytes | None:
         row = db.execute("SELECT entry FROM ledger_entries WHERE idx = ?", (i,)).fetchone()
-        return None if row is None else leaf_hash(row[0])
+        return None if row is None else leaf_hash(_blob(row[0]))
 
     stored, h = stored_leaf(p), leaf_hash(entry)
     if stored is None:
@@ -503,7 +505,7 @@ def _verify_nodes(db: sqlite3.Connection, store: MemoryNodes, n: int) -> None:
     seen = 0
     for level, idx, h in db.execute("SELECT level, idx, hash FROM ledger_nodes WHERE level > 0 ORDER BY level, idx"):
         try:
-            ok = store.get(level, idx) == bytes(h)
+            ok = store.get(level, idx) == _blob(h)
         except KeyError:
             ok = False
         if not ok:

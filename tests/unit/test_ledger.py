@@ -358,6 +358,8 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
                       "entry 13 was altered: its bytes do not hash to the stored leaf"),
     "entry that is no JSON": (lambda s: tamper(s, ("UPDATE ledger_entries SET entry=x'00' WHERE idx=13", ())),
                               "entry 13 was altered: it is not JSON"),
+    "entry stored as text": (lambda s: tamper(s, ("UPDATE ledger_entries SET entry=CAST(entry AS TEXT) WHERE idx=13", ())),
+                             "entry 13 was altered"),
     "deleted entry": (lambda s: tamper(s, ("DELETE FROM ledger_entries WHERE idx=13", ())),
                       "entry 13 is missing (the stored entries go from 12 to 14)"),
     "deleted entry, the rest renumbered": (
