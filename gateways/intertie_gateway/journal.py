@@ -44,6 +44,8 @@ RUNNING = State.RUNNING
 TERMINAL = TERMINAL_STATES
 
 SCHEMA_VERSION = 4
+# The usage ledger's tables (ledger.SCHEMA) end the script: created on every open, so a journal
+# of any version gets them in place.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS functions (

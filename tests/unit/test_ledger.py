@@ -299,6 +299,20 @@ def test_journal_without_ledger_settings_keeps_none(tmp_path: Path) -> None:
         j.ledger  # noqa: B018
 
 
+def test_a_journal_from_before_the_ledger_gets_its_tables_in_place(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal.sqlite")
+    run_tasks(j, ["a"])
+    j.close()
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    db.executescript("DROP TABLE ledger_entries; DROP TABLE ledger_nodes; DROP TABLE ledger_checkpoints;")
+    db.close()
+    j = open_journal(tmp_path)
+    j.write([finish("a")])
+    assert j.ledger.size == 1 and j.get("a").state == State.SUCCEEDED  # type: ignore[union-attr]
+    j.close()
+    assert check(tmp_path).entries == 1
+
+
 def test_checkpoint_settings_are_validated() -> None:
     assert GatewayConfig(ledger_checkpoint_entries=5, ledger_checkpoint_s=0.5).ledger_checkpoint_entries == 5
     with pytest.raises(ConfigError, match="ledger_checkpoint_entries"):
