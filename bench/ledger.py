@@ -28,7 +28,8 @@ from pathlib import Path
 
 from intertie.merkle import leaf_hash, verify_consistency, verify_inclusion
 from intertie_gateway.journal import Journal
-from intertie_gateway.ledger import LedgerSettings, open_readonly, recorded_keys, verify
+from intertie_gateway.ledger import LedgerSettings, recorded_keys
+from intertie_gateway.ledger_check import open_readonly, verify
 from intertie_gateway.lifecycle import State
 from intertie_gateway.model import Finished, Started, Usage
 

@@ -238,7 +238,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     import sqlite3
     from pathlib import Path
 
-    from intertie_gateway import ledger
+    from intertie_gateway import ledger, ledger_check
 
     state = Path(args.state_dir)
     try:
@@ -247,7 +247,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
             print(f"made {state / 'ledger.key'}; its public key (raw, base64), for your verifiers: "
                   f"{base64.b64encode(public).decode()}")
             return 0
-        db = ledger.open_readonly(state / "journal.sqlite")
+        db = ledger_check.open_readonly(state / "journal.sqlite")
         try:
             if args.public_key:
                 keys = [ledger.read_public_key(Path(k)) for k in args.public_key]
@@ -261,7 +261,7 @@ def cmd_ledger(args: argparse.Namespace) -> int:
                           "records", file=sys.stderr)
                 keys = [k for k in (current, *retired) if k is not None]
             try:
-                verified = ledger.verify(db, keys)
+                verified = ledger_check.verify(db, keys)
             except ledger.Tampered as exc:
                 site = db.execute("SELECT value FROM meta WHERE key = 'ledger_site'").fetchone()[0]
                 print(f"ledger of site {site}: NOT verified: {exc}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from intertie.checkpoint import checkpoint_text
 from intertie.merkle import leaf_hash, verify_consistency, verify_inclusion
 from intertie_gateway.config import ConfigError, GatewayConfig
 from intertie_gateway.journal import Journal
@@ -19,14 +20,11 @@ from intertie_gateway.ledger import (
     LedgerError,
     LedgerSettings,
     Tampered,
-    Verified,
-    checkpoint_text,
-    open_readonly,
     read_public_key,
     recorded_keys,
     replace_key,
-    verify,
 )
+from intertie_gateway.ledger_check import Verified, open_readonly, verify
 from intertie_gateway.lifecycle import State
 from intertie_gateway.merkle_tree import MemoryNodes, MerkleTree
 from intertie_gateway.model import Finished, Requeued, Started, Usage
