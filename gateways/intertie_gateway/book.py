@@ -51,7 +51,8 @@ class Measured:
 
 
 # How an attempt that ran here ended, as its Usage says: by the phase it left RUNNING for.
-_OUTCOMES = {Phase.SUCCEEDED: "succeeded", Phase.FAILED: "failed", Phase.CANCELLED: "cancelled"}
+_OUTCOMES = {Phase.SUCCEEDED: "succeeded", Phase.FAILED: "failed", Phase.CANCELLED: "cancelled",
+             Phase.DROPPED: "dropped"}
 
 
 def site_price(labels: Mapping[str, str]) -> float:
@@ -205,7 +206,7 @@ class TaskBook:
         now = self._clock()
         # (started_at is 0 for a run restored at a restart: its start was not seen here)
         usage = (self._usage(task, to, now, refund, measured, result)
-                 if frm is Phase.RUNNING and task.started_at and to is not Phase.DROPPED else None)
+                 if frm is Phase.RUNNING and task.started_at else None)
         task.phase = to
         if frm is Phase.NEW:
             self.tasks[task.task_id] = task
@@ -282,7 +283,7 @@ class TaskBook:
                      request.get("CPU", 0.0), request.get("GPU", 0.0),
                      measured.cpu_time_s if measured is not None else 0.0, len(task.spec.args),
                      measured.result_bytes if measured is not None else len(result or b""), pulled,
-                     sum(i.num_bytes for i in inputs) if inputs else 0, self.price_per_cpu_hour)
+                     sum(i.num_bytes for i in inputs) if inputs else 0, self.price_per_cpu_hour, task.spec.name)
 
     def _finished(self, task: Task, to: Phase, now: float, result: bytes | None, error: Failure | None,
                   run_s: float, usage: Usage | None) -> None:
@@ -293,7 +294,7 @@ class TaskBook:
         ran_here = task.ref is not None
         task.ref = None
         if to is Phase.DROPPED:  # its home took it back: no event (it may send the same task here again)
-            self._write(Forgotten(task.task_id))
+            self._write(Forgotten(task.task_id, usage))
             return
         if not run_s and ran_here and task.started_at:
             run_s = now - task.started_at

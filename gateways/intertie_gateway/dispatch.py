@@ -158,9 +158,6 @@ class Dispatch:
         running = self.slots.running_by[tenant]
         if (self._depth and running >= self._depth) or (limits.max_running and running >= limits.max_running):
             return False  # (at its cap: no task of it starts, whatever its size)
-        running = self.slots.running_by[tenant]
-        if (self._depth and running >= self._depth) or (limits.max_running and running >= limits.max_running):
-            return False  # (at its cap: no task of it starts, whatever its size)
         queue = self.book.queue
         lane = queue.lanes[tenant]
         task = lane[0]  # (pruned: queued)

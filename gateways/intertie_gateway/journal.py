@@ -43,7 +43,7 @@ QUEUED = State.QUEUED
 RUNNING = State.RUNNING
 TERMINAL = TERMINAL_STATES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The usage ledger's tables (ledger.SCHEMA) end the script: created on every open, so a journal
 # of any version gets them in place.
 _SCHEMA = """
@@ -126,11 +126,12 @@ class Journal:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) in (1, 2, 3):
+            elif int(row[0]) in (1, 2, 3, 4):
                 if int(row[0]) == 1:  # version 2 added where a task was placed and why
                     self._db.execute("ALTER TABLE tasks ADD COLUMN placements BLOB")
                 # Version 3 keeps new specs in their own table (older rows keep theirs inline),
-                # version 4 their args in a column of their own (older rows in the spec).
+                # version 4 their args in a column of their own (older rows in the spec), version 5
+                # adds the usage ledger's tables (the schema script above made them).
                 if int(row[0]) == 3:
                     self._db.execute("ALTER TABLE specs ADD COLUMN args BLOB")
                 self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
@@ -211,7 +212,7 @@ class Journal:
                     applied = self._db.execute(*first).rowcount
                     for sql, params in rest:
                         self._db.execute(sql, params)
-                    if applied and isinstance(change, Finished | Requeued) and change.usage is not None:
+                    if applied and isinstance(change, Finished | Requeued | Forgotten) and change.usage is not None:
                         usages.append(change.usage)
                 if usages and ledger is not None:
                     ledger.append(usages)

@@ -82,7 +82,7 @@ class Usage:
     task_id: str
     attempt: int
     home: str
-    outcome: str  # the attempt's end: "succeeded", "failed", "retried", "preempted", "cancelled"
+    outcome: str  # the attempt's end: "succeeded", "failed", "retried", "preempted", "cancelled", "dropped"
     started_at: float
     ended_at: float
     cpus: float
@@ -93,6 +93,7 @@ class Usage:
     dataset_bytes_pulled: int = 0  # copied to this site for the attempt's inputs
     dataset_bytes_read: int = 0  # of datasets the attempt read here
     price_per_cpu_hour: float = 0.0
+    function: str = ""  # the function's name as submitted (for summaries by function)
 
     @property
     def wall_s(self) -> float:
@@ -156,6 +157,7 @@ class Forgotten:
     """An unfinished task dropped from this site (its home took it back): its rows go."""
 
     task_id: str
+    usage: Usage | None = None  # the attempt it was running here, stopped
 
 
 Change = Placed | Started | Requeued | Finished | Forgotten

@@ -116,7 +116,7 @@ def test_args_are_kept_beside_the_spec_and_a_schema_3_journal_keeps_its_inline_o
     j.accept([], [("new", b"\x03", b"pickled args")], now=2.0)
     rows = {r.task_id: (r.spec, r.args) for r in j.unfinished()}
     assert rows == {"old": (b"\x01\x02", None), "new": (b"\x03", b"pickled args")}
-    assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == "4"
+    assert j._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == str(jr.SCHEMA_VERSION)
 
 
 def test_checkpoints_apart_copy_the_wal_into_the_database_off_the_committing_thread(tmp_path: Path,

@@ -27,7 +27,7 @@ from intertie_gateway.ledger import (
 from intertie_gateway.ledger_check import Verified, open_readonly, verify
 from intertie_gateway.lifecycle import State
 from intertie_gateway.merkle_tree import MemoryNodes, MerkleTree
-from intertie_gateway.model import Finished, Requeued, Started, Usage
+from intertie_gateway.model import Finished, Forgotten, Requeued, Started, Usage
 
 SITE = "alpha"
 
@@ -89,7 +89,7 @@ def test_usage_is_appended_in_the_journal_transaction_as_canonical_json(tmp_path
     assert fields == {"v": 1, "kind": "usage", "site": SITE, "idx": 0, "tenant": "acme", "task_id": "a",
                       "attempt": 1, "home": "", "outcome": "retried", "started_at": 100.0, "ended_at": 102.5,
                       "cpus": 1.0, "gpus": 0.0, "cpu_time_s": 0.5, "args_bytes": 10, "result_bytes": 20,
-                      "dataset_bytes_pulled": 0, "dataset_bytes_read": 0, "price_per_cpu_hour": 0.0}
+                      "dataset_bytes_pulled": 0, "dataset_bytes_read": 0, "price_per_cpu_hour": 0.0, "function": ""}
     assert json.loads(second)["task_id"] == "b" and json.loads(second)["idx"] == 1
     # Committed with the rows: another connection sees both.
     assert rows(tmp_path, "SELECT count(*) FROM ledger_entries") == [(2,)]
@@ -106,6 +106,14 @@ def test_a_change_that_changes_nothing_appends_nothing(tmp_path: Path) -> None:
     j.write([finish("a", attempt=2)])  # another attempt's finish, once the task is finished
     j.write([finish("unknown")])
     assert j.ledger.size == 1
+
+
+def test_a_running_task_its_home_took_back_is_counted_once_when_its_rows_go(tmp_path: Path) -> None:
+    j = open_journal(tmp_path)
+    run_tasks(j, ["a"])
+    j.write([Forgotten("a", usage("a", outcome="dropped"))])
+    j.write([Forgotten("a", usage("a", outcome="dropped"))])  # gone already: nothing
+    assert j.ledger.size == 1 and json.loads(j.ledger.entries(0, 1)[0])["outcome"] == "dropped"
 
 
 def test_a_task_id_that_comes_back_after_its_row_expired_is_counted_again(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from intertie_gateway.model import (
     ErrorKind,
     Failure,
     Finished,
+    Forgotten,
     Requeued,
     Resources,
     Usage,
@@ -218,6 +219,19 @@ def test_a_task_a_peer_forwarded_here_is_metered_for_its_tenant_and_home() -> No
     w.finish(0, ok(b"r"))
     (usage,) = w.usages()
     assert usage is not None and (usage.tenant, usage.home, usage.task_id) == ("acme@alpha", "alpha", "acme@alpha~t")
+
+
+def test_a_running_task_its_home_takes_back_is_metered_as_dropped_with_its_function() -> None:
+    w = World()
+    task = w.add("acme@alpha~t", tenant="acme@alpha", home="alpha", name="train", resources=_resources(2.0))
+    w.clock.now = 10.0
+    w.dispatch.run_queue()
+    w.clock.now = 14.0
+    w.book.move(task, Phase.DROPPED)  # (federate.confirm: the home moved it elsewhere)
+    (forgotten,) = [c for c in w.book.changes if isinstance(c, Forgotten)]
+    assert forgotten.usage is not None
+    assert (forgotten.usage.outcome, forgotten.usage.function, forgotten.usage.cpu_s_reserved) == ("dropped", "train",
+                                                                                                  8.0)
 
 
 def test_a_run_restored_at_a_restart_carries_no_usage() -> None:
