@@ -4,10 +4,11 @@
 
 Prints sequential round-trip p50/p99, throughput for a burst of tasks, and chunked
 ``executor().map`` throughput, each with its ratio to plain Ray, for a site without
-security ("open": plaintext, --auth none) and a secure one (TLS and token auth), and the
-ratio of the two. Plain Ray runs first and is shut down before the sites start, one after
-the other (open and secure alternately, --rounds times each; medians), so they never share
-the CPUs.
+security ("open": plaintext, --auth none, no usage ledger), a secure one (TLS and token
+auth) and the secure one as sites run by default (with the usage ledger: every attempt
+metered and appended to the signed Merkle log in the turn's commit), and the ratios
+between them. Plain Ray runs first and is shut down before the sites start, one after the
+other (the three alternately, --rounds times each; medians), so they never share the CPUs.
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ def plain_ray(n: int, map_items: int, cpus: int) -> dict[str, float]:
 
 
 def start_site(mode: str, cpus: int, base: Path) -> Any:
-    """One embedded site: "open" (plaintext, --auth none) or "secure" (TLS with a certificate
-    of a fresh CA, and token auth: the site writes the client's token)."""
+    """One embedded site: "open" (plaintext, --auth none, no ledger), "secure" (TLS with a
+    certificate of a fresh CA, and token auth: the site writes the client's token; no ledger)
+    or "ledger" (secure, with its usage ledger: a site's default)."""
     from intertie.embedded import EmbeddedGateway
 
     args = ["--object-store-memory", str(256 << 20)]
     ca = None
+    if mode != "ledger":
+        args += ["--no-ledger"]
     if mode == "open":
         args += ["--auth", "none"]
     else:
@@ -119,36 +123,37 @@ def main() -> None:
     parser.add_argument("--map-items", type=int, default=50_000)
     parser.add_argument("--chunksize", type=int, default=500)
     parser.add_argument("--cpus", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="open and secure sites, alternately, this many each")
+    parser.add_argument("--rounds", type=int, default=3, help="the three sites, alternately, this many each")
     args = parser.parse_args()
 
     ray_r = plain_ray(args.tasks, args.map_items, args.cpus)
     # Open and secure alternate, each round a fresh site, and each figure is the median over
     # the rounds: on a small shared machine the load drifts, and whichever ran second alone
     # would carry the drift.
-    runs: dict[str, list[dict[str, float]]] = {"open": [], "secure": []}
+    runs: dict[str, list[dict[str, float]]] = {"open": [], "secure": [], "ledger": []}
     for _ in range(args.rounds):
         for mode in runs:
             runs[mode].append(gateway_run(mode, args))
-    open_r, secure_r = ({key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]}
-                        for mode in ("open", "secure"))
+    open_r, secure_r, ledger_r = ({key: statistics.median(r[key] for r in runs[mode]) for key in runs[mode][0]}
+                                  for mode in ("open", "secure", "ledger"))
 
     def ms(x: float) -> str:
         return f"{x * 1000:.3f} ms"
 
     print(f"\nIntertie gateway vs plain Ray, {args.cpus} CPUs, {args.tasks} tasks; \"open\": plaintext, no auth; "
-          f"\"secure\": TLS and token auth (medians of {args.rounds} alternating rounds)")
-    print(f"{'metric':30} {'plain Ray':>11} {'open':>11} {'secure':>11} {'open/Ray':>9} {'secure/Ray':>11} "
-          f"{'secure/open':>12}  targets")
-    rows = (("sequential round trip p50", "p50", ms, "<= 1.5x Ray; secure within 5% of open"),
+          f"\"secure\": TLS and token auth; \"+ledger\": secure with the usage ledger, as sites run by default "
+          f"(medians of {args.rounds} alternating rounds)")
+    print(f"{'metric':30} {'plain Ray':>11} {'open':>11} {'secure':>11} {'+ledger':>11} {'open/Ray':>9} "
+          f"{'+ledger/Ray':>12} {'secure/open':>12} {'ledger on/off':>14}  targets")
+    rows = (("sequential round trip p50", "p50", ms, "<= 1.5x Ray; secure within 5% of open; ledger within 5%"),
             ("sequential round trip p99", "p99", ms, ""),
             ("burst throughput (tasks/s)", "throughput", lambda x: f"{x:.0f}", ">= 0.8x Ray"),
             (f"map {args.map_items} items (items/s)", "map", lambda x: f"{x:.0f}",
              f"> 1x (chunksize={args.chunksize}; Ray one task per item)"))
     for name, key, shown, target in rows:
-        r, o, sec = ray_r[key], open_r[key], secure_r[key]
-        print(f"{name:30} {shown(r):>11} {shown(o):>11} {shown(sec):>11} {o / r:8.2f}x {sec / r:10.2f}x "
-              f"{sec / o:11.3f}x  {target}")
+        r, o, sec, led = ray_r[key], open_r[key], secure_r[key], ledger_r[key]
+        print(f"{name:30} {shown(r):>11} {shown(o):>11} {shown(sec):>11} {shown(led):>11} {o / r:8.2f}x "
+              f"{led / r:11.2f}x {sec / o:11.3f}x {led / sec:13.3f}x  {target}")
 
 if __name__ == "__main__":
     main()

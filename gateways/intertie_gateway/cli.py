@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-payload-bytes", type=byte_size, metavar="BYTES")
     run.add_argument("--label", action="append", metavar="KEY=VALUE", help="operator label (repeatable)")
     run.add_argument("--fsync", action="store_true", default=None, help="fsync every journal commit")
+    run.add_argument("--no-ledger", dest="ledger", action="store_false", default=None,
+                     help="keep no usage ledger (nothing to verify or settle; for measuring its cost)")
     run.add_argument("--auth", choices=("none", "token"),
                      help="'token' (the default): callers need a tenant's token (intertie-gateway token create); "
                           "'none': anyone who reaches the port may run code here (a trusted network only)")
@@ -147,7 +149,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         "ray": args.ray, "ray_token_file": args.ray_token_file, "ray_connect_timeout_s": args.ray_connect_timeout,
         "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
         "resources": parse_resources(args.resources), "object_store_memory": args.object_store_memory,
-        "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync, "auth": args.auth,
+        "max_payload_bytes": args.max_payload_bytes, "labels": parse_labels(args.label), "fsync": args.fsync, "ledger": args.ledger, "auth": args.auth,
         "worker_pool": args.worker_pool, "tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_ca": args.tls_ca,
         "peer_listen": args.peer_listen, "policy_file": args.policy,
         "peers": tuple(args.peer) if args.peer else None, "heartbeat_s": args.heartbeat, "steal": args.steal,

@@ -128,6 +128,9 @@ class GatewayConfig:
     # the entry).
     ledger_checkpoint_entries: int = 1000
     ledger_checkpoint_s: float = 10.0
+    # Keep the usage ledger (off: no usage records, nothing for tenants or peers to verify;
+    # for measuring what it costs, bench/overhead.py).
+    ledger: bool = True
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -175,6 +178,8 @@ class GatewayConfig:
             raise ConfigError(f"worker_pool: expected true or false, got {self.worker_pool!r}")
         if not isinstance(self.fsync, bool):
             raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
+        if not isinstance(self.ledger, bool):
+            raise ConfigError(f"ledger: expected true or false, got {self.ledger!r}")
         if self.auth not in ("none", "token"):
             raise ConfigError(f"auth: expected \"none\" or \"token\", got {self.auth!r}")
         self._check_tls()

@@ -200,7 +200,8 @@ class Ledger:
         self._tree: MerkleTree | None = self._load()
         last = self._latest()
         # With no checkpoint yet the first entries are signed at once.
-        self._last_size, self._last_time = (last.size, last.time) if last is not None else (0, 0.0)
+        self._last_size: int = last.size if last is not None else 0
+        self._last_time: float = last.time if last is not None else 0.0
         self._pending: Checkpoint | None = None
 
     # ------------------------------------------------------------------ in the journal's transaction

@@ -56,7 +56,9 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     (state / "metrics.port").unlink(missing_ok=True)
     journal = Journal(state / "journal.sqlite", fsync=config.fsync, checkpoints_apart=True,
                       ledger=LedgerSettings(config.site_id, state / "ledger.key", every=config.ledger_checkpoint_entries,
-                                            every_s=config.ledger_checkpoint_s))
+                                            every_s=config.ledger_checkpoint_s) if config.ledger else None)
+    if not config.ledger:
+        logger.warning("--no-ledger: this site keeps no usage records (nothing to verify or settle)")
     hub = SessionHub()
 
     transport = Transport.from_config(config)
@@ -180,7 +182,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         stop.set()
 
     keeper = asyncio.create_task(housekeeping())
-    signer = asyncio.create_task(ledger_checkpoints())
+    signer = asyncio.create_task(ledger_checkpoints()) if config.ledger else None
     watcher = asyncio.create_task(watch_parent(parent_pid)) if parent_pid else None
     try:
         await stop.wait()
@@ -203,7 +205,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
         store.shutdown()
         runner.shutdown()
         try:  # after the drain's last commit: the stop's checkpoint covers every entry
-            journal.ledger.checkpoint_now()
+            if config.ledger:
+                journal.ledger.checkpoint_now()
         except Exception:
             logger.exception("usage ledger checkpoint at stop failed (the next start makes it)")
         journal.close()
