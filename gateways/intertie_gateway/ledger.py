@@ -13,7 +13,11 @@ Tables (``SCHEMA``):
 * ``ledger_entries(idx, entry)``: entry ``idx``, canonical JSON (``encode_entry``: sorted keys,
   compact, ASCII) of the Usage fields with ``"v": 1``, ``"kind": "usage"``, ``"site"`` and
   ``"idx"``, its own index, so an entry that is moved, inserted or dropped is caught by its
-  position, not only by the checkpoints;
+  position, not only by the checkpoints. Two more columns (``OWNER_COLUMNS``, added in place
+  by ``Ledger`` to a table made without them) are generated from the entry's JSON when it is
+  appended, and indexed: ``tenant`` and ``home`` (""), so that a tenant's or a peer's entries
+  are paged (``visible_entries``) without reading the whole log, and can never disagree with
+  the entry;
 * ``ledger_nodes(level, idx, hash)``: the Merkle tree's complete subtrees (``merkle_tree``);
   level 0 holds ``intertie.merkle.leaf_hash(entry)``;
 * ``ledger_checkpoints(size, root, time, signature)``: signed tree heads, Ed25519 over
@@ -64,6 +68,17 @@ CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     size INTEGER PRIMARY KEY, root BLOB NOT NULL, time REAL NOT NULL, signature BLOB NOT NULL
 );
 """
+# Whose an entry is, generated from its JSON when it is appended (NULL for bytes that are no
+# JSON, which only a forger stores). A VIRTUAL column is what ALTER TABLE can add to a table
+# that has rows; building its index computes it for them (the backfill).
+_OWNER = "CASE WHEN json_valid(CAST(entry AS TEXT)) THEN json_extract(CAST(entry AS TEXT), '$.{}') END"
+OWNER_COLUMNS = {name: f"{name} TEXT GENERATED ALWAYS AS ({_OWNER.format(name)}) VIRTUAL" for name in ("tenant", "home")}
+OWNER_INDEXES = """
+CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant);
+CREATE INDEX IF NOT EXISTS ledger_entries_home ON ledger_entries (home) WHERE home != '';
+"""
+# Entries one ListEntries page holds at most (each with its proof: ~0.1 ms to make).
+MAX_PAGE = 1000
 
 _USAGE_FIELDS = tuple(f.name for f in fields(Usage))
 _usage_values = attrgetter(*_USAGE_FIELDS)
@@ -170,6 +185,7 @@ class Ledger:
     def __init__(self, db: sqlite3.Connection, lock: threading.Lock, settings: LedgerSettings) -> None:
         self._db, self._lock, self._settings = db, lock, settings
         self.site = settings.site_id
+        _index_owners(db)
         meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('ledger_site', 'ledger_public_key')"))
         site, recorded = meta.get("ledger_site"), meta.get("ledger_public_key")
         state_dir = settings.key_path.parent
@@ -211,7 +227,7 @@ class Ledger:
         tree = self._committed_tree()
         start = tree.size
         entries = [encode_entry(u, self.site, start + i) for i, u in enumerate(usages)]
-        self._db.executemany("INSERT INTO ledger_entries VALUES (?, ?)", enumerate(entries, start))
+        self._db.executemany("INSERT INTO ledger_entries (idx, entry) VALUES (?, ?)", enumerate(entries, start))
         tree.append_leaf_hashes([leaf_hash(e) for e in entries])
         if self._due(tree.size, self._settings.clock()):
             self._pending = self._checkpoint(tree)
@@ -296,6 +312,27 @@ class Ledger:
                                     (start, end)).fetchall()
         return [bytes(r[0]) for r in rows]
 
+    def visible_entries(self, *, tenant: str | None = None, home: str | None = None, start: int = 0, end: int,
+                        since: float = 0.0, limit: int = MAX_PAGE) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` ``(index, entry)`` of ``[start, end)`` in index order: those of
+        ``tenant`` (as this site names it), or of tasks whose home is ``home`` (a peer's), or
+        all (both None); ``since``: only attempts that ended then or later. Each query reads
+        the one index that names its owner."""
+        where, params = ["idx >= ?", "idx < ?"], list[object]([start, end])
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        elif home is not None:
+            where += ["home = ?", "home != ''"]  # (the partial index's own term: it is used)
+            params.append(home)
+        if since:
+            where.append("json_extract(CAST(entry AS TEXT), '$.ended_at') >= ?")
+            params.append(since)
+        sql = f"SELECT idx, entry FROM ledger_entries WHERE {' AND '.join(where)} ORDER BY idx LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(sql, (*params, limit)).fetchall()
+        return [(idx, bytes(entry)) for idx, entry in rows]
+
     def root(self, size: int | None = None) -> bytes:
         with self._lock:
             return self._committed_tree().root(size)
@@ -332,6 +369,19 @@ class Ledger:
 
     def _row(self, row: tuple[int, bytes, float, bytes]) -> Checkpoint:
         return Checkpoint(self.site, row[0], bytes(row[1]), row[2], bytes(row[3]))
+
+
+def _index_owners(db: sqlite3.Connection) -> None:
+    """Adds the owner columns and their indexes to ``ledger_entries`` if it lacks them (a
+    journal written before they existed, and every new one: ``SCHEMA`` makes the table bare)."""
+    have = {row[1] for row in db.execute("PRAGMA table_xinfo(ledger_entries)")}
+    with db:
+        db.execute("BEGIN")
+        for name, ddl in OWNER_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE ledger_entries ADD COLUMN {ddl}")
+        for statement in OWNER_INDEXES.strip().splitlines():  # (no-ops once they exist)
+            db.execute(statement)
 
 
 def recorded_keys(db: sqlite3.Connection) -> tuple[bytes | None, list[bytes]]:

@@ -15,12 +15,13 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from intertie._rpc import is_loopback, server_options
-from intertie.v1 import peer_pb2, site_pb2, tasks_pb2
+from intertie.v1 import ledger_pb2, peer_pb2, site_pb2, tasks_pb2
 from intertie_gateway.auth import Gatekeeper, revoked
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
 from intertie_gateway.ledger import LedgerSettings
+from intertie_gateway.ledger_service import LedgerService
 from intertie_gateway.membership import Membership
 from intertie_gateway.metrics import Metrics
 from intertie_gateway.runner import RayRunner
@@ -120,14 +121,21 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
              tasks_pb2.DESCRIPTOR.services_by_name["TaskService"])
     register(server, SiteService(scheduler), site_pb2.DESCRIPTOR.services_by_name["SiteService"])
     register(server, PeerService(scheduler), peer_pb2.DESCRIPTOR.services_by_name["PeerService"])
+    # The usage ledger, on both endpoints (one server): tenants see their entries, peers those
+    # of the tasks they forwarded here (ledger_service.visibility).
+    services = [tasks_pb2.DESCRIPTOR.services_by_name["TaskService"],
+                site_pb2.DESCRIPTOR.services_by_name["SiteService"], peer_pb2.DESCRIPTOR.services_by_name["PeerService"]]
+    if config.ledger:
+        register(server, LedgerService(journal.ledger, isolated=config.auth == "token"),
+                 ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"])
+        services.append(ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"])
+        if metrics is not None:
+            metrics.ledger(lambda: journal.ledger.size, lambda: _checkpoint_time(journal))
     # The stock health and reflection services, behind the same lenient parsing as ours.
     health_servicer = health.aio.HealthServicer()
     register(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"], own_streams=False)
     register(server, reflection.aio.ReflectionServicer((
-        tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
-        site_pb2.DESCRIPTOR.services_by_name["SiteService"].full_name,
-        peer_pb2.DESCRIPTOR.services_by_name["PeerService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        *(service.full_name for service in services), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME)), reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"], own_streams=False)
     quiet_grpc_noise()
 
@@ -211,6 +219,11 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
             logger.exception("usage ledger checkpoint at stop failed (the next start makes it)")
         journal.close()
         logger.info("site %s stopped", config.site_id)
+
+
+def _checkpoint_time(journal: Journal) -> float | None:
+    latest = journal.ledger.latest_checkpoint()
+    return None if latest is None else latest.time
 
 
 def _write_whole(path: Path, text: str) -> None:

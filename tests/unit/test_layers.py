@@ -101,7 +101,8 @@ PURE = {"lifecycle", "model", "estimates", "book", "placement", "admission", "di
 FORBIDDEN = ("grpc", "ray", "sqlite3", "asyncio", "intertie.v1", "pyarrow", "socket", "threading")
 # Where wire messages are built or read: the servicers and what feeds them, the peer link and
 # membership, the session streams, the checks of wire input, and the one conversion module.
-WIRE = {"service", "intake", "queries", "sessions", "peers", "membership", "validate", "convert", "server"}
+WIRE = {"service", "intake", "queries", "sessions", "peers", "membership", "validate", "convert", "server",
+        "ledger_service"}
 
 
 def test_the_core_s_decisions_do_no_io_and_see_no_wire_types() -> None:
