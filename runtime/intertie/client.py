@@ -11,11 +11,13 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import grpc
 
 from intertie import _rpc, _submitter, errors, serialization
+from intertie import usage as _usage
 from intertie._session import MAX_MESSAGE_BYTES, Session
 from intertie.datasets import DatasetClient, DatasetRef, refs_in
 from intertie.display import Listing
@@ -337,6 +339,16 @@ class Federation:
         placement = self._tasks.Quote(tasks_pb2.QuoteRequest(task=spec, args_bytes=args_bytes), timeout=30)
         return Quote(PlacementInfo.from_proto(placement))
 
+    @_rpc.translated
+    def usage(self, *, since: float | datetime | None = None, by: str | None = None) -> Any:
+        """Your attempts here from the site's usage ledger, a ``pyarrow.Table`` (:func:`intertie.usage.table`)."""
+        return _usage.table(_usage.GrpcLedger(self._channel), since=since, by=by)
+
+    @_rpc.translated
+    def verify_usage(self) -> _usage.UsageVerification:
+        """Checks your usage entries here without trusting the site (:func:`intertie.usage.verify`)."""
+        return _usage.verify(_usage.GrpcLedger(self._channel), self.site_id)
+
     # ------------------------------------------------------------------ datasets
     def _flight_for(self, site: str | None) -> tuple[str, str]:
         if site is None or site == self.site_id:
@@ -477,7 +489,6 @@ class Federation:
 
     def __repr__(self) -> str:
         return f"<Federation {self.site_id}@{self.address}{' closed' if self.closed else ''}>"
-
 
 
 def _tasks(n: int, kind: str = "") -> str:

@@ -75,6 +75,11 @@ class SiteFailureError(IntertieError):
     """The worker or site running the task died and no retries were left."""
 
 
+class LedgerVerificationError(IntertieError):
+    """A site's usage ledger did not check out: its key changed, a signature or a proof failed,
+    or its history does not extend what this client verified before. The message names which."""
+
+
 class RemoteTaskError(IntertieError):
     """The user function raised at the site.
 

@@ -9,6 +9,7 @@ import intertie
 
 EXPECTED = [
     "AuthenticationError", "DatasetNotFoundError", "DatasetRef", "Federation", "FederationExecutor", "IntertieError", "InvalidRequestError",
+    "LedgerVerificationError",
     "PayloadTooLargeError", "PermissionDeniedError", "QuotaExceededError", "PlacementError", "RemoteFunction", "RemoteTaskError",
     "Resources", "SerializationError", "SiteFailureError", "SiteStatus", "SiteUnavailableError",
     "TaskCancelledError", "TaskFuture", "TaskInfo", "TaskNotFoundError", "TaskOptions", "TaskTimeoutError",
@@ -41,7 +42,7 @@ def test_sdk_never_imports_the_gateway() -> None:
 
 def test_protobuf_stays_at_the_transport() -> None:
     # Users and the scheduler see dataclasses; only these modules build or read wire messages.
-    allowed = {"_wire.py", "_rpc.py", "_session.py", "client.py", "spec.py"}
+    allowed = {"_wire.py", "_rpc.py", "_session.py", "client.py", "spec.py", "usage.py"}
     for path in RUNTIME.glob("*.py"):
         if any("_pb2" in n for n in _imports(path)):
             assert path.name in allowed, f"{path.name} imports generated protobuf code"
