@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from intertie.display import fmt_age, fmt_bytes, fmt_labels, fmt_seconds, parse_bytes, resource_items
-from intertie.errors import IntertieError, TaskNotFoundError
+from intertie.errors import IntertieError, LedgerVerificationError, TaskNotFoundError
 from intertie.spec import score_table
 
 
@@ -194,6 +195,40 @@ def cmd_datasets(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyp
     return 0
 
 
+def _figure(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def cmd_usage(fed, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    if args.action == "verify":
+        try:
+            print(fed.verify_usage())
+        except LedgerVerificationError as exc:
+            print(f"site {fed.site_id}: NOT verified: {exc}")
+            return 1
+        return 0
+    data = fed.usage(since=args.since, by=args.by)
+    if args.by:
+        print(table((args.by.upper(), "ATTEMPTS", "CPU-S RESERVED", "GPU-S RESERVED", "CPU TIME S", "WALL S", "BYTES",
+                     "COST"),
+                    [(r[args.by] or "-", r["attempts"], _figure(r["cpu_s_reserved"]), _figure(r["gpu_s_reserved"]),
+                      _figure(r["cpu_time_s"]), _figure(r["wall_s"]), fmt_bytes(r["bytes"] or 0), _figure(r["cost"], 4))
+                     for r in data.to_pylist()]))
+        return 0
+    rows = data.to_pylist()
+    print(table(("TASK", "FUNCTION", "ATTEMPT", "OUTCOME", "ENDED", "WALL S", "CPUS", "GPUS", "CPU-S RESERVED",
+                 "CPU TIME S", "COST"),
+                [(r["task_id"], r["function"] or "-", r["attempt"], r["outcome"],
+                  r["ended_at"].astimezone().strftime("%Y-%m-%d %H:%M:%S") if r["ended_at"] else "-",
+                  _figure(r["wall_s"]), _figure(r["cpus"], 1), _figure(r["gpus"], 1), _figure(r["cpu_s_reserved"]),
+                  _figure(r["cpu_time_s"]), _figure(r["cost"], 4)) for r in rows]))
+    reserved = sum(r["cpu_s_reserved"] or 0.0 for r in rows)
+    cost = sum(r["cost"] or 0.0 for r in rows)
+    print(f"{len(rows)} attempt(s) at site {fed.site_id}: {reserved:,.2f} CPU-seconds reserved, cost {cost:,.4f} "
+          "(signed entries; `intertie usage verify` checks them)", file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------- arguments
 
 def _usage_error(message: str) -> NoReturn:
@@ -223,6 +258,15 @@ def key_value(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def since_date(text: str) -> datetime.datetime:
+    """An argparse type: a date or a date and time, ISO 8601 (local time unless it names a zone)."""
+    try:
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], got {text!r}") \
+            from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -284,11 +328,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="a label the site must carry (repeatable)")
     quote.add_argument("--bytes", type=byte_size, default=0, metavar="SIZE",
                        help="size of the task's arguments: bytes, or with a unit (512MB, 10GiB)")
+    usage = sub.add_parser("usage", parents=[address],
+                           help="your attempts at the home site from its usage ledger; verify: check them")
+    usage.add_argument("action", nargs="?", choices=["verify"],
+                       help="check your entries, the site's signature and that its ledger extends what you "
+                            "verified before")
+    usage.add_argument("--since", type=since_date, metavar="DATE", help="only attempts that ended then or later")
+    usage.add_argument("--by", choices=["site", "function", "day"], help="totals per site, function or day (UTC)")
     return parser
 
 
 COMMANDS = {"sites": cmd_sites, "task": cmd_task, "explain": cmd_explain, "quote": cmd_quote,
-            "cancel": cmd_cancel, "datasets": cmd_datasets}
+            "cancel": cmd_cancel, "datasets": cmd_datasets, "usage": cmd_usage}
 
 
 def main(argv: list[str] | None = None) -> int:
