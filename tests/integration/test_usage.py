@@ -23,8 +23,9 @@ import pytest
 from operator_cli import token_for
 
 import intertie
+from intertie import usage
 from intertie._rpc import ERROR_KIND_KEY, BearerToken
-from intertie.embedded import EmbeddedGateway
+from intertie.embedded import EmbeddedGateway, LocalFederation
 from intertie.v1 import ledger_pb2, ledger_pb2_grpc
 
 BOUND_S = 120.0  # a task, or a checkpoint after it, on a loaded 2-core machine
@@ -199,3 +200,39 @@ def test_hostile_ledger_requests_get_typed_errors_and_the_site_goes_on(site: Sit
         assert latest.site_id == SITE and len(latest.public_key) == 32
     with intertie.connect(site.address, token=site.acme) as acme:
         assert acme.submit(double, 2).result(timeout=BOUND_S) == 4
+
+
+def test_a_peer_reads_and_verifies_the_entries_of_the_tasks_it_forwarded_on_the_peers_endpoint(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("usage-fed")
+    config = base / "site.toml"
+    config.write_text("ledger_checkpoint_s = 0.2\n")
+    with LocalFederation(2, base_dir=base / "fed", heartbeat_s=0.3, object_store_memory=100 << 20,
+                         extra_args=["--config", str(config)]) as local:
+        with intertie.connect(local.site("alpha")) as alpha, intertie.connect(local.site("beta")) as beta:
+            deadline = time.monotonic() + BOUND_S
+            while sum(s.state == "up" for s in alpha.sites()) < 2:
+                assert time.monotonic() < deadline, f"the sites never both came up: {alpha.sites()}"
+                time.sleep(0.1)
+            forwarded = intertie.remote(double).options(site="beta").submit_to(alpha, (4,), {})
+            own = beta.submit(double, 5)
+            assert forwarded.result(timeout=BOUND_S) == 8 and own.result(timeout=BOUND_S) == 10
+            assert alpha.task(forwarded.task_id).site == "beta"
+            _usage_of(beta, task_id=own.task_id)
+            assert forwarded.task_id not in beta.usage().column("task_id").to_pylist()  # alpha's tenant's
+            assert alpha.usage().num_rows == 0  # it ran at beta: in beta's ledger, not alpha's
+        # Alpha, as a peer (its certificate, on beta's peers' endpoint), sees its tenant's entry there.
+        certs = base / "fed" / "certs"
+        credentials = grpc.ssl_channel_credentials(root_certificates=(certs / "ca.pem").read_bytes(),
+                                                   private_key=(certs / "alpha.key").read_bytes(),
+                                                   certificate_chain=(certs / "alpha.pem").read_bytes())
+        gateway = local.site("beta")
+        peers_endpoint = gateway._cmd[gateway._cmd.index("--peer-listen") + 1]
+        with grpc.secure_channel(peers_endpoint, credentials) as channel:
+            deadline = time.monotonic() + BOUND_S
+            while not (seen := usage.table(usage.GrpcLedger(channel)).to_pylist()):  # (signed within a second)
+                assert time.monotonic() < deadline, "the forwarded task's entry was never signed at beta"
+                time.sleep(0.2)
+            assert [(r["task_id"], r["tenant"], r["site"]) for r in seen] == [(forwarded.task_id, "local@alpha", "beta")]
+            checked = usage.verify(usage.GrpcLedger(channel), "beta", pins=base / "alpha-pins")
+            assert checked.entries == 1 and checked.size >= 2, checked
