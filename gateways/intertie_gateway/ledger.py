@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS ledger_checkpoints (
 # JSON, which only a forger stores). A VIRTUAL column is what ALTER TABLE can add to a table
 # that has rows; building its index computes it for them (the backfill).
 _OWNER = "CASE WHEN json_valid(CAST(entry AS TEXT)) THEN json_extract(CAST(entry AS TEXT), '$.{}') END"
-OWNER_COLUMNS = {name: f"{name} TEXT GENERATED ALWAYS AS ({_OWNER.format(name)}) VIRTUAL" for name in ("tenant", "home")}
+OWNER_COLUMNS = {name: f"{name} TEXT GENERATED ALWAYS AS ({_OWNER.format(name)}) VIRTUAL"
+                 for name in ("tenant", "home")}
 OWNER_INDEXES = """
 CREATE INDEX IF NOT EXISTS ledger_entries_tenant ON ledger_entries (tenant);
 CREATE INDEX IF NOT EXISTS ledger_entries_home ON ledger_entries (home) WHERE home != '';

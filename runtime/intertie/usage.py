@@ -103,7 +103,8 @@ class GrpcLedger:
                     answer.next_start)
 
     def consistency(self, size1: int, size2: int) -> tuple[Head, list[bytes]]:
-        answer = self._call(self._stub.GetConsistencyProof, ledger_pb2.ConsistencyProofRequest(size1=size1, size2=size2))
+        request = ledger_pb2.ConsistencyProofRequest(size1=size1, size2=size2)
+        answer = self._call(self._stub.GetConsistencyProof, request)
         return _head(answer.checkpoint), [bytes(h) for h in answer.hashes]
 
     @staticmethod
@@ -251,12 +252,15 @@ def verify(reader: LedgerReader, site: str, *, pins: Path | None = None,
     updated only when everything checked out."""
     path = pin_path(pins if pins is not None else pins_dir(), site)
     head = reader.head()
+    kept = load_pin(path, site)
     if head is None:
+        if kept is not None:
+            raise errors.LedgerVerificationError(f"site {site!r} shows no checkpoint, and one of size {kept.size} was "
+                                                 f"verified {_utc(kept.verified_at)}: its ledger is gone")
         return UsageVerification(site, 0, 0, None, "", str(path))
     cp, key = head.checkpoint, head.public_key
     if cp.site != site:
         raise errors.LedgerVerificationError(f"the checkpoint is site {cp.site!r}'s, and the gateway is site {site!r}")
-    kept = load_pin(path, site)
     if kept is not None and kept.public_key != key:
         raise errors.LedgerVerificationError(
             f"site {site!r} now signs with key {_b64(key)}, not the key {_b64(kept.public_key)} pinned "
@@ -279,7 +283,7 @@ def verify(reader: LedgerReader, site: str, *, pins: Path | None = None,
             raise errors.LedgerVerificationError(f"entry {index} is not the one the checkpoint at size {cp.size} "
                                                  f"holds ({exc}): it was altered, or its proof is wrong") from None
         count += 1
-    if kept is not None:
+    if kept is not None and kept.size:  # (everything extends the empty tree)
         _check_extends(reader, head, kept, path)
     save_pin(path, Pin(site, key, cp.size, cp.root, cp.time, clock()))
     return UsageVerification(site, count, cp.size, cp.time, _b64(key), str(path),
@@ -409,8 +413,9 @@ def summary(attempts: Any, by: str) -> Any:
     import pyarrow.compute as pc
 
     key = attempts.column("ended_at").cast(pa.date32()) if by == "day" else attempts.column(by)
-    moved = pc.add(pc.add(pc.fill_null(attempts.column("args_bytes"), 0), pc.fill_null(attempts.column("result_bytes"), 0)),
-                   pc.fill_null(attempts.column("dataset_bytes_pulled"), 0))
+    args, results, pulled = (pc.fill_null(attempts.column(n), 0) for n in ("args_bytes", "result_bytes",
+                                                                          "dataset_bytes_pulled"))
+    moved = pc.add(pc.add(args, results), pulled)
     sums = ("cpu_s_reserved", "gpu_s_reserved", "cpu_time_s", "wall_s", "bytes", "cost")
     grouped = pa.table({by: key, "index": attempts.column("index"), "bytes": moved,
                         **{n: attempts.column(n) for n in sums if n != "bytes"}})

@@ -233,6 +233,7 @@ def test_a_peer_reads_and_verifies_the_entries_of_the_tasks_it_forwarded_on_the_
             while not (seen := usage.table(usage.GrpcLedger(channel)).to_pylist()):  # (signed within a second)
                 assert time.monotonic() < deadline, "the forwarded task's entry was never signed at beta"
                 time.sleep(0.2)
-            assert [(r["task_id"], r["tenant"], r["site"]) for r in seen] == [(forwarded.task_id, "local@alpha", "beta")]
+            assert [(r["task_id"], r["tenant"], r["site"]) for r in seen] == [
+                (forwarded.task_id, "local@alpha", "beta")]
             checked = usage.verify(usage.GrpcLedger(channel), "beta", pins=base / "alpha-pins")
             assert checked.entries == 1 and checked.size >= 2, checked

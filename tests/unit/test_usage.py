@@ -247,11 +247,15 @@ def test_a_shorter_or_same_size_but_different_ledger_is_refused(tmp_path: Path, 
         other.close()
 
 
-def test_nothing_to_verify_before_the_first_checkpoint(tmp_path: Path, pins: Path) -> None:
+def test_nothing_to_verify_before_the_first_checkpoint_unless_one_was_verified(tmp_path: Path, pins: Path,
+                                                                              site: Journal) -> None:
     journal = open_site(tmp_path / "empty")
     result = verify(reader(journal), pins)
     assert (result.entries, result.size) == (0, 0) and "nothing to verify yet" in str(result)
     assert usage.table(reader(journal)).num_rows == 0
+    verify(reader(site), pins)
+    with pytest.raises(intertie.LedgerVerificationError, match="shows no checkpoint, and one of size 5 was verified"):
+        verify(reader(journal), pins)
     journal.close()
 
 
