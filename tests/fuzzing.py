@@ -9,7 +9,7 @@ gateway is exactly what a hostile client could send. Every call has a deadline.
 The surfaces (``METHODS``, one row per method, built from the service descriptors so that a
 new RPC is fuzzed without touching this file):
 
-- every method of intertie.v1 TaskService, SiteService and PeerService, and of the stock
+- every method of intertie.v1 TaskService, SiteService, PeerService and LedgerService, and of the stock
   grpc.health.v1.Health and grpc.reflection.v1alpha.ServerReflection services;
 - every Arrow Flight method of the gateway's Flight endpoint, spoken at the gRPC level
   (``/arrow.flight.protocol.FlightService/...``, messages encoded here by hand): DoGet,
@@ -76,7 +76,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import strategies as st
 
-from intertie.v1 import common_pb2, peer_pb2, site_pb2, tasks_pb2
+from intertie.v1 import common_pb2, ledger_pb2, peer_pb2, site_pb2, tasks_pb2
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -220,7 +220,7 @@ class Method:
 def _grpc_methods() -> dict[str, Method]:
     out: dict[str, Method] = {}
     for module, service in ((tasks_pb2, "TaskService"), (site_pb2, "SiteService"), (peer_pb2, "PeerService"),
-                            (health_pb2, "Health"), (reflection_pb2, "ServerReflection")):
+                            (ledger_pb2, "LedgerService"), (health_pb2, "Health"), (reflection_pb2, "ServerReflection")):
         sd = module.DESCRIPTOR.services_by_name[service]
         for md in sd.methods:
             name = f"{service}/{md.name}"
@@ -1234,6 +1234,12 @@ def _semantic_grpc() -> dict[str, st.SearchStrategy[bytes]]:
         "TaskService/Cancel": _ser(st.builds(tasks_pb2.CancelRequest, task_ids=ids)),
         "TaskService/Quote": _ser(st.builds(tasks_pb2.QuoteRequest, task=task_specs([FN_DIGEST, "0" * 64]),
                                             args_bytes=hostile_int(64, True))),
+        "LedgerService/GetCheckpoint": _ser(st.builds(ledger_pb2.GetCheckpointRequest, size=hostile_int(64, False))),
+        "LedgerService/ListEntries": _ser(st.builds(ledger_pb2.ListEntriesRequest, size=hostile_int(64, False),
+                                                    start=hostile_int(64, False), max_entries=hostile_int(32, False),
+                                                    since=hostile_double())),
+        "LedgerService/GetConsistencyProof": _ser(st.builds(ledger_pb2.ConsistencyProofRequest,
+                                                            size1=hostile_int(64, False), size2=hostile_int(64, False))),
         "PeerService/Steal": _ser(st.builds(peer_pb2.StealRequest, site_id=text, max_tasks=hostile_int(32, True))),
         "PeerService/VerifyLink": _ser(st.builds(peer_pb2.VerifyLinkRequest, site_id=text, session_id=_session())),
         "Health/Check": _ser(st.builds(health_pb2.HealthCheckRequest, service=st.one_of(st.sampled_from(SYMBOLS), text))),

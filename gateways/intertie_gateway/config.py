@@ -128,6 +128,9 @@ class GatewayConfig:
     # the entry).
     ledger_checkpoint_entries: int = 1000
     ledger_checkpoint_s: float = 10.0
+    # A finished attempt's usage is recorded in its commit and appended to the ledger's log by
+    # a batch this often (0: in the commit itself, which costs each commit more).
+    ledger_integrate_s: float = 0.1
     # Keep the usage ledger (off: no usage records, nothing for tenants or peers to verify;
     # for measuring what it costs, bench/overhead.py).
     ledger: bool = True
@@ -178,6 +181,9 @@ class GatewayConfig:
             raise ConfigError(f"worker_pool: expected true or false, got {self.worker_pool!r}")
         if not isinstance(self.fsync, bool):
             raise ConfigError(f"fsync: expected true or false, got {self.fsync!r}")
+        if not isinstance(self.ledger_integrate_s, (int, float)) or isinstance(self.ledger_integrate_s, bool) \
+                or not math.isfinite(self.ledger_integrate_s) or not 0 <= self.ledger_integrate_s <= 60:
+            raise ConfigError(f"ledger_integrate_s: expected seconds from 0 to 60, got {self.ledger_integrate_s!r}")
         if not isinstance(self.ledger, bool):
             raise ConfigError(f"ledger: expected true or false, got {self.ledger!r}")
         if self.auth not in ("none", "token"):

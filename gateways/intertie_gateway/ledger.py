@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS ledger_nodes (
 CREATE TABLE IF NOT EXISTS ledger_checkpoints (
     size INTEGER PRIMARY KEY, root BLOB NOT NULL, time REAL NOT NULL, signature BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS ledger_pending (seq INTEGER PRIMARY KEY, usage BLOB NOT NULL);
 """
+# Recorded usage appended to the log per ``integrate`` transaction, at most.
+INTEGRATE_BATCH = 1000
 # Whose an entry is, generated from its JSON when it is appended (NULL for bytes that are no
 # JSON, which only a forger stores). A VIRTUAL column is what ALTER TABLE can add to a table
 # that has rows; building its index computes it for them (the backfill).
@@ -102,11 +105,23 @@ class LedgerSettings:
     every: int = CHECKPOINT_EVERY
     every_s: float = CHECKPOINT_EVERY_S
     clock: Callable[[], float] = time.time
+    # 0: usage is appended to the log in the transaction that records it. > 0 (the gateway):
+    # that transaction records it in ``ledger_pending`` (one small row), and ``integrate``,
+    # called this often, appends what was recorded to the log in batches: a finished task's
+    # commit then writes one row instead of an entry, its tree nodes and two index entries.
+    integrate_every_s: float = 0.0
 
 
 def encode_entry(usage: Usage, site: str, idx: int) -> bytes:
-    values = dict(zip(_USAGE_FIELDS, _usage_values(usage), strict=True))
+    return _entry(dict(zip(_USAGE_FIELDS, _usage_values(usage), strict=True)), site, idx)
+
+
+def _entry(values: dict[str, object], site: str, idx: int) -> bytes:
     values.update(v=ENTRY_VERSION, kind="usage", site=site, idx=idx)
+    return _canonical(values)
+
+
+def _canonical(values: dict[str, object]) -> bytes:
     text = _CANONICAL.encode(values)
     if "NaN" in text or "Infinity" in text:  # (or a name holding those letters: then nothing changes)
         for name, value in values.items():
@@ -225,9 +240,17 @@ class Ledger:
     def append(self, usages: Sequence[Usage]) -> None:
         """Appends entries, and a checkpoint if one is due, in the caller's open transaction on
         the journal's connection (with its lock held). Then ``committed`` or ``rolled_back``."""
+        if self._settings.integrate_every_s > 0:
+            self._db.executemany("INSERT INTO ledger_pending (usage) VALUES (?)",
+                                 [(_canonical(dict(zip(_USAGE_FIELDS, _usage_values(u), strict=True))),)
+                                  for u in usages])
+            return
+        self._append([dict(zip(_USAGE_FIELDS, _usage_values(u), strict=True)) for u in usages])
+
+    def _append(self, usages: Sequence[dict[str, object]]) -> None:
         tree = self._committed_tree()
         start = tree.size
-        entries = [encode_entry(u, self.site, start + i) for i, u in enumerate(usages)]
+        entries = [_entry(u, self.site, start + i) for i, u in enumerate(usages)]
         self._db.executemany("INSERT INTO ledger_entries (idx, entry) VALUES (?, ?)", enumerate(entries, start))
         tree.append_leaf_hashes([leaf_hash(e) for e in entries])
         if self._due(tree.size, self._settings.clock()):
@@ -242,10 +265,38 @@ class Ledger:
         """The transaction did not commit: forget what it appended (reloaded when next used)."""
         self._tree, self._pending = None, None
 
+    def integrate(self, limit: int = INTEGRATE_BATCH) -> int:
+        """Appends recorded usage (``ledger_pending``, oldest first) to the log in one
+        transaction, with a checkpoint if one is due; returns how many. Recorded usage that
+        a crash left is appended by the first call after the restart: each row is appended
+        once, in the transaction that deletes it."""
+        with self._lock:
+            rows = self._db.execute("SELECT seq, usage FROM ledger_pending ORDER BY seq LIMIT ?", (limit,)).fetchall()
+            if not rows:
+                return 0
+            self._db.execute("BEGIN")
+            try:
+                self._append([json.loads(bytes(usage)) for _, usage in rows])
+                self._db.execute("DELETE FROM ledger_pending WHERE seq <= ?", (rows[-1][0],))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self.rolled_back()
+                self._db.execute("ROLLBACK")
+                raise
+            self.committed()
+            return len(rows)
+
+    def pending(self) -> int:
+        """Usage recorded and not yet appended to the log."""
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM ledger_pending").fetchone()[0])
+
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_now(self) -> Checkpoint | None:
-        """Signs the tree as it is, unless the last checkpoint covers it already. Returns the
-        latest checkpoint (None while the ledger is empty)."""
+        """Appends what was recorded, then signs the tree as it is, unless the last checkpoint
+        covers it already. Returns the latest checkpoint (None while the ledger is empty)."""
+        while self.integrate():
+            pass
         made = self._checkpoint_tx(due_only=False)
         if made is not None:
             return made

@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -57,7 +58,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     (state / "metrics.port").unlink(missing_ok=True)
     journal = Journal(state / "journal.sqlite", fsync=config.fsync, checkpoints_apart=True,
                       ledger=LedgerSettings(config.site_id, state / "ledger.key", every=config.ledger_checkpoint_entries,
-                                            every_s=config.ledger_checkpoint_s) if config.ledger else None)
+                                            every_s=config.ledger_checkpoint_s,
+                                            integrate_every_s=config.ledger_integrate_s) if config.ledger else None)
     if not config.ledger:
         logger.warning("--no-ledger: this site keeps no usage records (nothing to verify or settle)")
     hub = SessionHub()
@@ -175,10 +177,16 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
                 logger.exception("housekeeping failed")
 
     async def ledger_checkpoints() -> None:
+        tick = min(LEDGER_TICK_S, config.ledger_integrate_s or LEDGER_TICK_S)
+        last_checked = time.monotonic()
         while True:
-            await asyncio.sleep(LEDGER_TICK_S)
+            await asyncio.sleep(tick)
             try:
-                journal.ledger.checkpoint_if_due()
+                if config.ledger_integrate_s:
+                    journal.ledger.integrate()  # (a batch of a few ms at most, on the loop)
+                if time.monotonic() - last_checked >= LEDGER_TICK_S:
+                    last_checked = time.monotonic()
+                    journal.ledger.checkpoint_if_due()
             except Exception:  # (the disk): the next tick tries again
                 logger.exception("usage ledger checkpoint failed")
 

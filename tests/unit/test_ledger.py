@@ -441,3 +441,30 @@ def test_a_journal_without_a_ledger_is_not_verified(tmp_path: Path) -> None:
         check(tmp_path, [])
     with pytest.raises(LedgerError, match="no journal"):
         open_readonly(tmp_path / "nothing.sqlite")
+
+
+def test_deferred_usage_is_recorded_in_its_commit_and_appended_once_by_integrate(tmp_path: Path) -> None:
+    def opened(state: Path) -> Journal:
+        return Journal(state / "journal.sqlite", ledger=LedgerSettings(SITE, state / "ledger.key", every=1000,
+                                                                        every_s=60.0, clock=Clock(),
+                                                                        integrate_every_s=0.1))
+
+    at_once = open_journal(tmp_path / "at-once")
+    j = opened(tmp_path / "deferred")
+    for journal in (at_once, j):
+        run_tasks(journal, ["a", "b", "c"])
+        journal.write([finish("a"), finish("b")])
+    assert j.ledger.size == 0 and j.ledger.pending() == 2  # recorded with the finishes, not yet in the log
+    j.close()  # a crash before the batch: the recorded usage is in the database
+    j = opened(tmp_path / "deferred")
+    assert j.ledger.pending() == 2 and j.ledger.integrate() == 2 and j.ledger.integrate() == 0
+    assert j.ledger.size == 2 and j.ledger.pending() == 0
+    assert j.ledger.entries(0, 2) == at_once.ledger.entries(0, 2)  # the same entries, byte for byte
+    j.write([finish("c")])
+    made = j.ledger.checkpoint_now()  # (a clean stop) appends what is recorded first
+    assert made is not None and made.size == 3 and j.ledger.pending() == 0
+    db = open_readonly(tmp_path / "deferred" / "journal.sqlite")
+    try:
+        assert verify(db, [j.ledger.public_key()]).entries == 3
+    finally:
+        db.close()
