@@ -9,6 +9,10 @@ auth) and the secure one as sites run by default (with the usage ledger: every a
 metered and appended to the signed Merkle log in the turn's commit), and the ratios
 between them. Plain Ray runs first and is shut down before the sites start, one after the
 other (the three alternately, --rounds times each; medians), so they never share the CPUs.
+
+The ledger costs less than a round's noise on 2 shared cores, so it is also measured by
+alternating short blocks on two sites (token auth) running side by side, with and without it
+(``--ab-blocks``): sequential p50 and burst throughput per block, medians over the blocks.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ def main() -> None:
     parser.add_argument("--chunksize", type=int, default=500)
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="the three sites, alternately, this many each")
+    parser.add_argument("--ab-blocks", type=int, default=12, help="ledger on/off: alternating blocks on two sites")
     args = parser.parse_args()
 
     ray_r = plain_ray(args.tasks, args.map_items, args.cpus)
@@ -154,6 +159,56 @@ def main() -> None:
         r, o, sec, led = ray_r[key], open_r[key], secure_r[key], ledger_r[key]
         print(f"{name:30} {shown(r):>11} {shown(o):>11} {shown(sec):>11} {shown(led):>11} {o / r:8.2f}x "
               f"{led / r:11.2f}x {sec / o:11.3f}x {led / sec:13.3f}x  {target}")
+
+    ledger_ab(args)
+
+
+def ledger_ab(args: argparse.Namespace) -> None:
+    """Ledger on vs off: two sites (token auth) side by side, blocks of sequential round trips and
+    of bursts alternating between them (the order flips every block), medians over blocks."""
+    from intertie.embedded import EmbeddedGateway
+
+    with tempfile.TemporaryDirectory(prefix="intertie-bench-ab-") as base:
+        sites = {mode: EmbeddedGateway(num_cpus=args.cpus, site_id=f"ab-{mode}", state_dir=Path(base) / mode,
+                                       extra_args=["--object-store-memory", str(256 << 20)]
+                                       + (["--no-ledger"] if mode == "off" else []))
+                 for mode in ("off", "on")}
+        try:
+            import intertie
+
+            feds = {mode: intertie.connect(site) for mode, site in sites.items()}
+            try:
+                for fed in feds.values():  # warm: workers started, functions shipped
+                    for _ in range(300):
+                        fed.submit(noop).result()
+                p50: dict[str, list[float]] = {"off": [], "on": []}
+                burst: dict[str, list[float]] = {"off": [], "on": []}
+                for block in range(args.ab_blocks):
+                    for mode in ("off", "on") if block % 2 == 0 else ("on", "off"):
+                        fed = feds[mode]
+                        lat = []
+                        for _ in range(400):
+                            t = time.perf_counter()
+                            fed.submit(noop).result()
+                            lat.append(time.perf_counter() - t)
+                        p50[mode].append(percentile(lat, 0.5))
+                        t = time.perf_counter()
+                        for fut in [fed.submit(noop) for _ in range(2000)]:
+                            fut.result()
+                        burst[mode].append(2000 / (time.perf_counter() - t))
+            finally:
+                for fed in feds.values():
+                    fed.close()
+        finally:
+            for site in sites.values():
+                site.stop()
+    on_p50, off_p50 = statistics.median(p50["on"]), statistics.median(p50["off"])
+    on_b, off_b = statistics.median(burst["on"]), statistics.median(burst["off"])
+    print(f"\nUsage ledger on vs off (two sites with token auth side by side, {args.ab_blocks} alternating blocks; medians)")
+    print(f"{'sequential round trip p50':30} off {off_p50 * 1000:.3f} ms, on {on_p50 * 1000:.3f} ms: "
+          f"{on_p50 / off_p50:.3f}x (target <= 1.05x)")
+    print(f"{'burst throughput (tasks/s)':30} off {off_b:.0f}, on {on_b:.0f}: {on_b / off_b:.3f}x (target >= 0.95x)")
+
 
 if __name__ == "__main__":
     main()
