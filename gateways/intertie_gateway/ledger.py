@@ -121,6 +121,18 @@ def _entry(values: dict[str, object], site: str, idx: int) -> bytes:
     return _canonical(values)
 
 
+def entry_from_recorded(recorded: bytes, site: str, idx: int) -> bytes:
+    """The entry of usage recorded as canonical JSON of its fields (``ledger_pending``): the
+    same bytes as ``encode_entry``, by inserting the entry's own keys where sorted order puts
+    them (no decoding: a batch appends thousands). A key's quote cannot occur unescaped inside
+    a JSON string, so each marker is found once, before its key."""
+    outcome, started = recorded.find(b',"outcome":'), recorded.find(b',"started_at":')
+    if outcome < 0 or started < outcome or not recorded.endswith(b"}"):
+        return _entry(json.loads(recorded), site, idx)
+    return b"".join((recorded[:outcome], b',"idx":%d,"kind":"usage"' % idx, recorded[outcome:started],
+                     b',"site":', _CANONICAL.encode(site).encode(), recorded[started:-1], b',"v":%d}' % ENTRY_VERSION))
+
+
 def _canonical(values: dict[str, object]) -> bytes:
     text = _CANONICAL.encode(values)
     if "NaN" in text or "Infinity" in text:  # (or a name holding those letters: then nothing changes)
@@ -247,10 +259,12 @@ class Ledger:
             return
         self._append([dict(zip(_USAGE_FIELDS, _usage_values(u), strict=True)) for u in usages])
 
-    def _append(self, usages: Sequence[dict[str, object]]) -> None:
+    def _append(self, usages: Sequence[dict[str, object] | bytes]) -> None:
+        """Entries of usage given as field values, or as recorded (canonical JSON)."""
         tree = self._committed_tree()
         start = tree.size
-        entries = [_entry(u, self.site, start + i) for i, u in enumerate(usages)]
+        entries = [entry_from_recorded(u, self.site, start + i) if isinstance(u, bytes) else _entry(u, self.site, start + i)
+                   for i, u in enumerate(usages)]
         self._db.executemany("INSERT INTO ledger_entries (idx, entry) VALUES (?, ?)", enumerate(entries, start))
         tree.append_leaf_hashes([leaf_hash(e) for e in entries])
         if self._due(tree.size, self._settings.clock()):
@@ -276,7 +290,7 @@ class Ledger:
                 return 0
             self._db.execute("BEGIN")
             try:
-                self._append([json.loads(bytes(usage)) for _, usage in rows])
+                self._append([bytes(usage) for _, usage in rows])
                 self._db.execute("DELETE FROM ledger_pending WHERE seq <= ?", (rows[-1][0],))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from intertie.checkpoint import checkpoint_text
 from intertie.merkle import leaf_hash, verify_consistency, verify_inclusion
@@ -468,3 +470,21 @@ def test_deferred_usage_is_recorded_in_its_commit_and_appended_once_by_integrate
         assert verify(db, [j.ledger.public_key()]).entries == 3
     finally:
         db.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(tenant=st.text(max_size=20), task=st.text(max_size=30), function=st.text(max_size=20),
+       outcome=st.sampled_from(["succeeded", "failed", 'x","outcome":"y', "retried"]), home=st.text(max_size=10),
+       site=st.text(min_size=1, max_size=12), idx=st.integers(0, 1 << 62),
+       cpu=st.floats(allow_nan=True, allow_infinity=True), count=st.integers(0, 1 << 40))
+def test_an_entry_made_from_recorded_usage_is_the_entry_made_from_the_usage(
+        tenant: str, task: str, function: str, outcome: str, home: str, site: str, idx: int, cpu: float,
+        count: int) -> None:
+    from dataclasses import asdict
+
+    from intertie_gateway.ledger import _canonical, encode_entry, entry_from_recorded
+
+    used = Usage(tenant=tenant, task_id=task, attempt=count, home=home, outcome=outcome, started_at=1.5,
+                 ended_at=cpu, cpus=2.0, gpus=0.0, cpu_time_s=cpu, args_bytes=count, result_bytes=3,
+                 function=function)
+    assert entry_from_recorded(_canonical(asdict(used)), site, idx) == encode_entry(used, site, idx)
