@@ -21,7 +21,7 @@ from intertie_gateway.auth import Gatekeeper, revoked
 from intertie_gateway.config import GatewayConfig
 from intertie_gateway.dataplane import DataPlane
 from intertie_gateway.journal import Journal
-from intertie_gateway.ledger import LedgerSettings
+from intertie_gateway.ledger import INTEGRATE_BATCH, LedgerSettings
 from intertie_gateway.ledger_service import LedgerService
 from intertie_gateway.membership import Membership
 from intertie_gateway.metrics import Metrics
@@ -44,6 +44,11 @@ PARENT_CHECK_S = 1.0
 # passed with entries unsigned): a comparison unless one is, so a quiet site's last entries
 # are signed within a second of being due.
 LEDGER_TICK_S = 1.0
+# Recorded usage is appended to the ledger's log (``Ledger.integrate``, a few ms a batch, on
+# the loop) when the site has no unfinished task, or once it has waited this long: a burst of
+# tasks is not slowed by its own bookkeeping, and a busy site's entries are in the log within
+# a few seconds all the same.
+LEDGER_MAX_DEFER_S = 2.0
 # A clean stop lets in-flight RPCs finish for this long.
 STOP_GRACE_S = 3.0
 
@@ -179,11 +184,18 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None, paren
     async def ledger_checkpoints() -> None:
         tick = min(LEDGER_TICK_S, config.ledger_integrate_s or LEDGER_TICK_S)
         last_checked = time.monotonic()
+        deferred_since: float | None = None  # since when recorded usage waits for a quiet moment
         while True:
             await asyncio.sleep(tick)
             try:
                 if config.ledger_integrate_s:
-                    journal.ledger.integrate()  # (a batch of a few ms at most, on the loop)
+                    now = time.monotonic()
+                    if not scheduler.book.tasks or (deferred_since is not None
+                                                    and now - deferred_since >= LEDGER_MAX_DEFER_S):
+                        if journal.ledger.integrate() < INTEGRATE_BATCH:  # (the whole backlog)
+                            deferred_since = None
+                    elif deferred_since is None and journal.ledger.pending():
+                        deferred_since = now
                 if time.monotonic() - last_checked >= LEDGER_TICK_S:
                     last_checked = time.monotonic()
                     journal.ledger.checkpoint_if_due()
