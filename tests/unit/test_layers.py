@@ -97,7 +97,7 @@ def test_the_circle_finder_finds_one() -> None:
 # The core's decisions: no I/O, no event loop, no wire types; they import only each other
 # (and the gateway's configuration record).
 PURE = {"lifecycle", "model", "estimates", "book", "placement", "admission", "dispatch", "federate", "ports",
-        "tenancy", "fairshare"}
+        "tenancy", "fairshare", "merkle_tree"}
 FORBIDDEN = ("grpc", "ray", "sqlite3", "asyncio", "intertie.v1", "pyarrow", "socket", "threading")
 # Where wire messages are built or read: the servicers and what feeds them, the peer link and
 # membership, the session streams, the checks of wire input, and the one conversion module.
@@ -118,3 +118,11 @@ def test_only_the_edge_imports_the_generated_wire_code() -> None:
     speaking = {p.stem for p in GATEWAY.glob("*.py")
                 if any(m.startswith("intertie.v1") for m in imports_of(p))}
     assert speaking <= WIRE, sorted(speaking - WIRE)
+
+
+def test_test_modules_have_unique_names() -> None:
+    """pytest imports test modules by basename (no packages under tests/): a name in both
+    tests/unit and tests/integration stops the whole suite at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})

@@ -111,7 +111,7 @@ def test_a_start_is_told_at_once_a_finish_only_after_its_change_is_committed() -
     (sessions, update), = book.updates
     assert (sessions, update.state, update.result, update.run_s) == ({"client"}, State.SUCCEEDED, b"r", 0.0)
     finished = book.changes[-1]
-    assert isinstance(finished, Finished) and finished.usage is not None  # (metering: test_metering)
+    assert isinstance(finished, Finished) and finished.usage is not None  # (metering: test_metering.py)
     assert replace(finished, usage=None) == Finished("t", State.SUCCEEDED, 1, "here", 103.0, b"r", None, ())
     assert world.turns == 1  # one commit per turn, however many changes
 
