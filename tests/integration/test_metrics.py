@@ -84,6 +84,10 @@ def test_a_scrape_counts_what_a_run_did(gateway_factory, tmp_path: Path) -> None
             with pytest.raises(grpc.RpcError) as refused:
                 site_pb2_grpc.SiteServiceStub(channel).GetStatus(site_pb2.GetStatusRequest(), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # (an abort sends the status before the interceptor around the handler has counted it)
+        wait_for(lambda: value(scrape(port), "intertie_rpc_duration_seconds_count",
+                               method="intertie.v1.SiteService/GetStatus", code="UNAUTHENTICATED") >= 1,
+                 10, "the refused GetStatus to be counted")
         connected = scrape(port)
 
     # Finishes per tenant and state: exact (counted before the result is journaled, let alone sent).
