@@ -282,9 +282,18 @@ def test_cutting_the_peer_link_mid_run_loses_nothing_and_runs_nothing_twice(
         connections = link.connections
         busy_at_cut: list[int] = []
         after_cut = 0
-        for k in range(3):
+        seen: list[int] = []  # beta's queued + running, as alpha last heard of it, at each look
+
+        def beta_busy() -> bool:
             beta = {s.site_id: s for s in fed.sites()}["beta"]
-            busy_at_cut.append(beta.queued + beta.running)
+            seen.append(beta.queued + beta.running)
+            return seen[-1] > 0
+
+        for k in range(3):
+            # Cut while beta has work (alpha hears of it with beta's heartbeats; on a loaded
+            # machine a single look can fall between them).
+            wait_until(lambda: beta_busy() or all_done(), "beta never had work while the run went on")
+            busy_at_cut.append(seen[-1])
             if not link.cut():
                 continue
             mark = at_beta()
