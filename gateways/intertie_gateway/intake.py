@@ -45,7 +45,8 @@ class Intake:
                  feasibility: Callable[[], Callable[[Task, bool], str | None]],
                  restore: Callable[[TaskRow, str], Task], commit: Callable[[], None], pump: Callable[[], None],
                  spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
-                 policy: Callable[[], Policy] = Policy) -> None:
+                 policy: Callable[[], Policy] = Policy,
+                 on_refused: Callable[[str, int], None] | None = None) -> None:
         self.book = book
         self.journal = journal
         self.hub = hub
@@ -60,6 +61,7 @@ class Intake:
         self._known_functions = journal.function_digests()
         self._policy = policy
         self._rates = SubmitRates(time.monotonic)
+        self._on_refused = on_refused  # (metrics: tasks refused, by error kind)
 
     async def submit(self, request: tasks_pb2.SubmitRequest, *, peer: str = "",
                      tenant: str = "") -> list[tasks_pb2.TaskAck]:
@@ -90,15 +92,20 @@ class Intake:
         offered = {d for d, _, _ in new_functions}
         tasks = request.tasks
         if len(tasks) <= SLICE_TASKS:
-            return await self._submit_slice(request.session_id, tasks, new_functions, bad_functions, offered,
+            acks = await self._submit_slice(request.session_id, tasks, new_functions, bad_functions, offered,
                                             peer=peer, tenant=tenant)
-        acks: list[tasks_pb2.TaskAck] = []
-        for start in range(0, len(tasks), SLICE_TASKS):
-            if start:
-                await asyncio.sleep(0)  # the calls that arrived meanwhile go first
-            acks += await self._submit_slice(request.session_id, tasks[start:start + SLICE_TASKS],
-                                             new_functions if not start else [], bad_functions, offered,
-                                             peer=peer, tenant=tenant)
+        else:
+            acks = []
+            for start in range(0, len(tasks), SLICE_TASKS):
+                if start:
+                    await asyncio.sleep(0)  # the calls that arrived meanwhile go first
+                acks += await self._submit_slice(request.session_id, tasks[start:start + SLICE_TASKS],
+                                                 new_functions if not start else [], bad_functions, offered,
+                                                 peer=peer, tenant=tenant)
+        if self._on_refused is not None:
+            refused = Counter(K.Name(a.error.kind).removeprefix("ERROR_KIND_") for a in acks if not a.accepted)
+            for kind, count in refused.items():
+                self._on_refused(kind, count)
         return acks
 
     async def _submit_slice(self, session_id: str, tasks: Sequence[tasks_pb2.TaskSpec],

@@ -92,6 +92,8 @@ class Metrics:
                                 "lost, the peer down)", "peer"),
             "stolen": counter("intertie_steals", "Queued tasks handed to an idle peer that asked for work", "peer"),
         }
+        self.refused = counter("intertie_tasks_refused", "Tasks refused at intake (never journaled), by error kind",
+                               "kind")
         self.transfer_bytes = counter("intertie_dataset_transfer_bytes", "Bytes of datasets moved for tasks, by "
                                       "direction and peer", "direction", "peer")
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
@@ -129,6 +131,10 @@ class Metrics:
     def federation_event(self, kind: str, site: str, count: int = 1) -> None:
         """``kind``: "placed", "forwarded", "migrated" or "stolen" (federate.py's events)."""
         self._child(self.events[kind], site).inc(count)
+
+    def refused_at_intake(self, kind: str, count: int) -> None:
+        """``kind``: an ``ErrorKind`` name without its prefix ("QUOTA_EXCEEDED": a bounded set)."""
+        self._child(self.refused, kind).inc(count)
 
     def pulled(self, peer: str, num_bytes: int) -> None:
         self._child(self.transfer_bytes, "in", peer).inc(num_bytes)

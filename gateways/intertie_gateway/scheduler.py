@@ -121,7 +121,8 @@ class Scheduler:
                                  on_event=metrics.federation_event if metrics is not None else None)
         self.intake = Intake(self.book, journal, hub, config=config, python=python,
                              feasibility=self.federate.feasibility, restore=self._restore, commit=self.flush,
-                             pump=self.pump, spawn=self._spawn, policy=self.policy.current)
+                             pump=self.pump, spawn=self._spawn, policy=self.policy.current,
+                             on_refused=metrics.refused_at_intake if metrics is not None else None)
         self.queries = Queries(self.book, journal, hub, self.dispatch, self.federate, self.estimates, config=config,
                                python=python, address=address, store=store, draining=draining, commit=self.flush,
                                policy=self.policy.current)

@@ -209,6 +209,11 @@ def test_finishes_cpu_seconds_and_commits_are_counted_by_the_driver(tmp_path) ->
             task.resources.cpus = 1
         await s.intake.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=tasks, session_id="c"))
         assert s.snapshot() == CoreSnapshot({("running", ""): 3}, 0, 3)
+        forged, bad = spec("forged"), spec("bad")
+        forged.home, bad.max_retries = "elsewhere", -1  # a client may not set home; retries must be >= 0
+        acks = await s.intake.submit(tasks_pb2.SubmitRequest(functions=[FUNCTION], tasks=[forged, bad],
+                                                             session_id="c"))
+        assert [a.accepted for a in acks] == [False, False]
         for _, running in runner.started[:2]:
             running.ref.result.set_result(ok(b"r"))
         s.cancel(["t2"])
@@ -224,6 +229,7 @@ def test_finishes_cpu_seconds_and_commits_are_counted_by_the_driver(tmp_path) ->
     assert 0 < (value(m, "intertie_tenant_cpu_seconds_total", tenant="anonymous") or 0) < 3 * 5.0
     assert (value(m, "intertie_journal_commit_seconds_count") or 0) >= 1
     assert value(m, "intertie_journal_commit_failures_total") == 0
+    assert value(m, "intertie_tasks_refused_total", kind="INVALID_ARGUMENT") == 2
 
 
 def test_the_federation_s_events_are_told_once_per_batch() -> None:
