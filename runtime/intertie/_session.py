@@ -191,6 +191,7 @@ class Session:
             futures = list(self._futures.values())
             self._futures.clear()
             self._queue.clear()
+            self._flush_scheduled = False  # (one that waited for an ack that will not come: the next send flushes)
         self._inflight.clear()  # on the I/O loop, or after it stopped
         for future in futures:
             future._resolve(exc=exc)

@@ -178,6 +178,13 @@ def test_a_burst_waits_for_acks_and_goes_as_one_batch() -> None:
         until(lambda: len(gateway.submitted) == len(futures))
         assert gateway.submitted == [f.task_id for f in futures]
         assert gateway.batch_bytes == [1] * _session.MAX_INFLIGHT_BATCHES + [300]  # the burst: one batch
+        # Futures failed while a flush waited for room (the gateway known down): what is
+        # submitted next is sent, although the acks that flush waited for never come.
+        with session._lock:
+            session._flush_scheduled = True
+        session._loop.call_soon_threadsafe(session.fail_all, errors.IntertieError("gone"))
+        flushed()
+        assert fed.submit(abs, -7)._acked.wait(10)
     finally:
         acks_held.set()
         fed.close()
