@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+
+from merkle import median_ms  # (bench/merkle.py, beside this script)
 
 from intertie.merkle import leaf_hash, verify_consistency, verify_inclusion
 from intertie_gateway.journal import Journal
@@ -42,15 +43,6 @@ def usage(i: int) -> Usage:
                  started_at=1_764_000_000.0 + i * 0.01, ended_at=1_764_000_000.5 + i * 0.01, cpus=1.0, gpus=0.0,
                  cpu_time_s=0.4213 + (i % 97) / 1000, args_bytes=180 + i % 50, result_bytes=90 + i % 30,
                  price_per_cpu_hour=0.02)
-
-
-def median_ms(calls: list[Callable[[], object]]) -> float:
-    times = []
-    for call in calls:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def open_journal(state: Path, ledger: bool, checkpoints: bool = True) -> Journal:

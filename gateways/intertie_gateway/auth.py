@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -170,12 +170,18 @@ def _wrapped(handler: Any, decide: Callable[[grpc.aio.ServicerContext], Caller |
 
     async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await admit(context)
-        result = inner(request, context)
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:  # a handler that writes with context.write
-            await result
+        async for item in answers_of(inner(request, context)):
+            yield item
 
     make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
     return make(streaming, **kwargs)
+
+
+async def answers_of(result: Any) -> AsyncIterator[Any]:
+    """What a streaming handler's call yields (one that writes with ``context.write`` instead
+    yields nothing here): for interceptors that wrap streaming handlers."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollec
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from intertie_gateway.auth import answers_of
 from intertie_gateway.tenancy import ANONYMOUS_NAME
 from intertie_gateway.throttle import log_throttled
 
@@ -294,12 +295,8 @@ class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             metrics.stream_opened(method)
             code = "UNKNOWN"
             try:
-                result = streamer(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:  # a handler that writes with context.write
-                    await result
+                async for item in answers_of(streamer(request, context)):
+                    yield item
                 code = _code(context, "OK")
             except BaseException as exc:
                 code = _failed(context, exc)

@@ -33,7 +33,7 @@ from intertie_gateway.intake import Intake
 from intertie_gateway.journal import RUNNING, Journal, TaskRow
 from intertie_gateway.lifecycle import Phase
 from intertie_gateway.metrics import CoreSnapshot, Metrics
-from intertie_gateway.model import ErrorKind, Failure, TaskSpec
+from intertie_gateway.model import ErrorKind, Failure, Finished, Forgotten, Requeued, TaskSpec
 from intertie_gateway.placement import PlacementRecord
 from intertie_gateway.policy import PolicyFile
 from intertie_gateway.ports import Federation, PeerListener, PeerPort
@@ -54,19 +54,20 @@ FLUSH_RETRY_S = 1.0
 
 
 class _MeteredBook(TaskBook):
-    """The book, telling the metrics of every run here that ends (the CPU-seconds it reserved)
-    and every finish. Only with metrics on (a subclass: the book itself stays pure, and a
-    gateway without metrics pays nothing)."""
+    """The book, telling the metrics of every run here that ends (the CPU-seconds its metered
+    usage reserved, as the ledger records them) and every finish. Only with metrics on (a
+    subclass: the book itself stays pure, and a gateway without metrics pays nothing)."""
 
     def __init__(self, *args: Any, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._metrics = metrics
 
     def move(self, task: Task, to: Phase, **kwargs: Any) -> None:
-        ran = task.phase is Phase.RUNNING
+        before = len(self.changes)
         super().move(task, to, **kwargs)
-        if ran and task.started_at:  # (a run restored at a restart has no start here)
-            self._metrics.task_ran(task.spec.tenant, task.request.get("CPU", 0.0) * (self.now() - task.started_at))
+        for change in self.changes[before:]:  # (the attempt that ended, metered by the move)
+            if isinstance(change, Finished | Requeued | Forgotten) and change.usage is not None:
+                self._metrics.task_ran(change.usage.tenant, change.usage.cpu_s_reserved)
         if to.terminal and to is not Phase.DROPPED:
             self._metrics.task_finished(task.spec.tenant, to.name.lower())
 

@@ -80,11 +80,10 @@ def test_attempts_are_charged_for_the_cpus_they_reserve_and_the_cpu_time_they_us
     assert 2.0 <= slept["cpus"] * _wall(slept) < 3.5, slept
     assert slept["cpu_time_s"] < 0.2, slept
 
-    # A CPU-bound task's CPU time is close to its wall time (which also holds Ray's round trip,
-    # and on 2 loaded cores the time the spinning worker waited for one); a sleeping one's is
-    # nearly none.
+    # A CPU-bound task's CPU time is what it spun, within its wall time (which also holds Ray's
+    # round trip, and on 2 loaded cores the time the spinning worker waited for one); a sleeping
+    # one's is nearly none.
     spun, rested = entries[busy.task_id], entries[idle.task_id]
     assert spun["cpus"] == rested["cpus"] == 1.0, (spun, rested)
-    assert 0.5 <= spun["cpu_time_s"] <= _wall(spun) + 0.05, spun
-    assert spun["cpu_time_s"] >= 0.5 * _wall(spun), spun
+    assert 0.5 <= spun["cpu_time_s"] <= _wall(spun) + 0.05, spun  # (its share of a core is the machine's)
     assert _wall(rested) >= 0.5 and rested["cpu_time_s"] < 0.1 * _wall(rested), rested
